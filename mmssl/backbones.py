@@ -1,0 +1,133 @@
+"""timm backbones behind one small contract (see DESIGN.md §1).
+
+Every backbone exposes ``embed_dim``, ``patch_size`` (the stride of one output token), ``grid_size``,
+``num_patches``, ``num_prefix_tokens``, ``forward_tokens(images, keep=None)`` -> (B, prefix + L, D) and
+``forward_pooled(images)`` -> (B, D). The wrapped timm model lives in ``.model`` untouched, so its
+``state_dict()`` loads straight back into ``timm.create_model(name)`` (that is how export works).
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from mmssl.ops import gather_tokens, sincos_2d
+
+
+class ViTBackbone(nn.Module):
+    """A timm ``VisionTransformer`` whose encoder can run on a subset of patch tokens (MAE §3)."""
+
+    def __init__(self, model: VisionTransformer):
+        super().__init__()
+        if getattr(model, "dynamic_img_size", False):
+            raise ValueError("ViTBackbone needs a fixed image size (dynamic_img_size=False)")
+        if model.pos_embed is None:
+            raise ValueError("ViTBackbone needs a ViT with an absolute position embedding (pos_embed)")
+        self.model = model
+        self.embed_dim: int = model.embed_dim
+        self.patch_size: int = model.patch_embed.patch_size[0]
+        self.grid_size: tuple[int, int] = tuple(model.patch_embed.grid_size)
+        self.num_patches: int = model.patch_embed.num_patches
+        self.num_prefix_tokens: int = model.num_prefix_tokens
+
+    def use_fixed_sincos_pos_embed(self) -> None:
+        """Replace the learned position embedding by frozen 2-D sin-cos values (MAE §A.1).
+
+        The tensor stays timm's ``pos_embed`` parameter (with ``requires_grad=False``), so the state dict keeps
+        timm's layout.
+        """
+        prefix = 0 if self.model.no_embed_class else self.num_prefix_tokens
+        emb = sincos_2d(self.embed_dim, self.grid_size, num_prefix_tokens=prefix)
+        self.model.pos_embed.data.copy_(emb)
+        self.model.pos_embed.requires_grad_(False)
+
+    def _prefix_tokens(self, batch_size: int) -> Tensor | None:
+        """CLS / register tokens with their position embedding, (B, prefix, D), or None."""
+        m = self.model
+        tokens = [t for t in (m.cls_token, m.reg_token) if t is not None]
+        if not tokens:
+            return None
+        prefix = torch.cat([t.expand(batch_size, -1, -1) for t in tokens], dim=1)
+        if not m.no_embed_class:
+            prefix = prefix + m.pos_embed[:, : self.num_prefix_tokens]
+        return prefix
+
+    def embed_patches(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) -> patch tokens with position embedding, (B, L, D); no prefix tokens."""
+        m = self.model
+        x = m.patch_embed(images)
+        pos = m.pos_embed if m.no_embed_class else m.pos_embed[:, self.num_prefix_tokens :]
+        return x + pos
+
+    def encode(self, patch_tokens: Tensor) -> Tensor:
+        """Prepend prefix tokens and run the transformer: (B, K, D) -> (B, prefix + K, D), normed."""
+        m = self.model
+        prefix = self._prefix_tokens(patch_tokens.shape[0])
+        x = patch_tokens if prefix is None else torch.cat([prefix, patch_tokens], dim=1)
+        x = m.norm_pre(m.pos_drop(x))
+        x = m.blocks(x)
+        return m.norm(x)
+
+    def forward_tokens(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
+        """(B, C, H, W) -> (B, prefix + K, D); ``keep`` (B, K) selects visible patches (all when None)."""
+        x = self.embed_patches(images)
+        if keep is not None:
+            x = gather_tokens(x, keep)
+        return self.encode(x)
+
+    def forward_pooled(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, D) with the model's own pooling (CLS token or average)."""
+        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"model.{n}" for n in self.model.no_weight_decay()}
+
+
+class CNNBackbone(nn.Module):
+    """A timm CNN (ResNet, ConvNeXt, ...): tokens are the final feature map's positions, no prefix."""
+
+    def __init__(self, model: nn.Module, img_size: int):
+        super().__init__()
+        self.model = model
+        self.embed_dim: int = model.num_features
+        self.patch_size: int = model.feature_info[-1]["reduction"]
+        side = img_size // self.patch_size
+        self.grid_size: tuple[int, int] = (side, side)
+        self.num_patches: int = side * side
+        self.num_prefix_tokens: int = 0
+
+    def forward_tokens(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
+        if keep is not None:
+            raise ValueError("a CNN backbone cannot drop patches; use a ViT for masked modelling")
+        return self.model.forward_features(images).flatten(2).transpose(1, 2)  # (B, h*w, C)
+
+    def forward_pooled(self, images: Tensor) -> Tensor:
+        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+
+Backbone = ViTBackbone | CNNBackbone
+
+
+def create_backbone(name: str, img_size: int = 224, **timm_kwargs) -> Backbone:
+    """Build a timm model by name (never downloading weights) and wrap it in the backbone contract.
+
+    ViT sizes can be overridden by keyword (``patch_size``, ``embed_dim``, ``depth``, ``num_heads``...);
+    ``None`` values are ignored so config defaults pass straight through.
+    """
+    kwargs = {k: v for k, v in timm_kwargs.items() if v is not None}
+    if name not in timm.list_models():
+        raise ValueError(f"backbone.name: unknown timm model {name!r}")
+    if name in timm.list_models(module="vision_transformer"):
+        kwargs["img_size"] = img_size
+    model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    if isinstance(model, VisionTransformer):
+        return ViTBackbone(model)
+    if not hasattr(model, "feature_info"):
+        raise ValueError(f"backbone.name: {name!r} is neither a timm VisionTransformer nor a CNN with feature_info")
+    return CNNBackbone(model, img_size)
+

@@ -1,0 +1,203 @@
+"""The only place where a config becomes objects (DESIGN.md §1): plain name -> constructor tables.
+
+Nothing in mmssl imports this module; tools do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import lightning.pytorch as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from omegaconf import DictConfig
+from torch import nn
+
+from mmssl import config as C
+from mmssl.backbones import Backbone, create_backbone
+from mmssl.data.module import ShardDataModule
+from mmssl.data.shards import SampleDecoder
+from mmssl.data.transforms import eval_view, mae_view
+from mmssl.heads import MAEDecoder, mae_init_
+from mmssl.lit import LastCheckpoint, PretrainModule, RankReport
+from mmssl.objectives.masked import MaskedModeling
+from mmssl.targets.pixels import PixelTarget
+from mmssl.viz import PictureCallback
+
+
+def build_backbone(cfg: DictConfig) -> Backbone:
+    b = cfg.backbone
+    return create_backbone(
+        b.name,
+        img_size=b.img_size,
+        patch_size=b.patch_size,
+        embed_dim=b.embed_dim,
+        depth=b.depth,
+        num_heads=b.num_heads,
+        drop_path_rate=b.drop_path_rate or None,
+    )
+
+
+def _mae(cfg: DictConfig) -> nn.Module:
+    backbone = build_backbone(cfg)
+    backbone.use_fixed_sincos_pos_embed()  # MAE §A.1
+    target = PixelTarget(backbone.patch_size, normalize=cfg.mae.norm_pix_loss)
+    decoder = MAEDecoder(
+        backbone.embed_dim,
+        backbone.grid_size,
+        target.out_dim,
+        num_prefix_tokens=backbone.num_prefix_tokens,
+        embed_dim=cfg.mae.decoder_embed_dim,
+        depth=cfg.mae.decoder_depth,
+        num_heads=cfg.mae.decoder_num_heads,
+    )
+    objective = MaskedModeling(backbone, target, decoder, mask_ratio=cfg.mae.mask_ratio)
+    mae_init_(objective)
+    return objective
+
+
+OBJECTIVES: dict[str, Callable[[DictConfig], nn.Module]] = {
+    "mae": _mae,
+}
+
+
+def _img_size(cfg: DictConfig) -> int:
+    return cfg.data.img_size or cfg.backbone.img_size
+
+
+def _mae_views(cfg: DictConfig):
+    d = cfg.data
+    train = mae_view(_img_size(cfg), tuple(d.crop_scale), d.interpolation, d.hflip, tuple(d.mean), tuple(d.std))
+    return train, eval_view(_img_size(cfg), interpolation=d.interpolation, mean=tuple(d.mean), std=tuple(d.std))
+
+
+VIEWS: dict[str, Callable[[DictConfig], tuple]] = {
+    "mae": _mae_views,
+}
+
+
+def build_objective(cfg: DictConfig) -> nn.Module:
+    return OBJECTIVES[cfg.objective](cfg)
+
+
+def build_datamodule(cfg: DictConfig) -> ShardDataModule:
+    if not cfg.data.train_shards:
+        raise C.ConfigError("config key 'data.train_shards': required (a shard pattern or demo:NAME/SPLIT)")
+    train_view, val_view = VIEWS[cfg.objective](cfg)
+    d = cfg.data
+    return ShardDataModule(
+        d.train_shards,
+        d.val_shards,
+        train_view=train_view,
+        val_view=val_view,
+        batch_size=d.batch_size,
+        num_workers=d.num_workers,
+        samples_per_epoch=d.samples_per_epoch,
+        seed=cfg.seed,
+        decoder=SampleDecoder(max_image_pixels=d.max_image_pixels),
+        shuffle_buffer=d.shuffle_buffer,
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Derived schedule numbers, computed where a reader sees them and printed at the start of a run."""
+
+    world_size: int
+    global_batch: int
+    lr: float
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+    def describe(self) -> str:
+        return (
+            f"world size {self.world_size}, global batch {self.global_batch}, lr {self.lr:.3g}, "
+            f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps ({self.warmup_steps} warmup)"
+        )
+
+
+def plan(cfg: DictConfig, datamodule: ShardDataModule) -> Plan:
+    world = C.world_size(cfg)
+    per_epoch = datamodule.steps_per_epoch(world, cfg.trainer.accumulate_grad_batches)
+    total = cfg.trainer.max_steps or cfg.trainer.max_epochs * per_epoch
+    warmup = cfg.optim.warmup_steps
+    if warmup is None:
+        warmup = round(cfg.optim.warmup_epochs * per_epoch)
+    return Plan(world, C.global_batch(cfg), C.learning_rate(cfg), per_epoch, total, min(warmup, total))
+
+
+def build_module(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) -> PretrainModule:
+    o = cfg.optim
+    return PretrainModule(
+        objective if objective is not None else build_objective(cfg),
+        lr=p.lr,
+        total_steps=p.total_steps,
+        warmup_steps=p.warmup_steps,
+        optimizer=o.name,
+        weight_decay=o.weight_decay,
+        betas=tuple(o.betas),
+        eps=o.eps,
+        momentum=o.momentum,
+        min_lr=o.min_lr,
+        config=C.to_dict(cfg),
+    )
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.out_dir) / cfg.name
+
+
+def _strategy(cfg: DictConfig):
+    t = cfg.trainer
+    timeout = timedelta(seconds=t.ddp_timeout_s)
+    if t.strategy in ("ddp", "ddp_spawn", "ddp_fork") or (t.strategy == "auto" and C.world_size(cfg) > 1):
+        start = {"ddp_spawn": "spawn", "ddp_fork": "fork"}.get(t.strategy, "popen")
+        # broadcast_buffers=False: validation sees unequal batch counts per rank and must not synchronise
+        return DDPStrategy(start_method=start, timeout=timeout, broadcast_buffers=False)
+    if t.strategy == "fsdp":
+        return FSDPStrategy(timeout=timeout)
+    return t.strategy
+
+
+def build_trainer(cfg: DictConfig, p: Plan) -> L.Trainer:
+    t, out = cfg.trainer, run_dir(cfg)
+    ckpt_dir = out / "checkpoints"
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="step{step:07d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=t.ckpt_every_n_steps,
+            save_top_k=t.keep_checkpoints,
+            monitor="step",
+            mode="max",
+            save_last=True,
+        ),
+        LastCheckpoint(ckpt_dir / "last.ckpt"),
+        PictureCallback(out / "pictures", cfg.data.mean, cfg.data.std, every_n_steps=t.picture_every_n_steps),
+        RankReport(out),
+    ]
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=_strategy(cfg),
+        precision=t.precision,
+        max_steps=p.total_steps,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val,
+        log_every_n_steps=t.log_every_n_steps,
+        check_val_every_n_epoch=t.val_every_n_epochs,
+        reload_dataloaders_every_n_epochs=1,  # a fresh, step-seeded shard stream each epoch and after resume
+        use_distributed_sampler=False,  # shards are split by the pipeline itself
+        num_sanity_val_steps=0,
+        sync_batchnorm=t.sync_batchnorm,
+        logger=CSVLogger(out, name="", version=""),
+        callbacks=callbacks,
+        default_root_dir=out,
+    )

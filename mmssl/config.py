@@ -1,0 +1,217 @@
+"""Typed configuration: dataclass defaults, YAML deltas, dotted command-line overrides (DESIGN.md §4).
+
+``load("mae_vitb", ["optim.base_lr=3e-4"])`` returns a validated OmegaConf ``DictConfig``. Unknown keys and
+wrong types fail here, before any model or data work, with the full key path in the message. Key names equal
+the constructor argument names they feed (see ``build.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message starts with the key path."""
+
+
+def objective_section(cls: type) -> Any:
+    """A per-objective section: validated always, used and printed only when ``objective`` names it."""
+    return field(default_factory=cls, metadata={"objective": True})
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "vit_base_patch16_224"  # any timm ViT or CNN (resnet*, convnext*, ...)
+    img_size: int = 224
+    # ViT size overrides; None keeps the named model's value
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class MAEConfig:
+    mask_ratio: float = 0.75  # MAE §4: 75% of patches removed
+    norm_pix_loss: bool = True  # MAE §3: per-patch normalised pixel targets
+    decoder_embed_dim: int = 512  # MAE §3 / Table 1: 512-d, 8 blocks for ViT-B/L/H
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # any timm.optim.create_optimizer_v2 name (adamw, sgd, lars, lamb, ...)
+    base_lr: float = 1.5e-4  # MAE Table 8: lr = base_lr x global_batch / 256
+    lr: float | None = None  # absolute lr; when set, base_lr and lr_scaling are ignored
+    lr_scaling: str = "linear"  # linear: x global_batch/256 | sqrt: x sqrt(global_batch) | none
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # MAE Table 8
+    eps: float = 1e-8
+    momentum: float = 0.9  # sgd / lars only
+    warmup_epochs: float = 40.0
+    warmup_steps: int | None = None  # overrides warmup_epochs when set
+    min_lr: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = ""  # webdataset spec: brace/glob patterns, "::"-joined, or demo:NAME/SPLIT
+    val_shards: str = ""
+    samples_per_epoch: int | None = None  # None: read from the shards' manifest.json
+    batch_size: int = 64  # per device
+    num_workers: int = 8
+    img_size: int | None = None  # None: backbone.img_size
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # MAE: RandomResizedCrop(0.2, 1)
+    interpolation: str = "bicubic"
+    hflip: float = 0.5
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    shuffle_buffer: int = 2000
+    max_image_pixels: int = 89_478_485  # PIL's own decompression-bomb limit
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 800
+    max_steps: int | None = None  # None: max_epochs x steps per epoch
+    accelerator: str = "auto"
+    devices: Any = "auto"  # int or "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | ddp_spawn | fsdp
+    precision: str = "bf16-mixed"
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = None
+    log_every_n_steps: int = 50
+    ckpt_every_n_steps: int = 1000
+    keep_checkpoints: int = 3  # step checkpoints kept besides last.ckpt
+    picture_every_n_steps: int = 1000
+    val_every_n_epochs: int = 1
+    ddp_timeout_s: int = 1800
+    sync_batchnorm: bool = False
+
+
+@dataclass
+class Config:
+    name: str = "run"  # run directory: out_dir/name
+    out_dir: str = "runs"
+    seed: int = 0
+    objective: str = "mae"  # the name of one objective section below
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    mae: MAEConfig = objective_section(MAEConfig)
+
+
+def objective_names() -> list[str]:
+    return [f.name for f in fields(Config) if f.metadata.get("objective")]
+
+
+def resolve_path(name: str) -> Path:
+    """``--cfg`` value -> file: an existing path, else ``configs/NAME`` (``.yaml`` optional)."""
+    candidates = [Path(name), CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml", Path("configs") / f"{name}.yaml"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"--cfg {name!r}: no such file, and not in {CONFIG_DIR} (known: {', '.join(known)})")
+
+
+def load(cfg: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Defaults <- YAML file <- ``key=value`` overrides, then :func:`validate`."""
+    merged = OmegaConf.structured(Config)
+    if cfg:
+        path = resolve_path(cfg)
+        merged = _merge(merged, OmegaConf.load(path), f"config file {path}")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.base_lr=3e-4")
+        merged = _merge(merged, OmegaConf.from_dotlist([item]), f"override {item!r}")
+    validate(merged)
+    return merged
+
+
+def _merge(base: DictConfig, delta: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, delta)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        reason = str(e).splitlines()[0]
+        raise ConfigError(f"config key '{key}' ({source}): {reason}") from None
+
+
+def validate(cfg: DictConfig) -> None:
+    """Value checks that types alone cannot express; each error names its key."""
+
+    def check(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"config key '{key}': {msg} (got {OmegaConf.select(cfg, key)!r})")
+
+    check(cfg.objective in objective_names(), "objective", f"must be one of {objective_names()}")
+    check(0.0 <= cfg.mae.mask_ratio < 1.0, "mae.mask_ratio", "must be in [0, 1)")
+    check(cfg.optim.lr_scaling in ("linear", "sqrt", "none"), "optim.lr_scaling", "must be linear, sqrt or none")
+    check(cfg.optim.base_lr > 0, "optim.base_lr", "must be > 0")
+    check(cfg.optim.lr is None or cfg.optim.lr > 0, "optim.lr", "must be > 0")
+    check(len(cfg.optim.betas) == 2, "optim.betas", "must be two numbers")
+    check(cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
+    check(cfg.data.batch_size > 0, "data.batch_size", "must be > 0")
+    check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    check(len(cfg.data.crop_scale) == 2, "data.crop_scale", "must be [min, max]")
+    check(0 < cfg.data.crop_scale[0] <= cfg.data.crop_scale[1] <= 1, "data.crop_scale", "needs 0 < min <= max <= 1")
+    check(len(cfg.data.mean) == 3 and len(cfg.data.std) == 3, "data.mean", "mean and std need 3 values")
+    check(cfg.trainer.precision in PRECISIONS, "trainer.precision", f"must be one of {PRECISIONS}")
+    check(cfg.trainer.max_epochs > 0, "trainer.max_epochs", "must be > 0")
+    check(cfg.trainer.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", "must be >= 1")
+    check(cfg.trainer.ckpt_every_n_steps > 0, "trainer.ckpt_every_n_steps", "must be > 0")
+    devices = cfg.trainer.devices
+    check(devices == "auto" or (isinstance(devices, int) and devices > 0), "trainer.devices", "must be 'auto' or > 0")
+
+
+def world_size(cfg: DictConfig) -> int:
+    """Processes taking part in training; 'auto' devices count as 1 on a CPU-only or single-GPU machine."""
+    devices = cfg.trainer.devices
+    if devices == "auto":
+        import torch
+
+        devices = max(torch.cuda.device_count(), 1) if cfg.trainer.accelerator in ("auto", "gpu", "cuda") else 1
+    return int(devices) * cfg.trainer.num_nodes
+
+
+def global_batch(cfg: DictConfig) -> int:
+    """Samples per optimizer step: per-device batch x devices x nodes x accumulation."""
+    return cfg.data.batch_size * world_size(cfg) * cfg.trainer.accumulate_grad_batches
+
+
+def learning_rate(cfg: DictConfig) -> float:
+    """MAE/SimCLR rule: lr = base_lr x global_batch / 256 (linear) or base_lr x sqrt(global_batch)."""
+    if cfg.optim.lr is not None:
+        return cfg.optim.lr
+    scale = {"linear": global_batch(cfg) / 256, "sqrt": math.sqrt(global_batch(cfg)), "none": 1.0}
+    return cfg.optim.base_lr * scale[cfg.optim.lr_scaling]
+
+
+def active(cfg: DictConfig) -> DictConfig:
+    """The config without the sections of objectives that are not in use (what --print-config shows)."""
+    out = OmegaConf.to_container(cfg)
+    for name in objective_names():
+        if name != cfg.objective:
+            out.pop(name)
+    return OmegaConf.create(out)
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    """Plain, pickle-free container (safe inside a checkpoint loaded with weights_only=True)."""
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -1,0 +1,1 @@
+"""Data layer: webdataset shards in, batch dicts out; knows nothing about models."""

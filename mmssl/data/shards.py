@@ -1,0 +1,463 @@
+"""Webdataset shard I/O: expand shard specs, decode samples defensively, build pipelines, write shards.
+
+Why the pipelines look the way they do (DESIGN.md section 5):
+
+* Training streams must yield the same number of batches on every rank and worker, or DDP hangs in the
+  first collective after the shortest rank runs dry (the classic webdataset + Lightning failure with uneven
+  shards). We follow open_clip's ``get_wds_dataset(resampled=True)``: each worker draws shards *with
+  replacement* from the whole list (``wds.ResampledShards``) and ``.with_epoch(n)`` cuts that infinite
+  stream after exactly ``n`` batches, so shard count and shard sizes no longer matter.
+* The rank is passed in explicitly. webdataset's default node splitter (``single_node_only``) raises as
+  soon as world size > 1, and its helpers read the rank from the environment at iteration time.
+* Batches are formed inside the workers (``wds.batched``) and the DataLoader runs with ``batch_size=None``,
+  as in open_clip: one pickle per batch crosses the process boundary instead of one per sample.
+* Evaluation uses a plain shard list split by rank then by worker, no shuffling and a partial last batch,
+  so every sample is seen exactly once.
+* Bad data is skipped with a counted reason and a warning naming the shard and key (``SampleDecoder``);
+  a stream where nothing decodes raises instead of cycling forever through resampled shards.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import os
+import random
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+def _is_remote(url: str) -> bool:
+    return "://" in url or url.startswith("pipe:")
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Expand ``"a-{000..009}.tar::b/*.tar"`` into a list of shard paths; local files must exist."""
+    if not spec or not spec.strip():
+        raise FileNotFoundError("empty shard spec")
+    urls: list[str] = []
+    for part in spec.split("::"):  # webdataset's separator for several shard lists
+        for url in braceexpand.braceexpand(part.strip()):
+            if _is_remote(url):
+                urls.append(url)
+                continue
+            url = os.path.expanduser(url)
+            if glob.has_magic(url):
+                matches = sorted(glob.glob(url))
+                if not matches:
+                    raise FileNotFoundError(f"shard pattern {url!r} (from spec {spec!r}) matches no file")
+                urls.extend(matches)
+            elif not os.path.isfile(url):
+                raise FileNotFoundError(f"shard {url!r} (from spec {spec!r}) does not exist")
+            else:
+                urls.append(url)
+    return urls
+
+
+def read_manifest(directory: str | Path) -> dict:
+    path = Path(directory) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def count_samples(urls: list[str]) -> int | None:
+    """Total samples from the ``manifest.json`` files beside the shards; ``None`` if any shard is unlisted."""
+    manifests: dict[Path, dict] = {}
+    total = 0
+    for url in urls:
+        if _is_remote(url):
+            return None
+        path = Path(url)
+        if path.parent not in manifests:
+            manifests[path.parent] = read_manifest(path.parent).get("shards", {})
+        n = manifests[path.parent].get(path.name)
+        if n is None:
+            return None
+        total += int(n)
+    return total
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB; transparent pixels are composited on white (what a viewer would show)."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        # PIL's own I;16 -> L conversion clips at 255 instead of rescaling, turning 16-bit images white.
+        arr = np.asarray(img, dtype=np.float32)
+        peak = float(arr.max(initial=0.0))
+        if mode.startswith("I;16") or peak > 255:
+            arr = arr / 257.0
+        elif mode == "F" and peak <= 1.0:
+            arr = arr * 255.0
+        return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode in ("P", "L") and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
+
+
+class _DecompressionBomb(Exception):
+    pass
+
+
+def _worker_id() -> int:
+    info = torch.utils.data.get_worker_info()
+    return info.id if info is not None else 0
+
+
+class SampleDecoder:
+    """Raw webdataset sample -> ``{"image": PIL RGB, "label"?: int, "text"?: str, "__key__", "__url__"}``.
+
+    Returns ``None`` (the sample is dropped) for a corrupt or missing image, a decompression bomb, a bad
+    label, non-UTF-8 text, or -- when ``require_label`` -- a missing label. Each skip is counted by reason
+    and logged naming shard and key (the first ``log_first`` per reason, then every ``log_every``-th).
+    A missing label is skipped rather than fatal so that a few unlabeled samples do not stop a run; a set
+    where *no* sample has a label still fails through the check below.
+
+    Counts are per process: each DataLoader worker holds its own copy. Once ``max_failures_without_success``
+    samples (or unreadable shards) have failed in a worker that has not decoded a single sample, it raises
+    ``RuntimeError``: resampled streams cycle forever, so an all-corrupt shard set would otherwise hang.
+    The same holds for shards that contain no samples at all (``count_shards``/``count_raw`` stages).
+
+    ``max_image_pixels`` is checked on the header size, before pixels are decoded. PIL independently
+    refuses images above twice ``PIL.Image.MAX_IMAGE_PIXELS``; those are counted as bombs too.
+    """
+
+    def __init__(
+        self,
+        image_key: str = "jpg;jpeg;png;webp",
+        label_key: str | None = "cls",
+        text_key: str | None = "txt",
+        require_label: bool = False,
+        max_image_pixels: int = 89_478_485,
+        max_failures_without_success: int = 50,
+        log_first: int = 5,
+        log_every: int = 100,
+    ) -> None:
+        self.image_keys = tuple(k for k in image_key.split(";") if k)
+        self.label_key = label_key or None
+        self.text_key = text_key or None
+        self.require_label = require_label
+        self.max_image_pixels = max_image_pixels
+        self.max_failures_without_success = max_failures_without_success
+        self.log_first = log_first
+        self.log_every = log_every
+        self.successes = 0
+        self.failures: Counter[str] = Counter()
+        self.failed_shards: set[str] = set()
+        self.shards_opened = 0
+        self.samples_read = 0
+
+    def __call__(self, sample: dict) -> dict | None:
+        url, key = str(sample.get("__url__", "?")), str(sample.get("__key__", "?"))
+        out: dict[str, Any] = {"__key__": key, "__url__": url}
+        if self.label_key is not None:
+            raw = sample.get(self.label_key)
+            if raw is None:
+                if self.require_label:
+                    return self._skip(f"missing label key '{self.label_key}'", url, key)
+            else:
+                try:
+                    out["label"] = int(raw.decode("ascii") if isinstance(raw, bytes) else raw)
+                except (ValueError, TypeError, UnicodeDecodeError):
+                    return self._skip("bad label", url, key, repr(raw)[:40])
+        if self.text_key is not None and self.text_key in sample:
+            raw = sample[self.text_key]
+            try:
+                out["text"] = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+            except UnicodeDecodeError:
+                return self._skip("non-UTF-8 text", url, key)
+        data = next((sample[k] for k in self.image_keys if k in sample), None)
+        if data is None:
+            return self._skip(f"missing image key '{';'.join(self.image_keys)}'", url, key)
+        try:
+            out["image"] = self._decode_image(data)
+        except (_DecompressionBomb, Image.DecompressionBombError) as exn:
+            return self._skip("decompression bomb", url, key, str(exn))
+        except (
+            Exception
+        ) as exn:  # PIL raises a zoo of types for bad bytes (OSError, SyntaxError, ValueError...)
+            return self._skip("corrupt image", url, key, f"{type(exn).__name__}: {exn}")
+        self.successes += 1
+        return out
+
+    def _decode_image(self, data: bytes) -> Image.Image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we refuse those ourselves
+            img = Image.open(io.BytesIO(data))  # reads the header only
+        w, h = img.size
+        if w * h > self.max_image_pixels:
+            raise _DecompressionBomb(f"{w}x{h} pixels > max_image_pixels={self.max_image_pixels}")
+        img.load()
+        return to_rgb(img)
+
+    def _skip(self, reason: str, url: str, key: str, detail: str = "") -> None:
+        self.failures[reason] += 1
+        if len(self.failed_shards) < 100:
+            self.failed_shards.add(url)
+        n = self.failures[reason]
+        if n <= self.log_first or n % self.log_every == 0:
+            log.warning(
+                "skipped sample %r in shard %s: %s%s [worker %d: %d skipped for this reason, %d decoded]",
+                key,
+                url,
+                reason,
+                f" ({detail})" if detail else "",
+                _worker_id(),
+                n,
+                self.successes,
+            )
+        total = sum(self.failures.values())
+        if self.successes == 0 and total >= self.max_failures_without_success:
+            raise RuntimeError(
+                f"no sample could be decoded: {total} failures and 0 successes in worker {_worker_id()}; "
+                f"counts by reason: {dict(self.failures)}; shards: {sorted(self.failed_shards)[:10]}"
+            )
+        return None
+
+    def tar_error(self, exn: Exception) -> bool:
+        """webdataset handler for unreadable/truncated tar files: warn naming the shard, count, continue."""
+        url = exn.args[-1] if exn.args and isinstance(exn.args[-1], str) else "?"
+        self._skip("unreadable shard", url, "-", f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}")
+        return True
+
+    def count_shards(self, src: Iterable[dict]) -> Iterator[dict]:
+        # Stage before tar expansion: resampling empty shards would otherwise loop forever without a sample.
+        for item in src:
+            self.shards_opened += 1
+            if self.samples_read == 0 and self.shards_opened > self.max_failures_without_success:
+                raise RuntimeError(
+                    f"opened {self.shards_opened - 1} shards and found no sample in any of them "
+                    f"(e.g. {item.get('url')}); counts by reason: {dict(self.failures)}"
+                )
+            yield item
+
+    def count_raw(self, src: Iterable[dict]) -> Iterator[dict]:
+        for sample in src:
+            self.samples_read += 1
+            yield sample
+
+
+def collate(samples: list[dict]) -> dict[str, Any]:
+    """Stack tensors, ints -> int64, floats -> float32, strings -> list[str]; ``__dunder__`` keys dropped."""
+    keys = [k for k in samples[0] if not k.startswith("__")]
+    for s in samples[1:]:
+        if set(k for k in s if not k.startswith("__")) != set(keys):
+            raise ValueError(
+                f"samples in one batch have different keys ({sorted(keys)} vs {sorted(s)}); "
+                "e.g. some have a label and some not: use SampleDecoder(require_label=True)"
+            )
+    out: dict[str, Any] = {}
+    for k in keys:
+        values = [s[k] for s in samples]
+        if isinstance(values[0], torch.Tensor):
+            out[k] = torch.stack(values)
+        elif isinstance(values[0], (bool, int, np.integer)):
+            out[k] = torch.tensor(values, dtype=torch.int64)
+        elif isinstance(values[0], (float, np.floating)):
+            out[k] = torch.tensor(values, dtype=torch.float32)
+        else:
+            out[k] = list(values)
+    return out
+
+
+class ApplyView:
+    """Decoded sample -> view outputs (+ label, + text through ``text_fn``)."""
+
+    def __init__(self, view: Callable, text_fn: Callable | None = None) -> None:
+        self.view = view
+        self.text_fn = text_fn
+
+    def __call__(self, sample: dict) -> dict:
+        out = dict(self.view(sample["image"]))
+        if "label" in sample:
+            out["label"] = sample["label"]
+        if "text" in sample:
+            out["text"] = self.text_fn(sample["text"]) if self.text_fn is not None else sample["text"]
+        return out
+
+
+class StreamSeed:
+    """Seed for one (seed, rank, pass, worker), evaluated inside the worker process (picklable)."""
+
+    def __init__(self, seed: int, rank: int) -> None:
+        self.seed = seed
+        self.rank = rank
+        self.epoch = 0
+
+    def __call__(self, salt: int = 0) -> int:
+        return wds.utils.make_seed(self.seed, self.rank, self.epoch, _worker_id(), salt)
+
+
+class _SeededShuffle(wds.PipelineStage):
+    """``wds.shuffle`` with an RNG seeded per worker at iteration time (``wds.shuffle`` seeds from pid+time)."""
+
+    def __init__(self, bufsize: int, seed: StreamSeed) -> None:
+        self.bufsize = bufsize
+        self.seed = seed
+
+    def run(self, src: Iterable) -> Iterator:
+        if self.bufsize <= 1:
+            return iter(src)
+        # Start yielding at a fifth of the buffer, like open_clip's initial=1000 for bufsize=5000.
+        rng = random.Random(self.seed(salt=1))
+        return wds.shuffle(self.bufsize, initial=max(1, self.bufsize // 5), rng=rng)(src)
+
+
+class _SplitByRank:
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+
+    def __call__(self, src: Iterable) -> Iterator:
+        return islice(src, self.rank, None, self.world_size)
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+
+
+def train_pipeline(
+    urls: list[str],
+    view: Callable,
+    batch_size: int,
+    batches_per_worker: int,
+    *,
+    rank: int,
+    world_size: int,
+    seed: int,
+    decoder: SampleDecoder,
+    shuffle_buffer: int = 2000,
+    text_fn: Callable | None = None,
+) -> wds.DataPipeline:
+    """Infinite resampled stream cut at exactly ``batches_per_worker`` full batches per worker and pass.
+
+    Every rank resamples from *all* shards (``world_size`` is only validated): the ranks' streams differ
+    through the seed, which mixes ``seed``, ``rank``, the pass number (``set_epoch``) and the worker id.
+    """
+    _check_rank(rank, world_size)
+    if batches_per_worker < 1:
+        raise ValueError(f"batches_per_worker must be >= 1, got {batches_per_worker}")
+    stream_seed = StreamSeed(seed, rank)
+    return wds.DataPipeline(
+        wds.ResampledShards(urls, seed=seed, worker_seed=stream_seed, deterministic=True),
+        decoder.count_shards,
+        wds.tarfile_to_samples(handler=decoder.tar_error),
+        decoder.count_raw,
+        _SeededShuffle(shuffle_buffer, stream_seed),
+        wds.map(decoder),
+        wds.map(ApplyView(view, text_fn)),
+        wds.batched(batch_size, collation_fn=collate, partial=False),
+    ).with_epoch(batches_per_worker)
+
+
+def set_epoch(pipeline: wds.DataPipeline, epoch: int) -> None:
+    """Make the next pass over a ``train_pipeline`` draw stream number ``epoch``.
+
+    Needed because DataLoader workers get a fresh copy of the pipeline on every pass: without it, a loader
+    iterated twice with ``num_workers > 0`` would replay the same stream (with 0 workers it would not).
+    """
+    for stage in pipeline.pipeline:
+        if isinstance(stage, wds.ResampledShards):
+            stage.epoch = -1  # its own counter advances in-process but not in workers; our seed carries it
+            stage.worker_seed.epoch = epoch
+
+
+def eval_pipeline(
+    urls: list[str],
+    view: Callable,
+    batch_size: int,
+    *,
+    rank: int,
+    world_size: int,
+    decoder: SampleDecoder,
+    text_fn: Callable | None = None,
+) -> wds.DataPipeline:
+    """Every sample exactly once over all ranks and workers, in shard order, partial last batch kept.
+
+    Shards are split by rank (``urls[rank::world_size]``) then by DataLoader worker, so a worker with no
+    shard yields nothing: with fewer shards than ranks x workers some ranks or workers idle. That is fine for
+    evaluation as long as no collective runs per batch (reduce metrics at epoch end).
+    """
+    _check_rank(rank, world_size)
+    return wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        _SplitByRank(rank, world_size),
+        wds.split_by_worker,
+        wds.tarfile_to_samples(handler=decoder.tar_error),
+        wds.map(decoder),
+        wds.map(ApplyView(view, text_fn)),
+        wds.batched(batch_size, collation_fn=collate, partial=True),
+    )
+
+
+def write_shards(
+    samples: Iterable[dict],
+    out_dir: str | Path,
+    prefix: str = "shard",
+    maxcount: int = 1000,
+    total: int | None = None,
+    info: dict | None = None,
+) -> dict:
+    """Write ``{"__key__", "jpg": bytes, "cls": int, "txt": str, ...}`` dicts as ``prefix-000000.tar``...
+
+    Updates ``out_dir/manifest.json``: ``shards`` maps file name -> sample count (read by
+    ``count_samples``), ``total`` sums them, and ``splits[prefix]`` holds per-prefix counts plus ``info``.
+    Other prefixes' entries are kept, so train and val can share a directory; the files of an earlier
+    write with the same prefix are deleted first so that a glob cannot pick up stale shards.
+    Tar members get a fixed mtime, so the same samples give byte-identical shards.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(out)
+    shards: dict[str, int] = manifest.get("shards", {})
+    for name in [n for n in shards if n.startswith(f"{prefix}-")]:
+        (out / name).unlink(missing_ok=True)
+        del shards[name]
+    counts: dict[str, int] = {}
+    writer = wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=maxcount, verbose=0, mtime=0)
+    try:
+        for sample in tqdm(
+            samples, total=total, desc=f"writing {out / prefix}", unit="img", leave=False, disable=None
+        ):
+            key = sample.get("__key__")
+            if not key or "." in str(key):
+                # webdataset groups tar members by the name before the first dot
+                raise ValueError(f"sample key must be non-empty and contain no '.', got {key!r}")
+            writer.write(sample)
+            name = Path(writer.fname).name
+            counts[name] = counts.get(name, 0) + 1
+    finally:
+        writer.close()
+    if not counts:  # ShardWriter opens its first file eagerly
+        (out / f"{prefix}-000000.tar").unlink(missing_ok=True)
+    shards.update(counts)
+    manifest["shards"] = dict(sorted(shards.items()))
+    manifest["total"] = sum(manifest["shards"].values())
+    manifest.setdefault("splits", {})[prefix] = {
+        "shards": len(counts),
+        "samples": sum(counts.values()),
+        **(info or {}),
+    }
+    tmp = out / f".{MANIFEST}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, out / MANIFEST)
+    return manifest

@@ -1,0 +1,100 @@
+"""Per-method image views: ``PIL.Image -> dict[str, Tensor]``.
+
+Each view reproduces the augmentation of the paper's reference code with its defaults, and returns a dict
+so that methods needing several views (SimCLR's ``view1``/``view2``) fit the same batch contract as
+single-view methods (``image``). Views run inside DataLoader workers, which may be started with ``spawn``,
+so they are built from picklable pieces (torchvision transforms and small module-level classes), never
+lambdas or closures.
+
+Keep this a flat list of small functions, one per method.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torchvision.transforms.v2 as T
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+View = Callable[[Image.Image], dict[str, torch.Tensor]]
+
+
+class ImageView:
+    """Apply one transform and name the result ``key`` (picklable, unlike a lambda)."""
+
+    def __init__(self, transform: Callable, key: str = "image") -> None:
+        self.transform = transform
+        self.key = key
+
+    def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
+        return {self.key: self.transform(img)}
+
+    def __repr__(self) -> str:
+        return f"ImageView(key={self.key!r}, transform={self.transform})"
+
+
+def _to_normalized_tensor(mean: Sequence[float], std: Sequence[float]) -> list:
+    # Equivalent of the classic ToTensor + Normalize: uint8 HWC -> float CHW in [0, 1] -> standardized.
+    return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean=list(mean), std=list(std))]
+
+
+def mae_view(
+    img_size: int,
+    scale: tuple[float, float] = (0.2, 1.0),
+    interpolation: str = "bicubic",
+    hflip: float = 0.5,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> View:
+    """MAE pretraining view (He et al. 2022; facebookresearch/mae ``main_pretrain.py``).
+
+    ``RandomResizedCrop(scale=(0.2, 1.0), interpolation=3)`` + horizontal flip, nothing else: the paper
+    (Sec. 4, "Data augmentation") finds MAE works with cropping only, colour jitter hurts.
+    The crop runs on the PIL image, as in the reference, so the resize is PIL's antialiased one.
+    """
+    return ImageView(
+        T.Compose(
+            [
+                T.RandomResizedCrop(
+                    img_size,
+                    scale=tuple(scale),
+                    interpolation=T.InterpolationMode(interpolation),
+                    antialias=True,
+                ),
+                T.RandomHorizontalFlip(hflip),
+                *_to_normalized_tensor(mean, std),
+            ]
+        )
+    )
+
+
+def eval_view(
+    img_size: int,
+    crop_pct: float = 0.875,
+    interpolation: str = "bicubic",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> View:
+    """Deterministic evaluation view: resize the shorter side to ``img_size / crop_pct``, centre crop.
+
+    This is the standard ImageNet eval transform (256 -> 224 at ``crop_pct=0.875``) used by MAE's linear probe
+    and timm's ``transforms_factory`` (which floors the scaled size the same way).
+    """
+    return ImageView(
+        T.Compose(
+            [
+                T.Resize(
+                    math.floor(img_size / crop_pct),
+                    interpolation=T.InterpolationMode(interpolation),
+                    antialias=True,
+                ),
+                T.CenterCrop(img_size),
+                *_to_normalized_tensor(mean, std),
+            ]
+        )
+    )

@@ -1,0 +1,73 @@
+"""Trainable heads that sit on a backbone: the light MAE decoder and the reference initialisation."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from mmssl.ops import gather_tokens, sincos_2d
+
+
+class MAEDecoder(nn.Module):
+    """The asymmetric MAE decoder (He et al. 2021, §3 and models_mae.py).
+
+    Encoded visible tokens are projected to the decoder width, a shared learned mask token fills every masked
+    position, fixed 2-D sin-cos position embeddings are added and a few transformer blocks predict each patch's
+    target. Defaults are the paper's for ViT-B/L/H: 512 wide, 8 blocks, 16 heads.
+    """
+
+    def __init__(
+        self,
+        encoder_dim: int,
+        grid_size: tuple[int, int],
+        out_dim: int,
+        num_prefix_tokens: int = 1,
+        embed_dim: int = 512,
+        depth: int = 8,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+    ):
+        super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens
+        self.embed = nn.Linear(encoder_dim, embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        pos = sincos_2d(embed_dim, grid_size, num_prefix_tokens=num_prefix_tokens)
+        self.pos_embed = nn.Parameter(pos, requires_grad=False)  # fixed (MAE §A.1), kept in the state dict
+        norm = partial(nn.LayerNorm, eps=1e-6)  # as in the reference
+        self.blocks = nn.Sequential(
+            *[Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth)]
+        )
+        self.norm = norm(embed_dim)
+        self.pred = nn.Linear(embed_dim, out_dim)
+
+    def forward(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
+        """latent (B, prefix + K, D_enc), ids_restore (B, L) -> predictions (B, L, out_dim) in patch order."""
+        x = self.embed(latent)  # (B, prefix + K, D)
+        prefix, visible = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
+        B, L = ids_restore.shape
+        masked = self.mask_token.expand(B, L - visible.shape[1], -1)
+        x = gather_tokens(torch.cat([visible, masked], dim=1), ids_restore)  # unshuffle to patch order
+        x = torch.cat([prefix, x], dim=1) + self.pos_embed
+        x = self.norm(self.blocks(x))
+        return self.pred(x[:, self.num_prefix_tokens :])
+
+
+def mae_init_(module: nn.Module) -> None:
+    """MAE's ``initialize_weights``: xavier-uniform Linear (and the patch projection seen as a Linear), zero
+    biases, unit LayerNorms, N(0, 0.02) for CLS and mask tokens. Frozen position embeddings are left alone."""
+    for name, p in module.named_parameters():
+        if name.endswith(("cls_token", "mask_token", "reg_token")):
+            nn.init.normal_(p, std=0.02)
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):  # the patch embedding, "like nn.Linear"; its bias keeps torch's default
+            nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))

@@ -1,0 +1,19 @@
+"""The objective contract (documentation only; nothing to inherit).
+
+An objective is a plain ``torch.nn.Module``:
+
+* ``forward(batch: dict[str, Tensor]) -> dict[str, Tensor]`` with a scalar ``"loss"``. Other 0-dim tensors in
+  the output are logged as metrics; larger tensors (predictions, masks) are returned for callers and pictures.
+* Batch keys are the data contract: ``"image"`` (B, 3, H, W) normalised; ``"label"`` (B,) int64 when the data
+  has labels; method-specific keys (``"view1"``/``"view2"``, ``"text"``) where a method needs them.
+* Optional ``no_weight_decay() -> set[str]``: parameter names (as in ``named_parameters()``) excluded from
+  weight decay, on top of every 1-D parameter (norms, biases).
+* Optional ``visualize(batch, denormalize) -> dict[str, Tensor]``: named (B, 3, H, W) images in [0, 1], drawn
+  side by side into the run directory; ``denormalize`` maps the batch's normalised images to [0, 1].
+* Optional ``after_optimizer_step() -> None``: called after each optimizer step (e.g. clamping a temperature).
+
+Objectives never import Lightning, so they work in any training loop::
+
+    loss = objective({"image": images})["loss"]
+    loss.backward()
+"""

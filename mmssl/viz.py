@@ -1,0 +1,90 @@
+"""Pictures: side-by-side image grids (MAE reconstructions and friends) written into the run directory."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning.pytorch as L
+import matplotlib
+import torch
+from torch import Tensor
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+class Denormalize:
+    """Normalised (B, 3, H, W) -> displayable [0, 1] (B, 3, H, W): undoes the data's mean/std."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.mean, self.std = list(mean), list(std)
+
+    def __call__(self, images: Tensor) -> Tensor:
+        m = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
+        s = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        return (images.float() * s + m).clamp(0, 1)
+
+
+def save_grid(columns: dict[str, Tensor], path: str | Path, title: str = "") -> Path:
+    """One row per sample, one titled column per entry; images in [0, 1], (B, 3, H, W)."""
+    names = list(columns)
+    rows = len(columns[names[0]])
+    fig, axes = plt.subplots(rows, len(names), figsize=(2 * len(names), 2 * rows), squeeze=False)
+    for col, name in enumerate(names):
+        axes[0, col].set_title(name, fontsize=9)
+        for row in range(rows):
+            axes[row, col].imshow(columns[name][row].permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
+            axes[row, col].axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+class PictureCallback(L.Callback):
+    """Every ``every_n_steps`` and at the end of training, draws ``objective.visualize(batch, denormalize)`` for
+    a fixed batch: the first validation batch (held-out images) when there is one, else the first training
+    batch. Random choices inside (masks) use a fixed seed, so pictures from different steps compare."""
+
+    def __init__(self, out_dir: str | Path, mean: Sequence[float], std: Sequence[float], every_n_steps: int = 1000,
+                 num_images: int = 6):
+        self.out_dir, self.denormalize = Path(out_dir), Denormalize(mean, std)
+        self.every_n_steps, self.num_images = every_n_steps, num_images
+        self.batch: dict[str, Tensor] | None = None
+        self.held_out = False
+
+    def _keep(self, batch: dict, held_out: bool) -> None:
+        if self.batch is None or (held_out and not self.held_out):
+            self.batch = {k: v[: self.num_images].detach().clone() for k, v in batch.items() if isinstance(v, Tensor)}
+            self.held_out = held_out
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._keep(batch, held_out=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._keep(batch, held_out=False)
+        step = trainer.global_step
+        if step % self.every_n_steps == 0:
+            self.draw(trainer, pl_module, f"step_{step:07d}.png")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.draw(trainer, pl_module, "final.png")
+
+    def draw(self, trainer, pl_module, filename: str) -> Path | None:
+        visualize = getattr(pl_module.objective, "visualize", None)
+        if visualize is None or self.batch is None or not trainer.is_global_zero:
+            return None
+        was_training = pl_module.training
+        pl_module.eval()
+        batch = {k: v.to(pl_module.device) for k, v in self.batch.items()}
+        with torch.random.fork_rng(devices=[]), trainer.precision_plugin.forward_context():
+            torch.manual_seed(0)
+            columns = visualize(batch, self.denormalize)
+        pl_module.train(was_training)
+        split = "held-out" if self.held_out else "train"
+        return save_grid(columns, self.out_dir / filename, f"step {trainer.global_step}, {split} images")

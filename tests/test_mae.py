@@ -1,0 +1,144 @@
+"""MAE: parity with transformers' ViTMAE, the reference parameter count, gradients and learning."""
+
+import pytest
+import torch
+from conftest import tiny_cfg
+
+from mmssl import config as C
+from mmssl.build import build_objective
+
+transformers = pytest.importorskip("transformers")
+
+
+def to_hf(objective, cfg) -> "transformers.ViTMAEForPreTraining":
+    """transformers' independent ViTMAE with our weights copied in."""
+    b, m = objective.backbone, cfg.mae
+    hf_cfg = transformers.ViTMAEConfig(
+        hidden_size=b.embed_dim,
+        num_hidden_layers=len(b.model.blocks),
+        num_attention_heads=b.model.blocks[0].attn.num_heads,
+        intermediate_size=4 * b.embed_dim,
+        image_size=cfg.backbone.img_size,
+        patch_size=b.patch_size,
+        decoder_hidden_size=m.decoder_embed_dim,
+        decoder_num_hidden_layers=m.decoder_depth,
+        decoder_num_attention_heads=m.decoder_num_heads,
+        decoder_intermediate_size=4 * m.decoder_embed_dim,
+        mask_ratio=m.mask_ratio,
+        norm_pix_loss=m.norm_pix_loss,
+        layer_norm_eps=1e-6,
+        qkv_bias=True,
+        hidden_act="gelu",
+        attn_implementation="eager",
+    )
+    hf = transformers.ViTMAEForPreTraining(hf_cfg).eval()
+
+    def block(src, dst_prefix):
+        q, k, v = src.attn.qkv.weight.chunk(3)
+        qb, kb, vb = src.attn.qkv.bias.chunk(3)
+        pairs = {
+            "attention.q_proj": (q, qb),
+            "attention.k_proj": (k, kb),
+            "attention.v_proj": (v, vb),
+            "attention.o_proj": (src.attn.proj.weight, src.attn.proj.bias),
+            "layernorm_before": (src.norm1.weight, src.norm1.bias),
+            "layernorm_after": (src.norm2.weight, src.norm2.bias),
+            "mlp.fc1": (src.mlp.fc1.weight, src.mlp.fc1.bias),
+            "mlp.fc2": (src.mlp.fc2.weight, src.mlp.fc2.bias),
+        }
+        return {f"{dst_prefix}.{n}.{w}": t for n, (wt, bt) in pairs.items() for w, t in (("weight", wt), ("bias", bt))}
+
+    vit, dec = b.model, objective.decoder
+    state = {
+        "vit.embeddings.cls_token": vit.cls_token,
+        "vit.embeddings.position_embeddings": vit.pos_embed,
+        "vit.embeddings.patch_embeddings.projection.weight": vit.patch_embed.proj.weight,
+        "vit.embeddings.patch_embeddings.projection.bias": vit.patch_embed.proj.bias,
+        "vit.layernorm.weight": vit.norm.weight,
+        "vit.layernorm.bias": vit.norm.bias,
+        "decoder.mask_token": dec.mask_token,
+        "decoder.decoder_pos_embed": dec.pos_embed,
+        "decoder.decoder_embed.weight": dec.embed.weight,
+        "decoder.decoder_embed.bias": dec.embed.bias,
+        "decoder.decoder_norm.weight": dec.norm.weight,
+        "decoder.decoder_norm.bias": dec.norm.bias,
+        "decoder.decoder_pred.weight": dec.pred.weight,
+        "decoder.decoder_pred.bias": dec.pred.bias,
+    }
+    for i, blk in enumerate(vit.blocks):
+        state |= block(blk, f"vit.layers.{i}")
+    for i, blk in enumerate(dec.blocks):
+        state |= block(blk, f"decoder.decoder_layers.{i}")
+    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
+    assert not missing and not unexpected
+    return hf
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_loss_matches_transformers_vitmae(norm_pix):
+    cfg = tiny_cfg(f"mae.norm_pix_loss={norm_pix}")
+    objective = build_objective(cfg).eval()
+    hf = to_hf(objective, cfg)
+    images = torch.randn(3, 3, 32, 32)
+    noise = torch.rand(3, objective.backbone.num_patches)
+    ours = objective({"image": images}, noise=noise)
+    theirs = hf(pixel_values=images, noise=noise)
+    torch.testing.assert_close(ours["mask"], theirs.mask)
+    torch.testing.assert_close(ours["pred"], theirs.logits, atol=1e-5, rtol=1e-5)
+    assert abs(ours["loss"].item() - theirs.loss.item()) < 1e-5
+
+
+def test_sincos_pos_embed_matches_transformers():
+    cfg = tiny_cfg()
+    objective = build_objective(cfg)
+    hf_cfg = transformers.ViTMAEConfig(hidden_size=64, image_size=32, patch_size=8, decoder_hidden_size=32)
+    hf = transformers.ViTMAEForPreTraining(hf_cfg)
+    # transformers 5 marks modules initialised after post_init; recompute its sin-cos tables explicitly
+    hf.vit.embeddings.patch_embeddings.projection._is_hf_initialized = False
+    hf.vit.embeddings.initialize_weights()
+    hf.decoder.initialize_weights(objective.backbone.num_patches)
+    torch.testing.assert_close(objective.backbone.model.pos_embed, hf.vit.embeddings.position_embeddings)
+    torch.testing.assert_close(objective.decoder.pos_embed, hf.decoder.decoder_pos_embed)
+
+
+def test_vitb_recipe_has_reference_parameter_count():
+    """MAE ViT-B/16 + 8x512 decoder: the same count as transformers' ViTMAE with the facebook/vit-mae-base shape."""
+    objective = build_objective(C.load("mae_vitb"))
+    hf = transformers.ViTMAEForPreTraining(transformers.ViTMAEConfig())  # defaults = vit-mae-base
+    ours = sum(p.numel() for p in objective.parameters())
+    assert ours == sum(p.numel() for p in hf.parameters()) == 111_907_840
+
+
+def test_every_trainable_parameter_gets_a_gradient_and_frozen_ones_none():
+    objective = build_objective(tiny_cfg())
+    objective({"image": torch.randn(2, 3, 32, 32)})["loss"].backward()
+    for name, p in objective.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+    frozen = {n for n, p in objective.named_parameters() if not p.requires_grad}
+    assert frozen == {"backbone.model.pos_embed", "decoder.pos_embed"}
+
+
+def test_encoder_sees_only_visible_patches():
+    """Changing a masked patch must not change the encoder output (MAE §3: encoder on visible tokens only)."""
+    objective = build_objective(tiny_cfg()).eval()
+    b = objective.backbone
+    noise = torch.rand(1, b.num_patches)
+    images = torch.randn(1, 3, 32, 32)
+    keep = noise.argsort(1)[:, : b.num_patches // 4]
+    masked_patch = noise.argsort(1)[0, -1].item()
+    r, c = divmod(masked_patch, b.grid_size[1])
+    edited = images.clone()
+    edited[..., r * 8 : (r + 1) * 8, c * 8 : (c + 1) * 8] += 5
+    torch.testing.assert_close(b.forward_tokens(images, keep), b.forward_tokens(edited, keep))
+    assert b.forward_tokens(images, keep).shape == (1, 1 + b.num_patches // 4, b.embed_dim)
+
+
+def test_reconstruction_picture_columns():
+    objective = build_objective(tiny_cfg())
+    pics = objective.visualize({"image": torch.randn(2, 3, 32, 32)}, lambda x: (x * 0.2 + 0.5).clamp(0, 1))
+    assert set(pics) == {"original", "masked", "reconstruction"}
+    for img in pics.values():
+        assert img.shape == (2, 3, 32, 32) and img.min() >= 0 and img.max() <= 1
