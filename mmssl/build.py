@@ -5,6 +5,7 @@ Nothing in mmssl imports this module; tools do.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -189,6 +190,7 @@ def build_trainer(cfg: DictConfig, p: Plan) -> L.Trainer:
         strategy=_strategy(cfg),
         precision=t.precision,
         max_steps=p.total_steps,
+        max_epochs=math.ceil(p.total_steps / p.steps_per_epoch),
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val,
         log_every_n_steps=t.log_every_n_steps,
@@ -197,7 +199,7 @@ def build_trainer(cfg: DictConfig, p: Plan) -> L.Trainer:
         use_distributed_sampler=False,  # shards are split by the pipeline itself
         num_sanity_val_steps=0,
         sync_batchnorm=t.sync_batchnorm,
-        logger=CSVLogger(out, name="", version=""),
+        logger=CSVLogger(out, name="logs"),  # logs/version_N: a resumed run keeps earlier metrics
         callbacks=callbacks,
         default_root_dir=out,
     )

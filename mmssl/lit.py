@@ -111,11 +111,11 @@ class LastCheckpoint(L.Callback):
         if trainer.world_size > 1:  # ranks may receive the signal at different steps
             flag = trainer.strategy.reduce(flag, reduce_op="max")
         if flag.item():
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # full state: optimizer, schedule, loops
             trainer._signal_connector.received_sigterm = True  # Lightning then raises on every rank
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # full state: optimizer, schedule, loops
 
 
 class RankReport(L.Callback):

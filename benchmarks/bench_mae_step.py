@@ -1,0 +1,92 @@
+"""MAE training-step throughput: mmssl vs transformers' ViTMAEForPreTraining, same shape, same process.
+
+    python benchmarks/bench_mae_step.py                      # ViT-B/16 + 8x512 decoder, 224 px, batch 8
+    python benchmarks/bench_mae_step.py --size small --batch 32
+
+A step is forward + backward + AdamW update. Both models use PyTorch's fused scaled-dot-product attention.
+Rounds alternate between the two implementations so machine drift hits both alike; the median round counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import transformers
+
+from mmssl import config as C
+from mmssl.build import build_objective
+
+SIZES = {  # name: (embed_dim, depth, heads, decoder_dim, decoder_depth, decoder_heads)
+    "base": (768, 12, 12, 512, 8, 16),
+    "small": (384, 12, 6, 256, 4, 8),
+}
+
+
+def mmssl_step_fn(size: str, img: int, patch: int):
+    d, depth, heads, dd, ddepth, dheads = SIZES[size]
+    cfg = C.load(
+        "mae_vitb",
+        [f"backbone.img_size={img}", f"backbone.patch_size={patch}", f"backbone.embed_dim={d}",
+         f"backbone.depth={depth}", f"backbone.num_heads={heads}", f"mae.decoder_embed_dim={dd}",
+         f"mae.decoder_depth={ddepth}", f"mae.decoder_num_heads={dheads}"],
+    )  # fmt: skip
+    model = build_objective(cfg)
+    return model, lambda images: model({"image": images})["loss"]
+
+
+def hf_step_fn(size: str, img: int, patch: int):
+    d, depth, heads, dd, ddepth, dheads = SIZES[size]
+    hf_cfg = transformers.ViTMAEConfig(
+        hidden_size=d, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=4 * d,
+        decoder_hidden_size=dd, decoder_num_hidden_layers=ddepth, decoder_num_attention_heads=dheads,
+        decoder_intermediate_size=4 * dd, image_size=img, patch_size=patch, norm_pix_loss=True,
+        layer_norm_eps=1e-6, attn_implementation="sdpa",
+    )  # fmt: skip
+    model = transformers.ViTMAEForPreTraining(hf_cfg)
+    return model, lambda images: model(pixel_values=images).loss
+
+
+def time_steps(model, loss_fn, images, steps: int, bf16: bool) -> float:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    start = time.perf_counter()
+    for _ in range(steps):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(images)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return images.shape[0] * steps / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=SIZES, default="base")
+    parser.add_argument("--img", type=int, default=224)
+    parser.add_argument("--patch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3, help="steps per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    images = torch.randn(args.batch, 3, args.img, args.img)
+    impls = {"mmssl": mmssl_step_fn(args.size, args.img, args.patch),
+             "transformers": hf_step_fn(args.size, args.img, args.patch)}  # fmt: skip
+    print(f"MAE ViT-{args.size} {args.img}px patch {args.patch}, batch {args.batch}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")  # fmt: skip
+    for bf16 in (False, True):
+        rates: dict[str, list[float]] = {name: [] for name in impls}
+        for name, (model, fn) in impls.items():
+            time_steps(model, fn, images, 1, bf16)  # warm-up
+        for _ in range(args.rounds):
+            for name, (model, fn) in impls.items():
+                rates[name].append(time_steps(model, fn, images, args.steps, bf16))
+        ours, peer = statistics.median(rates["mmssl"]), statistics.median(rates["transformers"])
+        label = "bf16" if bf16 else "fp32"
+        print(f"{label}: mmssl {ours:7.2f} img/s | transformers {peer:7.2f} img/s | ratio {ours / peer:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
