@@ -160,6 +160,7 @@ def ensure_demo(name: str, root: str | Path | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{name}-tmp-"))
     try:
         _WRITERS[name](tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
         try:
             os.rename(tmp, final)  # atomic; fails if another process got there first
         except OSError:

@@ -2,19 +2,16 @@
 
 Why the pipelines look the way they do (DESIGN.md section 5):
 
-* Training streams must yield the same number of batches on every rank and worker, or DDP hangs in the
-  first collective after the shortest rank runs dry (the classic webdataset + Lightning failure with uneven
-  shards). We follow open_clip's ``get_wds_dataset(resampled=True)``: each worker draws shards *with
+* DDP hangs when one rank runs out of batches before the others (the classic webdataset + Lightning
+  failure with uneven shards). As in open_clip's ``resampled=True`` mode, every worker draws shards *with
   replacement* from the whole list (``wds.ResampledShards``) and ``.with_epoch(n)`` cuts that infinite
-  stream after exactly ``n`` batches, so shard count and shard sizes no longer matter.
-* The rank is passed in explicitly. webdataset's default node splitter (``single_node_only``) raises as
-  soon as world size > 1, and its helpers read the rank from the environment at iteration time.
-* Batches are formed inside the workers (``wds.batched``) and the DataLoader runs with ``batch_size=None``,
-  as in open_clip: one pickle per batch crosses the process boundary instead of one per sample.
-* Evaluation uses a plain shard list split by rank then by worker, no shuffling and a partial last batch,
-  so every sample is seen exactly once.
-* Bad data is skipped with a counted reason and a warning naming the shard and key (``SampleDecoder``);
-  a stream where nothing decodes raises instead of cycling forever through resampled shards.
+  stream at exactly ``n`` batches, whatever the number and sizes of the shards.
+* The rank is passed in explicitly: webdataset's default node splitter raises once world size > 1.
+* Batches are formed inside the workers and the DataLoader gets ``batch_size=None`` (open_clip does the
+  same): one pickle per batch crosses the process boundary instead of one per sample.
+* Evaluation splits a plain shard list by rank then worker, unshuffled, partial last batch kept.
+* Bad data is skipped with a counted reason and a warning naming shard and key (``SampleDecoder``); a
+  stream in which nothing decodes raises instead of cycling forever through resampled shards.
 """
 
 from __future__ import annotations
@@ -28,6 +25,7 @@ import random
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,10 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
+from torch.utils.data import default_collate
 from tqdm import tqdm
+
+from mmssl.data.transforms import ApplyView, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ def expand_shards(spec: str) -> list[str]:
     if not spec or not spec.strip():
         raise FileNotFoundError("empty shard spec")
     urls: list[str] = []
+    missing: list[str] = []
     for part in spec.split("::"):  # webdataset's separator for several shard lists
         for url in braceexpand.braceexpand(part.strip()):
             if _is_remote(url):
@@ -64,10 +66,10 @@ def expand_shards(spec: str) -> list[str]:
                 if not matches:
                     raise FileNotFoundError(f"shard pattern {url!r} (from spec {spec!r}) matches no file")
                 urls.extend(matches)
-            elif not os.path.isfile(url):
-                raise FileNotFoundError(f"shard {url!r} (from spec {spec!r}) does not exist")
             else:
-                urls.append(url)
+                (urls if os.path.isfile(url) else missing).append(url)
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} shard(s) of spec {spec!r} do not exist: {missing[:3]}")
     return urls
 
 
@@ -93,31 +95,6 @@ def count_samples(urls: list[str]) -> int | None:
     return total
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB; transparent pixels are composited on white (what a viewer would show)."""
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        # PIL's own I;16 -> L conversion clips at 255 instead of rescaling, turning 16-bit images white.
-        arr = np.asarray(img, dtype=np.float32)
-        peak = float(arr.max(initial=0.0))
-        if mode.startswith("I;16") or peak > 255:
-            arr = arr / 257.0
-        elif mode == "F" and peak <= 1.0:
-            arr = arr * 255.0
-        return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode in ("P", "L") and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
-
-
-class _DecompressionBomb(Exception):
-    pass
-
-
 def _worker_id() -> int:
     info = torch.utils.data.get_worker_info()
     return info.id if info is not None else 0
@@ -126,19 +103,16 @@ def _worker_id() -> int:
 class SampleDecoder:
     """Raw webdataset sample -> ``{"image": PIL RGB, "label"?: int, "text"?: str, "__key__", "__url__"}``.
 
-    Returns ``None`` (the sample is dropped) for a corrupt or missing image, a decompression bomb, a bad
-    label, non-UTF-8 text, or -- when ``require_label`` -- a missing label. Each skip is counted by reason
-    and logged naming shard and key (the first ``log_first`` per reason, then every ``log_every``-th).
-    A missing label is skipped rather than fatal so that a few unlabeled samples do not stop a run; a set
-    where *no* sample has a label still fails through the check below.
+    Returns ``None`` (sample dropped) for a corrupt or missing image, a decompression bomb, a bad label,
+    non-UTF-8 text, or a missing label when ``require_label``: skipped, not fatal, so that a few unlabeled
+    samples do not stop a run (a set with no label at all still fails, below). Skips are counted by reason
+    and logged naming shard and key: the first ``log_first`` per reason, then every ``log_every``-th.
 
-    Counts are per process: each DataLoader worker holds its own copy. Once ``max_failures_without_success``
-    samples (or unreadable shards) have failed in a worker that has not decoded a single sample, it raises
-    ``RuntimeError``: resampled streams cycle forever, so an all-corrupt shard set would otherwise hang.
-    The same holds for shards that contain no samples at all (``count_shards``/``count_raw`` stages).
-
-    ``max_image_pixels`` is checked on the header size, before pixels are decoded. PIL independently
-    refuses images above twice ``PIL.Image.MAX_IMAGE_PIXELS``; those are counted as bombs too.
+    Counts are per process (each DataLoader worker has its own copy). A worker that has seen
+    ``max_failures_without_success`` failed samples or shards, or that many shards without any sample,
+    and not one success raises ``RuntimeError``: resampled streams cycle forever, so an all-corrupt or
+    all-empty shard set would otherwise hang. ``max_image_pixels`` is checked on the header size before
+    pixels are decoded; PIL itself refuses more than twice ``Image.MAX_IMAGE_PIXELS`` (also counted as bombs).
     """
 
     def __init__(
@@ -190,11 +164,10 @@ class SampleDecoder:
             return self._skip(f"missing image key '{';'.join(self.image_keys)}'", url, key)
         try:
             out["image"] = self._decode_image(data)
-        except (_DecompressionBomb, Image.DecompressionBombError) as exn:
+        except Image.DecompressionBombError as exn:
             return self._skip("decompression bomb", url, key, str(exn))
-        except (
-            Exception
-        ) as exn:  # PIL raises a zoo of types for bad bytes (OSError, SyntaxError, ValueError...)
+        # PIL raises a zoo of types for bad bytes (OSError, SyntaxError, ValueError, struct.error...)
+        except Exception as exn:
             return self._skip("corrupt image", url, key, f"{type(exn).__name__}: {exn}")
         self.successes += 1
         return out
@@ -205,7 +178,7 @@ class SampleDecoder:
             img = Image.open(io.BytesIO(data))  # reads the header only
         w, h = img.size
         if w * h > self.max_image_pixels:
-            raise _DecompressionBomb(f"{w}x{h} pixels > max_image_pixels={self.max_image_pixels}")
+            raise Image.DecompressionBombError(f"{w}x{h} pixels > max_image_pixels={self.max_image_pixels}")
         img.load()
         return to_rgb(img)
 
@@ -215,15 +188,10 @@ class SampleDecoder:
             self.failed_shards.add(url)
         n = self.failures[reason]
         if n <= self.log_first or n % self.log_every == 0:
+            detail = f" ({detail})" if detail else ""
             log.warning(
-                "skipped sample %r in shard %s: %s%s [worker %d: %d skipped for this reason, %d decoded]",
-                key,
-                url,
-                reason,
-                f" ({detail})" if detail else "",
-                _worker_id(),
-                n,
-                self.successes,
+                f"skipped sample {key!r} in shard {url}: {reason}{detail} "
+                f"[worker {_worker_id()}: {n} skipped for this reason, {self.successes} decoded]"
             )
         total = sum(self.failures.values())
         if self.successes == 0 and total >= self.max_failures_without_success:
@@ -269,7 +237,8 @@ def collate(samples: list[dict]) -> dict[str, Any]:
     for k in keys:
         values = [s[k] for s in samples]
         if isinstance(values[0], torch.Tensor):
-            out[k] = torch.stack(values)
+            # default_collate stacks straight into shared memory inside a worker, saving a copy per batch
+            out[k] = default_collate(values)
         elif isinstance(values[0], (bool, int, np.integer)):
             out[k] = torch.tensor(values, dtype=torch.int64)
         elif isinstance(values[0], (float, np.floating)):
@@ -279,29 +248,11 @@ def collate(samples: list[dict]) -> dict[str, Any]:
     return out
 
 
-class ApplyView:
-    """Decoded sample -> view outputs (+ label, + text through ``text_fn``)."""
-
-    def __init__(self, view: Callable, text_fn: Callable | None = None) -> None:
-        self.view = view
-        self.text_fn = text_fn
-
-    def __call__(self, sample: dict) -> dict:
-        out = dict(self.view(sample["image"]))
-        if "label" in sample:
-            out["label"] = sample["label"]
-        if "text" in sample:
-            out["text"] = self.text_fn(sample["text"]) if self.text_fn is not None else sample["text"]
-        return out
-
-
 class StreamSeed:
     """Seed for one (seed, rank, pass, worker), evaluated inside the worker process (picklable)."""
 
     def __init__(self, seed: int, rank: int) -> None:
-        self.seed = seed
-        self.rank = rank
-        self.epoch = 0
+        self.seed, self.rank, self.epoch = seed, rank, 0
 
     def __call__(self, salt: int = 0) -> int:
         return wds.utils.make_seed(self.seed, self.rank, self.epoch, _worker_id(), salt)
@@ -311,23 +262,16 @@ class _SeededShuffle(wds.PipelineStage):
     """``wds.shuffle`` with an RNG seeded per worker at iteration time (``wds.shuffle`` seeds from pid+time)."""
 
     def __init__(self, bufsize: int, seed: StreamSeed) -> None:
-        self.bufsize = bufsize
-        self.seed = seed
+        self.bufsize, self.seed = bufsize, seed
 
     def run(self, src: Iterable) -> Iterator:
-        if self.bufsize <= 1:
-            return iter(src)
         # Start yielding at a fifth of the buffer, like open_clip's initial=1000 for bufsize=5000.
         rng = random.Random(self.seed(salt=1))
         return wds.shuffle(self.bufsize, initial=max(1, self.bufsize // 5), rng=rng)(src)
 
 
-class _SplitByRank:
-    def __init__(self, rank: int, world_size: int) -> None:
-        self.rank, self.world_size = rank, world_size
-
-    def __call__(self, src: Iterable) -> Iterator:
-        return islice(src, self.rank, None, self.world_size)
+def _split_by_rank(src: Iterable, rank: int, world_size: int) -> Iterator:
+    return islice(src, rank, None, world_size)
 
 
 def _check_rank(rank: int, world_size: int) -> None:
@@ -350,8 +294,8 @@ def train_pipeline(
 ) -> wds.DataPipeline:
     """Infinite resampled stream cut at exactly ``batches_per_worker`` full batches per worker and pass.
 
-    Every rank resamples from *all* shards (``world_size`` is only validated): the ranks' streams differ
-    through the seed, which mixes ``seed``, ``rank``, the pass number (``set_epoch``) and the worker id.
+    Every rank resamples from *all* shards (``world_size`` is only validated); streams differ through the
+    seed, which mixes ``seed``, ``rank``, the pass number (``set_epoch``) and the worker id.
     """
     _check_rank(rank, world_size)
     if batches_per_worker < 1:
@@ -372,8 +316,8 @@ def train_pipeline(
 def set_epoch(pipeline: wds.DataPipeline, epoch: int) -> None:
     """Make the next pass over a ``train_pipeline`` draw stream number ``epoch``.
 
-    Needed because DataLoader workers get a fresh copy of the pipeline on every pass: without it, a loader
-    iterated twice with ``num_workers > 0`` would replay the same stream (with 0 workers it would not).
+    DataLoader workers get a fresh copy of the pipeline on every pass, so without this a loader iterated
+    twice with ``num_workers > 0`` would replay the same stream (with 0 workers it would not).
     """
     for stage in pipeline.pipeline:
         if isinstance(stage, wds.ResampledShards):
@@ -393,14 +337,13 @@ def eval_pipeline(
 ) -> wds.DataPipeline:
     """Every sample exactly once over all ranks and workers, in shard order, partial last batch kept.
 
-    Shards are split by rank (``urls[rank::world_size]``) then by DataLoader worker, so a worker with no
-    shard yields nothing: with fewer shards than ranks x workers some ranks or workers idle. That is fine for
-    evaluation as long as no collective runs per batch (reduce metrics at epoch end).
+    Shards go to ranks (``urls[rank::world_size]``) then to workers, so with fewer shards than ranks x
+    workers some yield nothing. Fine for evaluation if no collective runs per batch (reduce at epoch end).
     """
     _check_rank(rank, world_size)
     return wds.DataPipeline(
         wds.SimpleShardList(urls),
-        _SplitByRank(rank, world_size),
+        partial(_split_by_rank, rank=rank, world_size=world_size),
         wds.split_by_worker,
         wds.tarfile_to_samples(handler=decoder.tar_error),
         wds.map(decoder),
@@ -419,11 +362,10 @@ def write_shards(
 ) -> dict:
     """Write ``{"__key__", "jpg": bytes, "cls": int, "txt": str, ...}`` dicts as ``prefix-000000.tar``...
 
-    Updates ``out_dir/manifest.json``: ``shards`` maps file name -> sample count (read by
-    ``count_samples``), ``total`` sums them, and ``splits[prefix]`` holds per-prefix counts plus ``info``.
-    Other prefixes' entries are kept, so train and val can share a directory; the files of an earlier
-    write with the same prefix are deleted first so that a glob cannot pick up stale shards.
-    Tar members get a fixed mtime, so the same samples give byte-identical shards.
+    ``out_dir/manifest.json`` gets ``shards`` (file name -> sample count, read by ``count_samples``),
+    ``total``, and ``splits[prefix]`` (counts plus ``info``). Other prefixes are kept, so train and val can
+    share a folder; an earlier write with the same prefix is deleted first so no glob sees stale shards.
+    Tar members get a fixed mtime: the same samples give byte-identical shards.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -435,9 +377,8 @@ def write_shards(
     counts: dict[str, int] = {}
     writer = wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=maxcount, verbose=0, mtime=0)
     try:
-        for sample in tqdm(
-            samples, total=total, desc=f"writing {out / prefix}", unit="img", leave=False, disable=None
-        ):
+        progress = tqdm(samples, total=total, desc=f"writing {out / prefix}", unit="img", disable=None)
+        for sample in progress:
             key = sample.get("__key__")
             if not key or "." in str(key):
                 # webdataset groups tar members by the name before the first dot
@@ -452,11 +393,8 @@ def write_shards(
     shards.update(counts)
     manifest["shards"] = dict(sorted(shards.items()))
     manifest["total"] = sum(manifest["shards"].values())
-    manifest.setdefault("splits", {})[prefix] = {
-        "shards": len(counts),
-        "samples": sum(counts.values()),
-        **(info or {}),
-    }
+    split = {"shards": len(counts), "samples": sum(counts.values()), **(info or {})}
+    manifest.setdefault("splits", {})[prefix] = split
     tmp = out / f".{MANIFEST}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     os.replace(tmp, out / MANIFEST)

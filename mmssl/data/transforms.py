@@ -6,7 +6,8 @@ single-view methods (``image``). Views run inside DataLoader workers, which may 
 so they are built from picklable pieces (torchvision transforms and small module-level classes), never
 lambdas or closures.
 
-Keep this a flat list of small functions, one per method.
+Keep this a flat list of small functions, one per method, below the few shared pieces (RGB conversion,
+the picklable view wrappers).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torchvision.transforms.v2 as T
 from PIL import Image
@@ -22,6 +24,27 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 View = Callable[[Image.Image], dict[str, torch.Tensor]]
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB; transparent pixels are composited on white (what a viewer would show)."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        # PIL's own I;16 -> L conversion clips at 255 instead of rescaling, turning 16-bit images white.
+        arr = np.asarray(img, dtype=np.float32)
+        peak = float(arr.max(initial=0.0))
+        if mode.startswith("I;16") or peak > 255:
+            arr = arr / 257.0
+        elif mode == "F" and peak <= 1.0:
+            arr = arr * 255.0
+        return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode in ("P", "L") and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
 
 
 class ImageView:
@@ -36,6 +59,21 @@ class ImageView:
 
     def __repr__(self) -> str:
         return f"ImageView(key={self.key!r}, transform={self.transform})"
+
+
+class ApplyView:
+    """Decoded sample ``{"image", "label"?, "text"?}`` -> view outputs + label + ``text_fn(text)``."""
+
+    def __init__(self, view: Callable, text_fn: Callable | None = None) -> None:
+        self.view, self.text_fn = view, text_fn
+
+    def __call__(self, sample: dict) -> dict:
+        out = dict(self.view(sample["image"]))
+        if "label" in sample:
+            out["label"] = sample["label"]
+        if "text" in sample:
+            out["text"] = self.text_fn(sample["text"]) if self.text_fn is not None else sample["text"]
+        return out
 
 
 def _to_normalized_tensor(mean: Sequence[float], std: Sequence[float]) -> list:
