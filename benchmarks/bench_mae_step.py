@@ -62,7 +62,9 @@ def time_steps(model, loss_fn, images, steps: int, bf16: bool) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", choices=SIZES, default="base")
     parser.add_argument("--img", type=int, default=224)
     parser.add_argument("--patch", type=int, default=16)
@@ -78,7 +80,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads")  # fmt: skip
     for bf16 in (False, True):
         rates: dict[str, list[float]] = {name: [] for name in impls}
-        for name, (model, fn) in impls.items():
+        for model, fn in impls.values():
             time_steps(model, fn, images, 1, bf16)  # warm-up
         for _ in range(args.rounds):
             for name, (model, fn) in impls.items():

@@ -128,6 +128,7 @@ def create_backbone(name: str, img_size: int = 224, **timm_kwargs) -> Backbone:
     if isinstance(model, VisionTransformer):
         return ViTBackbone(model)
     if not hasattr(model, "feature_info"):
-        raise ValueError(f"backbone.name: {name!r} is neither a timm VisionTransformer nor a CNN with feature_info")
+        raise ValueError(
+            f"backbone.name: {name!r} is neither a timm VisionTransformer nor a CNN with feature_info"
+        )
     return CNNBackbone(model, img_size)
-

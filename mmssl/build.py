@@ -72,8 +72,12 @@ def _img_size(cfg: DictConfig) -> int:
 
 def _mae_views(cfg: DictConfig):
     d = cfg.data
-    train = mae_view(_img_size(cfg), tuple(d.crop_scale), d.interpolation, d.hflip, tuple(d.mean), tuple(d.std))
-    return train, eval_view(_img_size(cfg), interpolation=d.interpolation, mean=tuple(d.mean), std=tuple(d.std))
+    train = mae_view(
+        _img_size(cfg), tuple(d.crop_scale), d.interpolation, d.hflip, tuple(d.mean), tuple(d.std)
+    )
+    return train, eval_view(
+        _img_size(cfg), interpolation=d.interpolation, mean=tuple(d.mean), std=tuple(d.std)
+    )
 
 
 VIEWS: dict[str, Callable[[DictConfig], tuple]] = {
@@ -92,7 +96,7 @@ def build_datamodule(cfg: DictConfig) -> ShardDataModule:
     d = cfg.data
     return ShardDataModule(
         d.train_shards,
-        d.val_shards,
+        d.val_shards or "",
         train_view=train_view,
         val_view=val_view,
         batch_size=d.batch_size,
@@ -195,7 +199,7 @@ def build_trainer(cfg: DictConfig, p: Plan) -> L.Trainer:
         gradient_clip_val=t.gradient_clip_val,
         log_every_n_steps=t.log_every_n_steps,
         check_val_every_n_epoch=t.val_every_n_epochs,
-        reload_dataloaders_every_n_epochs=1,  # a fresh, step-seeded shard stream each epoch and after resume
+        limit_val_batches=None if cfg.data.val_shards else 0,
         use_distributed_sampler=False,  # shards are split by the pipeline itself
         num_sanity_val_steps=0,
         sync_batchnorm=t.sync_batchnorm,

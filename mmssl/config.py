@@ -68,8 +68,8 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    train_shards: str = ""  # webdataset spec: brace/glob patterns, "::"-joined, or demo:NAME/SPLIT
-    val_shards: str = ""
+    train_shards: str | None = None  # webdataset spec: brace/glob patterns, "::"-joined, or demo:NAME/SPLIT
+    val_shards: str | None = None  # held-out images for the validation loss and pictures
     samples_per_epoch: int | None = None  # None: read from the shards' manifest.json
     batch_size: int = 64  # per device
     num_workers: int = 8
@@ -122,12 +122,19 @@ def objective_names() -> list[str]:
 
 def resolve_path(name: str) -> Path:
     """``--cfg`` value -> file: an existing path, else ``configs/NAME`` (``.yaml`` optional)."""
-    candidates = [Path(name), CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml", Path("configs") / f"{name}.yaml"]
+    candidates = [
+        Path(name),
+        CONFIG_DIR / name,
+        CONFIG_DIR / f"{name}.yaml",
+        Path("configs") / f"{name}.yaml",
+    ]
     for path in candidates:
         if path.is_file():
             return path
     known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-    raise FileNotFoundError(f"--cfg {name!r}: no such file, and not in {CONFIG_DIR} (known: {', '.join(known)})")
+    raise FileNotFoundError(
+        f"--cfg {name!r}: no such file, and not in {CONFIG_DIR} (known: {', '.join(known)})"
+    )
 
 
 def load(cfg: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -162,7 +169,9 @@ def validate(cfg: DictConfig) -> None:
 
     check(cfg.objective in objective_names(), "objective", f"must be one of {objective_names()}")
     check(0.0 <= cfg.mae.mask_ratio < 1.0, "mae.mask_ratio", "must be in [0, 1)")
-    check(cfg.optim.lr_scaling in ("linear", "sqrt", "none"), "optim.lr_scaling", "must be linear, sqrt or none")
+    check(
+        cfg.optim.lr_scaling in ("linear", "sqrt", "none"), "optim.lr_scaling", "must be linear, sqrt or none"
+    )
     check(cfg.optim.base_lr > 0, "optim.base_lr", "must be > 0")
     check(cfg.optim.lr is None or cfg.optim.lr > 0, "optim.lr", "must be > 0")
     check(len(cfg.optim.betas) == 2, "optim.betas", "must be two numbers")
@@ -170,14 +179,22 @@ def validate(cfg: DictConfig) -> None:
     check(cfg.data.batch_size > 0, "data.batch_size", "must be > 0")
     check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     check(len(cfg.data.crop_scale) == 2, "data.crop_scale", "must be [min, max]")
-    check(0 < cfg.data.crop_scale[0] <= cfg.data.crop_scale[1] <= 1, "data.crop_scale", "needs 0 < min <= max <= 1")
+    check(
+        0 < cfg.data.crop_scale[0] <= cfg.data.crop_scale[1] <= 1,
+        "data.crop_scale",
+        "needs 0 < min <= max <= 1",
+    )
     check(len(cfg.data.mean) == 3 and len(cfg.data.std) == 3, "data.mean", "mean and std need 3 values")
     check(cfg.trainer.precision in PRECISIONS, "trainer.precision", f"must be one of {PRECISIONS}")
     check(cfg.trainer.max_epochs > 0, "trainer.max_epochs", "must be > 0")
     check(cfg.trainer.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", "must be >= 1")
     check(cfg.trainer.ckpt_every_n_steps > 0, "trainer.ckpt_every_n_steps", "must be > 0")
     devices = cfg.trainer.devices
-    check(devices == "auto" or (isinstance(devices, int) and devices > 0), "trainer.devices", "must be 'auto' or > 0")
+    check(
+        devices == "auto" or (isinstance(devices, int) and devices > 0),
+        "trainer.devices",
+        "must be 'auto' or > 0",
+    )
 
 
 def world_size(cfg: DictConfig) -> int:
@@ -186,7 +203,9 @@ def world_size(cfg: DictConfig) -> int:
     if devices == "auto":
         import torch
 
-        devices = max(torch.cuda.device_count(), 1) if cfg.trainer.accelerator in ("auto", "gpu", "cuda") else 1
+        devices = (
+            max(torch.cuda.device_count(), 1) if cfg.trainer.accelerator in ("auto", "gpu", "cuda") else 1
+        )
     return int(devices) * cfg.trainer.num_nodes
 
 

@@ -69,5 +69,7 @@ def mae_init_(module: nn.Module) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Conv2d):  # the patch embedding, "like nn.Linear"; its bias keeps torch's default
+        elif isinstance(
+            m, nn.Conv2d
+        ):  # the patch embedding, "like nn.Linear"; its bias keeps torch's default
             nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))

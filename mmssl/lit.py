@@ -60,7 +60,9 @@ class PretrainModule(L.LightningModule):
         n = len(next(iter(v for v in batch.values() if isinstance(v, Tensor))))
         for key, value in scalars(self.objective(batch)).items():
             total = self._val_sums.setdefault(key, torch.zeros(2, device=self.device, dtype=torch.float64))
-            total += torch.stack([value.double() * n, torch.tensor(n, device=self.device, dtype=torch.float64)])
+            total += torch.stack(
+                [value.double() * n, torch.tensor(n, device=self.device, dtype=torch.float64)]
+            )
 
     def on_validation_epoch_end(self) -> None:
         for key in sorted(self._val_sums):

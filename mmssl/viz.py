@@ -51,8 +51,14 @@ class PictureCallback(L.Callback):
     a fixed batch: the first validation batch (held-out images) when there is one, else the first training
     batch. Random choices inside (masks) use a fixed seed, so pictures from different steps compare."""
 
-    def __init__(self, out_dir: str | Path, mean: Sequence[float], std: Sequence[float], every_n_steps: int = 1000,
-                 num_images: int = 6):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        mean: Sequence[float],
+        std: Sequence[float],
+        every_n_steps: int = 1000,
+        num_images: int = 6,
+    ):
         self.out_dir, self.denormalize = Path(out_dir), Denormalize(mean, std)
         self.every_n_steps, self.num_images = every_n_steps, num_images
         self.batch: dict[str, Tensor] | None = None
@@ -60,7 +66,9 @@ class PictureCallback(L.Callback):
 
     def _keep(self, batch: dict, held_out: bool) -> None:
         if self.batch is None or (held_out and not self.held_out):
-            self.batch = {k: v[: self.num_images].detach().clone() for k, v in batch.items() if isinstance(v, Tensor)}
+            self.batch = {
+                k: v[: self.num_images].detach().clone() for k, v in batch.items() if isinstance(v, Tensor)
+            }
             self.held_out = held_out
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:

@@ -46,7 +46,11 @@ def to_hf(objective, cfg) -> "transformers.ViTMAEForPreTraining":
             "mlp.fc1": (src.mlp.fc1.weight, src.mlp.fc1.bias),
             "mlp.fc2": (src.mlp.fc2.weight, src.mlp.fc2.bias),
         }
-        return {f"{dst_prefix}.{n}.{w}": t for n, (wt, bt) in pairs.items() for w, t in (("weight", wt), ("bias", bt))}
+        return {
+            f"{dst_prefix}.{n}.{w}": t
+            for n, (wt, bt) in pairs.items()
+            for w, t in (("weight", wt), ("bias", bt))
+        }
 
     vit, dec = b.model, objective.decoder
     state = {

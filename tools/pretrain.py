@@ -24,11 +24,15 @@ EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a job killed by th
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cfg", help="config file, or a name in configs/ (e.g. mae_vitb)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--resume", action="store_true", help="continue from the run's last.ckpt")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.base_lr=3e-4")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.base_lr=3e-4"
+    )
     return parser.parse_args(argv)
 
 
@@ -57,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --resume: no checkpoint at {last}", file=sys.stderr)
         return 2
     if not args.resume and last.is_file():
-        print(f"error: {out} already holds a run; pass --resume to continue it or set name=...", file=sys.stderr)
+        print(
+            f"error: {out} already holds a run; pass --resume to continue it or set name=...", file=sys.stderr
+        )
         return 2
 
     L.seed_everything(cfg.seed, workers=True)
@@ -73,12 +79,17 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(C.active(cfg), out / "config.yaml")
         total, trainable = count_parameters(module.objective)
-        print(f"mmssl: {cfg.objective} in {out}: {total:,} parameters ({trainable:,} trainable); {plan.describe()}")
+        print(
+            f"mmssl: {cfg.objective} in {out}: {total:,} parameters ({trainable:,} trainable); {plan.describe()}"
+        )
 
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=last if args.resume else None, weights_only=True)
     except SIGTERMException:
-        print(f"mmssl: SIGTERM at step {trainer.global_step}: saved {last}; continue with --resume", file=sys.stderr)
+        print(
+            f"mmssl: SIGTERM at step {trainer.global_step}: saved {last}; continue with --resume",
+            file=sys.stderr,
+        )
         return EXIT_SIGTERM
     return 0
 

@@ -17,7 +17,9 @@ from mmssl.ops import random_masking
 
 
 class MaskedModeling(nn.Module):
-    def __init__(self, backbone: ViTBackbone, target: nn.Module, decoder: nn.Module, mask_ratio: float = 0.75):
+    def __init__(
+        self, backbone: ViTBackbone, target: nn.Module, decoder: nn.Module, mask_ratio: float = 0.75
+    ):
         super().__init__()
         if not isinstance(backbone, ViTBackbone):
             raise TypeError(f"masked modelling needs a ViT backbone, got {type(backbone).__name__}")

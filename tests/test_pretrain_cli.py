@@ -1,0 +1,214 @@
+"""tools/pretrain.py end to end: learning on held-out images, SIGTERM + resume, NaN stop, 2-process DDP on
+uneven shards, and bad input. The CLI runs in a subprocess (Lightning's ddp strategy re-launches the command)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmssl import config as C
+from mmssl.build import build_objective
+from mmssl.data import demo
+from mmssl.data.shards import SampleDecoder, eval_pipeline, write_shards
+from mmssl.data.transforms import eval_view
+from mmssl.optim import warmup_cosine
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+import pretrain  # noqa: E402
+
+TINY = [
+    "backbone.img_size=32",
+    "backbone.depth=2",
+    "backbone.embed_dim=64",
+    "backbone.num_heads=4",
+    "mae.decoder_embed_dim=64",
+    "mae.decoder_depth=1",
+    "mae.decoder_num_heads=4",
+    "data.batch_size=32",
+    "data.num_workers=0",
+    "data.shuffle_buffer=100",
+    "trainer.precision=32-true",
+    "trainer.log_every_n_steps=1",
+]
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> str:
+    return os.environ.get("MMSSL_DATA") or str(tmp_path_factory.mktemp("mmssl_data"))
+
+
+def cli(args: list[str], demo_root: str, timeout: int = 300, **popen) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "MMSSL_DATA": demo_root,
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    cmd = [sys.executable, str(ROOT / "tools" / "pretrain.py"), "--cfg", "mae_demo", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT, **popen)
+
+
+def metrics(run: Path, version: int = 0) -> list[dict]:
+    with open(run / "logs" / f"version_{version}" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def load_ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.slow
+def test_demo_run_learns_on_held_out_images(tmp_path, demo_root):
+    run = tmp_path / "learn"
+    args = [*TINY, "backbone.img_size=64", "optim.lr=2e-3", "optim.warmup_steps=15", "trainer.max_steps=150",
+            f"out_dir={tmp_path}", "name=learn"]  # fmt: skip
+    res = cli(args, demo_root)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (run / "pictures" / "final.png").stat().st_size > 10_000
+    assert (run / "config.yaml").is_file() and (run / "rank0.json").is_file()
+
+    ckpt = load_ckpt(run / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 150
+    cfg = C.load(str(run / "config.yaml"))
+    objective = build_objective(cfg).eval()
+    objective.load_state_dict({k.removeprefix("objective."): v for k, v in ckpt["state_dict"].items()})
+
+    urls = sorted(str(p) for p in Path(demo.ensure_demo("photos", demo_root)).glob("val-*.tar"))
+    pipeline = eval_pipeline(urls, eval_view(64), 64, rank=0, world_size=1, decoder=SampleDecoder())
+    ours, trivial = [], []
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for batch in pipeline:
+            out = objective(batch)
+            target = objective.target(batch["image"])
+            ours.append(out["loss"].item())
+            trivial.append(((target**2).mean(-1) * out["mask"]).sum().item() / out["mask"].sum().item())
+    ours_mean, trivial_mean = sum(ours) / len(ours), sum(trivial) / len(trivial)
+    assert trivial_mean == pytest.approx(1.0, abs=0.05)  # predicting 0 for normalised targets
+    assert ours_mean < 0.8 * trivial_mean, (ours_mean, trivial_mean)
+    val = [float(r["val/loss"]) for r in metrics(run) if r.get("val/loss")]
+    assert val and val[-1] < 0.8 * trivial_mean
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_resume_continues_step_and_lr(tmp_path, demo_root):
+    run = tmp_path / "resume"
+    args = [*TINY, f"out_dir={tmp_path}", "name=resume", "trainer.max_steps=60", "trainer.ckpt_every_n_steps=10",
+            "optim.warmup_steps=20", "data.val_shards=null"]  # fmt: skip
+    env = {**os.environ, "MMSSL_DATA": demo_root, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "tools" / "pretrain.py"), "--cfg", "mae_demo", *args]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = run / "checkpoints" / "step0000010.ckpt"
+    deadline = time.monotonic() + 240
+    while not first.exists() and time.monotonic() < deadline:
+        try:
+            proc.wait(timeout=0.2)  # wakes early if the run dies
+            break
+        except subprocess.TimeoutExpired:
+            pass
+    assert first.exists(), proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == pretrain.EXIT_SIGTERM, err[-3000:]
+    stopped = load_ckpt(run / "checkpoints" / "last.ckpt")["global_step"]
+    assert 10 <= stopped < 60
+
+    res = cli([*args, "--resume"], demo_root)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert load_ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 60
+    resumed = [r for r in metrics(run, version=1) if r.get("train/lr")]
+    assert int(resumed[0]["step"]) == stopped  # the first step after the checkpoint, not step 0
+    peak = C.learning_rate(C.load("mae_demo", args))
+    for row in resumed:
+        expected = peak * warmup_cosine(int(row["step"]), 20, 60)
+        assert float(row["train/lr"]) == pytest.approx(expected, rel=1e-5, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_without_saving_nan_weights(tmp_path, demo_root):
+    args = [*TINY, f"out_dir={tmp_path}", "name=nan", "trainer.max_steps=20", "trainer.ckpt_every_n_steps=1",
+            "optim.lr=1e30", "optim.warmup_steps=0", "data.val_shards=null"]  # fmt: skip
+    res = cli(args, demo_root)
+    assert res.returncode != 0
+    assert "non-finite loss or gradient" in res.stderr
+    ckpts = list((tmp_path / "nan" / "checkpoints").glob("*.ckpt"))
+    for path in ckpts:
+        assert all(torch.isfinite(v).all() for v in load_ckpt(path)["state_dict"].values()), path
+
+
+@pytest.fixture
+def uneven_shards(tmp_path, demo_root) -> str:
+    """Real photo crops in 3 train shards of 5, 17 and 58 samples and 3 val shards of 3, 9 and 1 samples."""
+    src = Path(demo.ensure_demo("photos", demo_root))
+    import webdataset as wds
+
+    samples = [s for s in wds.WebDataset(sorted(str(p) for p in src.glob("train-*.tar")), shardshuffle=False)]
+    out = tmp_path / "uneven"
+    for i, (start, stop) in enumerate([(0, 5), (5, 22), (22, 80)]):
+        write_shards(
+            ({"__key__": s["__key__"], "jpg": s["jpg"]} for s in samples[start:stop]), out, f"train{i}"
+        )
+    for i, (start, stop) in enumerate([(80, 83), (83, 92), (92, 93)]):
+        write_shards(
+            ({"__key__": s["__key__"], "jpg": s["jpg"]} for s in samples[start:stop]), out, f"val{i}"
+        )
+    return str(out)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_with_uneven_shards(tmp_path, demo_root, uneven_shards):
+    train = "::".join(f"{uneven_shards}/train{i}-000000.tar" for i in range(3))
+    val = "::".join(f"{uneven_shards}/val{i}-000000.tar" for i in range(3))
+    args = [*TINY, f"out_dir={tmp_path}", "name=ddp", "data.batch_size=4", f"data.train_shards={train}",
+            f"data.val_shards={val}", "trainer.max_steps=12", "trainer.accelerator=cpu", "trainer.devices=2",
+            "trainer.strategy=ddp", "trainer.ddp_timeout_s=60"]  # fmt: skip
+    res = cli(args, demo_root, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    reports = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["global_step"] for r in reports] == [12, 12]
+    assert reports[0]["batches"] == reports[1]["batches"] == 12
+    assert "world size 2, global batch 8" in res.stdout
+
+
+def test_print_config_shows_recipe_and_reference_size(capsys):
+    assert pretrain.main(["--cfg", "mae_vitb", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "mask_ratio: 0.75" in out and "max_epochs: 800" in out and "warmup_epochs: 40.0" in out
+    assert "111,907,840 parameters" in out
+
+
+def test_config_typo_exits_2_naming_the_key(capsys):
+    assert pretrain.main(["--cfg", "mae_demo", "optim.wieght_decay=0.1"]) == 2
+    assert "optim.wieght_decay" in capsys.readouterr().err
+
+
+def test_shard_pattern_matching_nothing_exits_2_naming_it(tmp_path, capsys):
+    args = ["--cfg", "mae_demo", f"out_dir={tmp_path}", f"data.train_shards={tmp_path}/none-{{000..009}}.tar"]
+    assert pretrain.main(args) == 2
+    err = capsys.readouterr().err
+    assert "data.train_shards" in err and "none-" in err
+
+
+def test_all_corrupt_shards_stop_loudly(tmp_path, demo_root):
+    write_shards(({"__key__": f"k{i}", "jpg": b"not a jpeg"} for i in range(40)), tmp_path / "bad", "train")
+    args = ["--cfg", "mae_demo", *TINY, f"out_dir={tmp_path}", f"data.train_shards={tmp_path}/bad/train-000000.tar",
+            "data.val_shards=null", "trainer.max_steps=5"]  # fmt: skip
+    os.environ.setdefault("MMSSL_DATA", demo_root)
+    with pytest.raises(RuntimeError, match="could be decoded"):
+        pretrain.main(args)
+
+
+def test_existing_run_needs_resume(tmp_path, capsys):
+    (tmp_path / "r" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "r" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert pretrain.main(["--cfg", "mae_demo", f"out_dir={tmp_path}", "name=r"]) == 2
+    assert "--resume" in capsys.readouterr().err
