@@ -114,16 +114,6 @@ def _checkpoint_config(path: str | Path, ckpt: dict) -> DictConfig:
         raise CheckpointError(f"checkpoint {path}: its run config does not load here: {e}") from None
 
 
-def load_objective(path: str | Path) -> tuple[DictConfig, nn.Module, dict]:
-    """Lightning checkpoint -> (its run config, the whole objective with its weights, the raw checkpoint)."""
-    ckpt = read_checkpoint(path)
-    cfg = _checkpoint_config(path, ckpt)
-    objective = build_objective(cfg)
-    state = {k.removeprefix("objective."): v for k, v in ckpt["state_dict"].items()}
-    load_state_checked(objective, state, f"checkpoint {path}", f"the {cfg.objective} objective of its config")
-    return cfg, objective.eval(), ckpt
-
-
 def load_backbone(path: str | Path) -> tuple[DictConfig, Backbone, dict]:
     """Lightning checkpoint -> (run config, its encoder with weights, raw checkpoint), for any objective that
     keeps its encoder at ``.backbone`` (state dict keys ``objective.backbone.model.*``); nothing else is built."""

@@ -231,7 +231,9 @@ def _load_hf_folder(folder: Path) -> tuple[Backbone, dict[str, Any]]:
         model = timm.create_model(f"local-dir:{folder}", pretrained=True)
     except RuntimeError as e:  # timm's strict load: missing / unexpected keys, size mismatches
         first = str(e).splitlines()[0][:300]
-        raise CheckpointError(f"{folder}: the weights do not fit its config.json architecture ({first})") from None
+        raise CheckpointError(
+            f"{folder}: the weights do not fit its config.json architecture ({first})"
+        ) from None
     cfg = model.pretrained_cfg
     config = json.loads((folder / "config.json").read_text())
     info = {

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 encoder = "random init" if random_init else f"pretrained, {steps} steps"
                 panels[f"{name}: {encoder}"] = (result.pop("val_features"), result.pop("val_labels"))
                 rows.append({"objective": name, "encoder": encoder, "recipe": found[0],
-                             "pretrain_seconds": seconds, **result})  # fmt: skip
+                             "pretrain_seconds": None if random_init else seconds, **result})  # fmt: skip
                 print(
                     f"[{name}] {encoder}: linear {result['linear_top1']:.1f}, kNN {result['knn']}", flush=True
                 )

@@ -123,7 +123,8 @@ def test_ddp_ranks_keep_identical_heads(digits_batches):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = mp.Manager().dict()
-    mp.spawn(_rank, args=(port, digits_batches[:8], out), nprocs=2, join=True)
+    # fork: the children inherit the imports instead of re-importing torch, timm and mmssl (seconds each)
+    mp.start_processes(_rank, args=(port, digits_batches[:8], out), nprocs=2, join=True, start_method="fork")
     assert torch.equal(out[0], out[1])
     # and they really were trained on different data: a rank alone ends elsewhere
     trainer, module, _ = fake_module(tiny_vit())

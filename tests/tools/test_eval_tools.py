@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY_MAE = [
     "backbone.depth=2", "backbone.embed_dim=64", "backbone.num_heads=4", "mae.decoder_embed_dim=32",
     "mae.decoder_depth=1", "mae.decoder_num_heads=4", "data.num_workers=0", "eval.knn_every_n_epochs=1",
+    "eval.online_lr=1e-2",
 ]  # fmt: skip
 
 
@@ -58,7 +59,7 @@ def test_digits_table_pretrains_probes_and_draws(digits_run):
     knn = [float(r["val/knn_top1"]) for r in rows if r.get("val/knn_top1")]
     online = [float(r["train/online_top1"]) for r in rows if r.get("train/online_top1")]
     assert len(knn) == 3 and all(k > 20 for k in knn)  # epochs 0 and 1, and the last, partial one
-    assert online and sum(online[-5:]) / 5 > 20
+    assert len(online) == 4 and sum(online[-3:]) / 3 > 20  # logged every 10 steps; chance is 10%
 
 
 @pytest.mark.slow
@@ -75,7 +76,8 @@ def test_probe_knn_and_export_clis_on_the_checkpoint(digits_run, tmp_path, capsy
     assert summary["best"]["top1"] > 50 and summary["train_samples"] == 1257 and summary["val_samples"] == 540
     assert "| layer1 | 30 | 30 |" in capsys.readouterr().out
     # a missing label key is named
-    assert probe.main([str(ckpt), "--cfg", "linprobe_digits", "epochs=1", "data.label_key=nolabel"]) == 2
+    bad = [str(ckpt), "--cfg", "linprobe_digits", "epochs=1", "warmup_epochs=0", "data.label_key=nolabel"]
+    assert probe.main(bad) == 2
     assert "no label under the key '.nolabel'" in capsys.readouterr().err
 
     assert tool("knn").main([str(ckpt), "--train", "demo:digits/train", "--val", "demo:digits/val",
