@@ -280,6 +280,7 @@ def build_trainer(cfg: DictConfig, p: Plan) -> L.Trainer:
             monitor="step",
             mode="max",
             save_last=True,
+            enable_version_counter=False,  # last.ckpt is always the newest state, never last-v1.ckpt
         ),
         LastCheckpoint(ckpt_dir / "last.ckpt"),
         PictureCallback(out / "pictures", cfg.data.mean, cfg.data.std, every_n_steps=t.picture_every_n_steps),
