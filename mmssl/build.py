@@ -43,7 +43,7 @@ from mmssl.vlm.llava import LLaVA
 from mmssl.vlm.parts import MANIFEST, load_vision_tower
 from mmssl.vlm.projector import Projector, load_projector
 from mmssl.vlm.prompt import PromptEncoder
-from mmssl.vlm.vision import VisionTower, create_encoder, load_mmssl_encoder
+from mmssl.vlm.vision import VisionTower, create_encoder
 
 
 def build_backbone(cfg: DictConfig) -> Backbone:
@@ -77,19 +77,25 @@ def _mae(cfg: DictConfig) -> nn.Module:
     return objective
 
 
+def _timm_spec(cfg: DictConfig) -> dict:
+    """A config's ``backbone`` section as a vision-tower spec (what saved LLaVA parts rebuild from)."""
+    b = cfg.backbone
+    sizes = {k: b[k] for k in ("patch_size", "embed_dim", "depth", "num_heads") if b[k] is not None}
+    return {"source": "timm", "name": b.name, "kwargs": {"img_size": b.img_size, **sizes}}
+
+
 def _llava_vision(cfg: DictConfig) -> VisionTower:
     """The frozen encoder named by ``llava.vision``, cut after ``llava.vision_layer``."""
     o = cfg.llava
     if o.vision == "backbone":
-        b = cfg.backbone
-        sizes = {k: b[k] for k in ("patch_size", "embed_dim", "depth", "num_heads") if b[k] is not None}
-        spec = {"source": "timm", "name": b.name, "kwargs": {"img_size": b.img_size, **sizes}}
+        spec = _timm_spec(cfg)
         encoder = create_encoder(spec)
     elif o.vision.startswith("open_clip:"):
         spec = {"source": "open_clip", "name": o.vision.removeprefix("open_clip:")}
         encoder = create_encoder(spec, o.vision_weights)
-    elif o.vision.endswith(".ckpt"):
-        encoder, spec = load_mmssl_encoder(o.vision)
+    elif o.vision.endswith(".ckpt"):  # an mmssl run's encoder (MAE, ...), via the shared checkpoint loader
+        run_cfg, backbone, _ = load_backbone(o.vision)
+        encoder, spec = backbone.model, _timm_spec(run_cfg)
     elif Path(o.vision, MANIFEST).is_file():
         vision = load_vision_tower(o.vision)
         if vision.layer != o.vision_layer:

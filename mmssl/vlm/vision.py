@@ -33,32 +33,6 @@ def create_encoder(spec: dict[str, Any], weights: str | None = None) -> nn.Modul
     raise ValueError(f"vision encoder spec {spec!r}: source must be 'timm' or 'open_clip'")
 
 
-def load_mmssl_encoder(path: str, prefix: str = "objective.backbone.") -> tuple[nn.Module, dict[str, Any]]:
-    """The backbone of an mmssl Lightning checkpoint (tools/pretrain.py) -> (timm model, spec).
-
-    The checkpoint carries its resolved config (``hyper_parameters.config``), whose ``backbone`` section
-    rebuilds the architecture; weights are the state-dict entries under ``prefix`` (MAE: the encoder).
-    """
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"llava.vision={path!r}: no such checkpoint file") from None
-    try:
-        b = ckpt["hyper_parameters"]["config"]["backbone"]
-    except (KeyError, TypeError):
-        raise ValueError(f"llava.vision={path!r}: not an mmssl checkpoint (no hyper_parameters.config)") from None
-    sizes = ("patch_size", "embed_dim", "depth", "num_heads")
-    kwargs = {"img_size": b["img_size"], **{k: b[k] for k in sizes if b.get(k) is not None}}
-    spec = {"source": "timm", "name": b["name"], "kwargs": kwargs}
-    encoder = create_encoder(spec)
-    inner = f"{prefix}model."
-    state = {k.removeprefix(inner): v for k, v in ckpt["state_dict"].items() if k.startswith(inner)}
-    if not state:
-        raise ValueError(f"llava.vision={path!r}: no weights under {inner!r} in the checkpoint's state_dict")
-    encoder.load_state_dict(state)
-    return encoder, spec
-
-
 def _image_size(encoder: nn.Module, spec: dict[str, Any]) -> tuple[int, int]:
     size = spec.get("kwargs", {}).get("img_size") or getattr(encoder, "image_size", None) or 224
     return (size, size) if isinstance(size, int) else tuple(size)
