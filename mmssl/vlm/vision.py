@@ -12,6 +12,7 @@ An encoder is described by a small JSON-able ``spec`` (``{"source": "timm", "nam
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +28,9 @@ def create_encoder(spec: dict[str, Any], weights: str | None = None) -> nn.Modul
         return create_backbone(spec["name"], **spec.get("kwargs", {})).model  # the untouched timm model
     if source == "open_clip":
         import open_clip
+
+        if weights is not None and not Path(weights).is_file():
+            raise FileNotFoundError(f"llava.vision_weights={weights!r}: no such file (nothing is downloaded)")
 
         # pretrained=None builds from the bundled model config; a local file path loads it (no download)
         return open_clip.create_model(spec["name"], pretrained=weights).visual
