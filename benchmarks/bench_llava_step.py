@@ -38,7 +38,9 @@ def build_pair(args):
     vision = VisionTower(create_encoder(spec), spec, layer=-2)
     decoder = tiny_llama(tok, args.llm_dim, args.llm_depth, args.llm_dim // 64, max_position_embeddings=2048)
     prompt = PromptEncoder(tok, vision.num_tokens, "chat")  # Vicuna v1 system prompt, as in the recipe
-    ours = LLaVA(vision, Projector("mlp2x_gelu", args.vit_dim, args.llm_dim), decoder, prompt, train_decoder=True)
+    ours = LLaVA(
+        vision, Projector("mlp2x_gelu", args.vit_dim, args.llm_dim), decoder, prompt, train_decoder=True
+    )
 
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
@@ -68,7 +70,9 @@ def time_steps(step, params, steps: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--img", type=int, default=224)
     parser.add_argument("--patch", type=int, default=14)
     parser.add_argument("--vit-dim", type=int, default=384)
@@ -84,13 +88,20 @@ def main() -> None:
     images = torch.randn(args.batch, 3, args.img, args.img)
     batch = {"image": images, "json": conversations}
     tokens = ours.encode_batch(batch)
-    ids = tokens["input_ids"].masked_fill(tokens["input_ids"] == IMAGE_TOKEN_ID, peer.config.image_token_index)
+    ids = tokens["input_ids"].masked_fill(
+        tokens["input_ids"] == IMAGE_TOKEN_ID, peer.config.image_token_index
+    )
 
     def ours_step():
         return ours(batch)["loss"]
 
     def peer_step():
-        out = peer(input_ids=ids, pixel_values=images, attention_mask=tokens["attention_mask"], labels=tokens["labels"])
+        out = peer(
+            input_ids=ids,
+            pixel_values=images,
+            attention_mask=tokens["attention_mask"],
+            labels=tokens["labels"],
+        )
         return out.loss
 
     impls = {
@@ -108,8 +119,10 @@ def main() -> None:
         for name, (step, params) in impls.items():
             times[name].append(time_steps(step, params, args.steps))
     ours_s, peer_s = statistics.median(times["mmssl"]), statistics.median(times["transformers"])
-    print(f"mmssl {ours_s * 1000:8.1f} ms/step | transformers {peer_s * 1000:8.1f} ms/step | "
-          f"speed ratio (transformers time / mmssl time) {peer_s / ours_s:.2f}x")
+    print(
+        f"mmssl {ours_s * 1000:8.1f} ms/step | transformers {peer_s * 1000:8.1f} ms/step | "
+        f"speed ratio (transformers time / mmssl time) {peer_s / ours_s:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -108,7 +108,9 @@ def _llava_vision(cfg: DictConfig) -> VisionTower:
             f"llava.vision={o.vision!r}: not backbone, open_clip:MODEL, a .ckpt file or a folder with {MANIFEST}"
         )
     if o.vision == "backbone" or (o.vision.startswith("open_clip:") and not o.vision_weights):
-        print(f"mmssl: llava.vision={o.vision}: a randomly initialised, frozen encoder (no pretrained weights)")
+        print(
+            f"mmssl: llava.vision={o.vision}: a randomly initialised, frozen encoder (no pretrained weights)"
+        )
     return VisionTower(encoder, spec, layer=o.vision_layer)
 
 
@@ -128,7 +130,12 @@ def _llava(cfg: DictConfig) -> nn.Module:
         projector = Projector(o.projector, vision.dim, width)
     system = {} if o.system is None else {"system": o.system}
     prompt = PromptEncoder(tokenizer, vision.num_tokens, o.conversation, max_length=o.max_length, **system)
-    image = {"img_size": _img_size(cfg), "interpolation": d.interpolation, "mean": list(d.mean), "std": list(d.std)}
+    image = {
+        "img_size": _img_size(cfg),
+        "interpolation": d.interpolation,
+        "mean": list(d.mean),
+        "std": list(d.std),
+    }
     return LLaVA(vision, projector, decoder, prompt, train_decoder=o.train_decoder, image_processing=image)
 
 

@@ -258,7 +258,9 @@ def validate(cfg: DictConfig) -> None:
         "llava.projector",
         "must be linear or mlpNx_gelu (e.g. mlp2x_gelu)",
     )
-    check(bool(llava.vision), "llava.vision", "must be backbone, PATH.ckpt, open_clip:MODEL or a parts folder")
+    check(
+        bool(llava.vision), "llava.vision", "must be backbone, PATH.ckpt, open_clip:MODEL or a parts folder"
+    )
     check(llava.max_length > 0, "llava.max_length", "must be > 0")
     check(
         cfg.optim.lr_scaling in ("linear", "sqrt", "none"), "optim.lr_scaling", "must be linear, sqrt or none"

@@ -91,10 +91,14 @@ def answer(model: LLaVA, image_path: str, prompt: str, max_new_tokens: int = 32)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("parts", help="a run's llava/ folder (llava.json, projector.safetensors, ...)")
     parser.add_argument("--image", help="picture to ask about")
-    parser.add_argument("--prompt", default="Describe the picture.", help="question (stage-1 parts only caption)")
+    parser.add_argument(
+        "--prompt", default="Describe the picture.", help="question (stage-1 parts only caption)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--eval", metavar="SHARDS", help="accuracy on a shard spec's conversations")
     parser.add_argument("--limit", type=int, help="--eval: stop after this many samples")

@@ -26,7 +26,9 @@ from mmssl.vlm.prompt import ASSISTANT, IMAGE_TOKEN, USER, VICUNA_SYSTEM
 
 def shard_texts(spec: str) -> Iterator[str]:
     """Captions (``.txt``) and conversation turns (``.json``) of every sample; images are not decoded."""
-    for sample in tqdm(wds.WebDataset(resolve_shards(spec, "--texts"), shardshuffle=False), desc="reading text"):
+    for sample in tqdm(
+        wds.WebDataset(resolve_shards(spec, "--texts"), shardshuffle=False), desc="reading text"
+    ):
         if "txt" in sample:
             yield sample["txt"].decode("utf-8")
         if "json" in sample:
@@ -35,8 +37,12 @@ def shard_texts(spec: str) -> Iterator[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--texts", required=True, help="shard spec whose .txt/.json text makes the vocabulary")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--texts", required=True, help="shard spec whose .txt/.json text makes the vocabulary"
+    )
     parser.add_argument("--out", required=True, help="output folder (transformers save_pretrained layout)")
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
@@ -51,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tokenizer = word_tokenizer(texts)
     torch.manual_seed(args.seed)
-    model = tiny_llama(tokenizer, args.hidden_size, args.layers, args.heads, max_position_embeddings=args.max_positions)
+    model = tiny_llama(
+        tokenizer, args.hidden_size, args.layers, args.heads, max_position_embeddings=args.max_positions
+    )
     save_decoder(model, tokenizer, args.out)
     n = sum(p.numel() for p in model.parameters())
     print(f"mmssl: {args.out}: Llama with {n:,} parameters, {len(tokenizer)} word vocabulary")

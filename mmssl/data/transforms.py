@@ -175,7 +175,9 @@ def llava_view(
         T.Compose(
             [
                 PadToSquare(fill),
-                T.Resize((img_size, img_size), interpolation=T.InterpolationMode(interpolation), antialias=True),
+                T.Resize(
+                    (img_size, img_size), interpolation=T.InterpolationMode(interpolation), antialias=True
+                ),
                 *_to_normalized_tensor(mean, std),
             ]
         )

@@ -63,7 +63,9 @@ class LLaVA(nn.Module):
     ):
         super().__init__()
         if projector.in_dim != vision.dim:
-            raise ValueError(f"projector takes {projector.in_dim}-d features, the vision tower gives {vision.dim}")
+            raise ValueError(
+                f"projector takes {projector.in_dim}-d features, the vision tower gives {vision.dim}"
+            )
         width = decoder.get_input_embeddings().embedding_dim
         if projector.out_dim != width:
             raise ValueError(f"projector gives {projector.out_dim}-d tokens, the decoder embeds {width}-d")
@@ -108,7 +110,9 @@ class LLaVA(nn.Module):
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         tokens = self.encode_batch(batch)
         embeds = self.embed(batch["image"], tokens["input_ids"])
-        out = self.decoder(inputs_embeds=embeds, attention_mask=tokens["attention_mask"], labels=tokens["labels"])
+        out = self.decoder(
+            inputs_embeds=embeds, attention_mask=tokens["attention_mask"], labels=tokens["labels"]
+        )
         # Next-token accuracy on answer tokens: position t predicts label t + 1 (as the loss does).
         target = tokens["labels"][:, 1:]
         supervised = target != IGNORE_INDEX
@@ -122,9 +126,7 @@ class LLaVA(nn.Module):
     @torch.no_grad()
     def generate(self, images: Tensor, questions: list[str], max_new_tokens: int = 16) -> list[str]:
         """Greedy answers, one per (image, question); batched with left padding."""
-        encoded = self.prompt.pad_batch(
-            [self._prompt_only(q) for q in questions], padding_side="left"
-        )
+        encoded = self.prompt.pad_batch([self._prompt_only(q) for q in questions], padding_side="left")
         ids = encoded["input_ids"].to(images.device)
         embeds = self.embed(images, ids)
         tok = self.prompt.tokenizer

@@ -38,7 +38,9 @@ def save_parts(model: LLaVA, directory: str | Path) -> Path:
     vision = out / "vision.safetensors"
     if not vision.is_file():
         tmp = vision.with_name(f".{vision.name}.tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.vision.encoder.state_dict().items()}, str(tmp))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in model.vision.encoder.state_dict().items()}, str(tmp)
+        )
         tmp.replace(vision)
     source = str(getattr(model.decoder, "name_or_path", "") or "")
     if model.train_decoder or not source or not Path(source, "config.json").is_file():
@@ -90,6 +92,8 @@ def load_parts(directory: str | Path) -> LLaVA:
     decoder_dir = folder / m["decoder"]  # an absolute path stays absolute
     decoder, tokenizer = load_decoder(decoder_dir)
     prompt = PromptEncoder(tokenizer, vision.num_tokens, **m["prompt"])
-    projector = load_projector(folder / m["projector"], vision.dim, decoder.get_input_embeddings().embedding_dim)
+    projector = load_projector(
+        folder / m["projector"], vision.dim, decoder.get_input_embeddings().embedding_dim
+    )
     model = LLaVA(vision, projector, decoder, prompt, train_decoder=False, image_processing=m["image"])
     return model.eval()

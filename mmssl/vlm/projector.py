@@ -33,7 +33,9 @@ class Projector(nn.Sequential):
         elif m := _MLP.match(kind):
             depth = int(m.group(1))
         else:
-            raise ValueError(f"llava.projector: unknown projector {kind!r}; choose one of {projector_kinds()}")
+            raise ValueError(
+                f"llava.projector: unknown projector {kind!r}; choose one of {projector_kinds()}"
+            )
         if depth < 1:
             raise ValueError(f"llava.projector: {kind!r} needs at least one layer")
         layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]

@@ -89,7 +89,9 @@ class PromptEncoder:
         """A caption (``plain``) or a LLaVA ``conversations`` list / a dict holding one (``chat``)."""
         if self.conversation == "plain":
             caption = sample if isinstance(sample, str) else _first_answer(sample)
-            return self._finish([(self.bos + self.tokens(IMAGE_TOKEN), False), (self.tokens(caption) + [self.eos], True)])
+            return self._finish(
+                [(self.bos + self.tokens(IMAGE_TOKEN), False), (self.tokens(caption) + [self.eos], True)]
+            )
         turns = sample.get("conversations") if isinstance(sample, dict) else sample
         spans = [(self.bos + self.tokens(self.system), False)]
         for question, answer in _pairs(turns):
@@ -107,7 +109,13 @@ class PromptEncoder:
             return self.bos + self.tokens(IMAGE_TOKEN)
         if IMAGE_TOKEN not in question:
             question = f"{IMAGE_TOKEN}\n{question}"
-        return self.bos + self.tokens(self.system) + self.tokens(USER) + self.tokens(question) + self.tokens(ASSISTANT)
+        return (
+            self.bos
+            + self.tokens(self.system)
+            + self.tokens(USER)
+            + self.tokens(question)
+            + self.tokens(ASSISTANT)
+        )
 
     def pad_batch(self, samples: list[Encoded], padding_side: str = "right") -> dict[str, Tensor]:
         """-> ``input_ids``, ``labels`` (-100 on padding), ``attention_mask``: (B, L_max).

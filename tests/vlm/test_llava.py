@@ -65,7 +65,13 @@ def test_projectors_match_the_reference_layouts():
     torch.testing.assert_close(ours(x), theirs(x))
     linear = Projector("linear", 24, 40)
     assert [type(m).__name__ for m in linear] == ["Linear"]
-    assert [type(m).__name__ for m in Projector("mlp3x_gelu", 24, 40)] == ["Linear", "GELU", "Linear", "GELU", "Linear"]
+    assert [type(m).__name__ for m in Projector("mlp3x_gelu", 24, 40)] == [
+        "Linear",
+        "GELU",
+        "Linear",
+        "GELU",
+        "Linear",
+    ]
     with pytest.raises(ValueError, match="unknown projector 'mlp_relu'"):
         Projector("mlp_relu", 24, 40)
 
@@ -86,7 +92,9 @@ def test_projector_file_round_trip_and_width_checks(tmp_path):
 def test_stage1_only_the_projector_receives_gradients():
     model = make_llava(tokenizer(), train_decoder=False)
     model.train()
-    model(_batch(chat("What color is the shape?", "red"), chat("Where is the shape?", "top left")))["loss"].backward()
+    model(_batch(chat("What color is the shape?", "red"), chat("Where is the shape?", "top left")))[
+        "loss"
+    ].backward()
     projector = _grads(model, "projector")
     assert projector and all(g is not None and g.abs().sum() > 0 for g in projector.values())
     assert all(g is None for g in _grads(model, "decoder").values())
@@ -98,7 +106,9 @@ def test_stage1_only_the_projector_receives_gradients():
 def test_stage2_trains_projector_and_decoder_but_never_the_encoder():
     model = make_llava(tokenizer(), train_decoder=True)
     model.train()
-    model(_batch(chat("What color is the shape?", "red"), chat("Where is the shape?", "top left")))["loss"].backward()
+    model(_batch(chat("What color is the shape?", "red"), chat("Where is the shape?", "top left")))[
+        "loss"
+    ].backward()
     for part in ("projector", "decoder"):
         grads = _grads(model, part)
         missing = [n for n, g in grads.items() if g is None]
@@ -136,7 +146,10 @@ def test_learns_a_tiny_conversation_and_answers_it_with_generate():
         opt.step()
     assert loss.item() < 0.05 * first, (first, loss.item())
     model.eval()
-    assert model.generate(batch["image"], ["What color is the shape?"] * 2, max_new_tokens=4) == ["red", "blue"]
+    assert model.generate(batch["image"], ["What color is the shape?"] * 2, max_new_tokens=4) == [
+        "red",
+        "blue",
+    ]
 
 
 def test_saved_parts_reload_offline_and_answer_identically(tmp_path, monkeypatch):
@@ -155,4 +168,6 @@ def test_saved_parts_reload_offline_and_answer_identically(tmp_path, monkeypatch
     with torch.no_grad():
         ids = torch.tensor([model.prompt.prompt(questions[0])])
         torch.testing.assert_close(loaded.embed(images[:1], ids), model.embed(images[:1], ids))
-    assert loaded.generate(images, questions, max_new_tokens=5) == model.generate(images, questions, max_new_tokens=5)
+    assert loaded.generate(images, questions, max_new_tokens=5) == model.generate(
+        images, questions, max_new_tokens=5
+    )

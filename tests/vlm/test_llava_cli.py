@@ -51,14 +51,32 @@ def test_two_stages_and_chat_through_the_clis(tmp_path):
     data = tmp_path / "shapes"
     rows = shapes.samples("train", 48, seed=0)
     write_shards(
-        ({"__key__": k, "jpg": encode(img), "txt": cap, "cls": c, "json": meta} for k, img, cap, c, meta in rows),
+        (
+            {"__key__": k, "jpg": encode(img), "txt": cap, "cls": c, "json": meta}
+            for k, img, cap, c, meta in rows
+        ),
         data,
         maxcount=24,
     )
     shards = str(data / "shard-{000000..000001}.tar")
-    tool("make_decoder.py", "--texts", shards, "--out", str(tmp_path / "llm"), "--hidden-size", "32", "--heads", "2")
+    tool(
+        "make_decoder.py",
+        "--texts",
+        shards,
+        "--out",
+        str(tmp_path / "llm"),
+        "--hidden-size",
+        "32",
+        "--heads",
+        "2",
+    )
 
-    common = [*TINY, f"llava.decoder={tmp_path / 'llm'}", f"data.train_shards={shards}", f"out_dir={tmp_path}"]
+    common = [
+        *TINY,
+        f"llava.decoder={tmp_path / 'llm'}",
+        f"data.train_shards={shards}",
+        f"out_dir={tmp_path}",
+    ]
     tool("pretrain.py", "--cfg", "llava_demo_stage1", *common, "name=s1")
     s1 = tmp_path / "s1" / "llava"
     manifest = json.loads((s1 / "llava.json").read_text())
@@ -81,7 +99,19 @@ def test_two_stages_and_chat_through_the_clis(tmp_path):
     next(iter(shapes.samples("heldout", 1, seed=3)))[1].save(image)
     report = tmp_path / "eval.json"
     question = ["--prompt", "What color is the shape?", "--max-new-tokens", "3"]
-    res = tool("chat.py", str(s2), "--image", str(image), *question, "--eval", shards, "--limit", "8", "--json", str(report))
+    res = tool(
+        "chat.py",
+        str(s2),
+        "--image",
+        str(image),
+        *question,
+        "--eval",
+        shards,
+        "--limit",
+        "8",
+        "--json",
+        str(report),
+    )
     # the CLI's answer is the one the saved parts give in this process (an untrained model may answer "")
     sys.path.insert(0, str(ROOT / "tools"))
     import chat

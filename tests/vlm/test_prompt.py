@@ -91,7 +91,9 @@ def test_placeholder_count_mismatch_is_an_error_not_a_silent_loss(bad, found):
 def test_truncation_inside_the_image_or_before_any_answer_is_an_error():
     # <image> in the second question: "<s> user : what color is the shape ? assistant : red </s> user :" is
     # 15 tokens, so max_length=17 keeps the first answer and cuts the image after 2 of its 4 positions.
-    late_image = chat("What color is the shape?", "red", "<image>\nWhere is the shape?", "top left", image=False)
+    late_image = chat(
+        "What color is the shape?", "red", "<image>\nWhere is the shape?", "top left", image=False
+    )
     with pytest.raises(ValueError, match="sample 0: 2"):
         make_llava(tokenizer(), max_length=17)(_batch(late_image))
     sample = chat("What color is the shape?", "red")
