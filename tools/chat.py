@@ -27,6 +27,7 @@ from mmssl.data import shapes  # noqa: E402
 from mmssl.data.module import resolve_shards  # noqa: E402
 from mmssl.data.shards import SampleDecoder, eval_pipeline  # noqa: E402
 from mmssl.data.transforms import llava_view, to_rgb  # noqa: E402
+from mmssl.viz import Denormalize, save_answer_grid  # noqa: E402
 from mmssl.vlm.llava import LLaVA  # noqa: E402
 from mmssl.vlm.parts import load_parts  # noqa: E402
 
@@ -56,8 +57,11 @@ def question_items(batch: dict) -> list[tuple[int, str, str, str]]:
     return items
 
 
-def evaluate(model: LLaVA, spec: str, batch_size: int = 64, limit: int | None = None) -> dict[str, dict]:
-    """{type: {"correct", "total", "accuracy", "chance"}} plus "all" (chance weighted by question counts)."""
+def evaluate(
+    model: LLaVA, spec: str, batch_size: int = 64, limit: int | None = None, picture: str | None = None
+) -> dict[str, dict]:
+    """{type: {"correct", "total", "accuracy", "chance"}} plus "all" (chance weighted by question counts);
+    ``picture``: also draw the first batch's first 12 questions with their answers (green right, red wrong)."""
     urls = resolve_shards(spec, "--eval")
     batches = eval_pipeline(urls, view_for(model), batch_size, rank=0, world_size=1, decoder=SampleDecoder())
     correct, total, seen = Counter(), Counter(), 0
@@ -67,9 +71,15 @@ def evaluate(model: LLaVA, spec: str, batch_size: int = 64, limit: int | None = 
         items = question_items(batch)
         images = batch["image"][torch.tensor([i for i, *_ in items])]
         answers = model.generate(images, [q for _, q, _, _ in items], max_new_tokens=8)
-        for (_, _, truth, kind), answer in zip(items, answers, strict=True):
+        hits = [normalise(a) == normalise(truth) for (_, _, truth, _), a in zip(items, answers, strict=True)]
+        for (_, _, _, kind), hit in zip(items, hits, strict=True):
             total[kind] += 1
-            correct[kind] += normalise(answer) == normalise(truth)
+            correct[kind] += hit
+        if picture and seen == 0:
+            shown = items[:12]
+            captions = [f"{q}\n{a!r} (truth {t!r})" for (_, q, t, _), a in zip(shown, answers, strict=False)]
+            denorm = Denormalize(model.image_processing["mean"], model.image_processing["std"])
+            save_answer_grid(denorm(images[: len(shown)]), captions, hits[: len(shown)], picture, title=spec)
         seen += len(batch["json"])
         if limit is not None and seen >= limit:
             break
@@ -103,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval", metavar="SHARDS", help="accuracy on a shard spec's conversations")
     parser.add_argument("--limit", type=int, help="--eval: stop after this many samples")
     parser.add_argument("--json", metavar="FILE", help="--eval: also write the report here")
+    parser.add_argument("--picture", metavar="PNG", help="--eval: draw some questions with their answers")
     args = parser.parse_args(argv)
     if not (args.image or args.eval):
         parser.error("give --image (with --prompt) or --eval SHARDS")
@@ -114,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.image:
         print(answer(model, args.image, args.prompt, args.max_new_tokens))
     if args.eval:
-        report = evaluate(model, args.eval, limit=args.limit)
+        report = evaluate(model, args.eval, limit=args.limit, picture=args.picture)
         for kind, r in report.items():
             chance = f"{r['chance']:.3f}" if r["chance"] is not None else "?"
             print(f"{kind:>8}: {r['accuracy']:.3f} ({r['correct']}/{r['total']}), chance {chance}")
