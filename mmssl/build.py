@@ -23,7 +23,7 @@ from mmssl import config as C
 from mmssl.backbones import Backbone, create_backbone
 from mmssl.data.module import ShardDataModule, resolve_shards
 from mmssl.data.shards import SampleDecoder
-from mmssl.data.transforms import eval_view, mae_view
+from mmssl.data.transforms import eval_view, llava_view, mae_view
 from mmssl.eval.online import KNNMonitor, OnlineLinearProbe
 from mmssl.export import (
     BACKBONE_PREFIX,
@@ -34,10 +34,16 @@ from mmssl.export import (
     strip_prefix,
 )
 from mmssl.heads import MAEDecoder, mae_init_
-from mmssl.lit import LastCheckpoint, PretrainModule, RankReport
+from mmssl.lit import LastCheckpoint, PretrainModule, RankReport, SaveParts
 from mmssl.objectives.masked import MaskedModeling
 from mmssl.targets.pixels import PixelTarget
 from mmssl.viz import PictureCallback
+from mmssl.vlm.decoders import load_decoder
+from mmssl.vlm.llava import LLaVA
+from mmssl.vlm.parts import MANIFEST, load_vision_tower
+from mmssl.vlm.projector import Projector, load_projector
+from mmssl.vlm.prompt import PromptEncoder
+from mmssl.vlm.vision import VisionTower, create_encoder
 
 
 def build_backbone(cfg: DictConfig) -> Backbone:
@@ -71,8 +77,71 @@ def _mae(cfg: DictConfig) -> nn.Module:
     return objective
 
 
+def _timm_spec(cfg: DictConfig) -> dict:
+    """A config's ``backbone`` section as a vision-tower spec (what saved LLaVA parts rebuild from)."""
+    b = cfg.backbone
+    sizes = {k: b[k] for k in ("patch_size", "embed_dim", "depth", "num_heads") if b[k] is not None}
+    return {"source": "timm", "name": b.name, "kwargs": {"img_size": b.img_size, **sizes}}
+
+
+def _llava_vision(cfg: DictConfig) -> VisionTower:
+    """The frozen encoder named by ``llava.vision``, cut after ``llava.vision_layer``."""
+    o = cfg.llava
+    if o.vision == "backbone":
+        spec = _timm_spec(cfg)
+        encoder = create_encoder(spec)
+    elif o.vision.startswith("open_clip:"):
+        spec = {"source": "open_clip", "name": o.vision.removeprefix("open_clip:")}
+        encoder = create_encoder(spec, o.vision_weights)
+    elif o.vision.endswith(".ckpt"):  # an mmssl run's encoder (MAE, ...), via the shared checkpoint loader
+        run_cfg, backbone, _ = load_backbone(o.vision)
+        encoder, spec = backbone.model, _timm_spec(run_cfg)
+    elif Path(o.vision, MANIFEST).is_file():
+        vision = load_vision_tower(o.vision)
+        if vision.layer != o.vision_layer:
+            raise C.ConfigError(
+                f"config key 'llava.vision_layer': {o.vision_layer}, but {o.vision} holds layer {vision.layer}"
+            )
+        return vision
+    else:
+        raise FileNotFoundError(
+            f"llava.vision={o.vision!r}: not backbone, open_clip:MODEL, a .ckpt file or a folder with {MANIFEST}"
+        )
+    if o.vision == "backbone" or (o.vision.startswith("open_clip:") and not o.vision_weights):
+        print(
+            f"mmssl: llava.vision={o.vision}: a randomly initialised, frozen encoder (no pretrained weights)"
+        )
+    return VisionTower(encoder, spec, layer=o.vision_layer)
+
+
+def _llava(cfg: DictConfig) -> nn.Module:
+    o, d = cfg.llava, cfg.data
+    vision = _llava_vision(cfg)
+    decoder, tokenizer = load_decoder(o.decoder)
+    width = decoder.get_input_embeddings().embedding_dim
+    if o.projector_weights:  # stage 2 starts from stage 1's projector
+        projector = load_projector(o.projector_weights, vision.dim, width)
+        if projector.kind != o.projector:
+            raise C.ConfigError(
+                f"config key 'llava.projector': {o.projector!r}, but llava.projector_weights holds a "
+                f"{projector.kind!r} projector"
+            )
+    else:
+        projector = Projector(o.projector, vision.dim, width)
+    system = {} if o.system is None else {"system": o.system}
+    prompt = PromptEncoder(tokenizer, vision.num_tokens, o.conversation, max_length=o.max_length, **system)
+    image = {
+        "img_size": _img_size(cfg),
+        "interpolation": d.interpolation,
+        "mean": list(d.mean),
+        "std": list(d.std),
+    }
+    return LLaVA(vision, projector, decoder, prompt, train_decoder=o.train_decoder, image_processing=image)
+
+
 OBJECTIVES: dict[str, Callable[[DictConfig], nn.Module]] = {
     "mae": _mae,
+    "llava": _llava,
 }
 
 
@@ -90,8 +159,15 @@ def _mae_views(cfg: DictConfig):
     )
 
 
+def _llava_views(cfg: DictConfig):
+    d = cfg.data
+    view = llava_view(_img_size(cfg), d.interpolation, tuple(d.mean), tuple(d.std))
+    return view, view
+
+
 VIEWS: dict[str, Callable[[DictConfig], tuple]] = {
     "mae": _mae_views,
+    "llava": _llava_views,
 }
 
 
@@ -285,6 +361,7 @@ def build_trainer(cfg: DictConfig, p: Plan) -> L.Trainer:
         LastCheckpoint(ckpt_dir / "last.ckpt"),
         PictureCallback(out / "pictures", cfg.data.mean, cfg.data.std, every_n_steps=t.picture_every_n_steps),
         RankReport(out),
+        SaveParts(out / cfg.objective),  # objectives with a save_parts hook (llava) write loadable parts
         *eval_callbacks(cfg),
     ]
     return L.Trainer(

@@ -8,6 +8,7 @@ the constructor argument names they feed (see ``build.py``).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,22 @@ class MAEConfig:
     decoder_embed_dim: int = 512  # MAE §3 / Table 1: 512-d, 8 blocks for ViT-B/L/H
     decoder_depth: int = 8
     decoder_num_heads: int = 16
+
+
+@dataclass
+class LlavaConfig:
+    decoder: str | None = None  # required: a local transformers causal-LM folder with its tokenizer
+    # backbone (that section, random init) | PATH.ckpt (an mmssl run) | open_clip:MODEL | a LLaVA parts folder
+    # (<run dir>/llava: the exact frozen encoder of an earlier stage)
+    vision: str = "backbone"
+    vision_weights: str | None = None  # open_clip only: a local weights file (nothing is downloaded)
+    vision_layer: int = -2  # LLaVA-1.5 mm_vision_select_layer: the penultimate layer's patch tokens
+    projector: str = "mlp2x_gelu"  # LLaVA-1.5 §3.1 (two-layer MLP); "linear" is LLaVA's (v1)
+    projector_weights: str | None = None  # stage 2: stage 1's <run dir>/llava/projector.safetensors
+    train_decoder: bool = False  # stage 1 (feature alignment): projector only; stage 2: projector + decoder
+    conversation: str = "plain"  # plain: <image> caption (stage 1, .txt) | chat: Vicuna v1 turns (.json)
+    system: str | None = None  # chat system prompt; None: Vicuna v1's ("A chat between a curious human ...")
+    max_length: int = 2048  # LLaVA-1.5 model_max_length
 
 
 @dataclass
@@ -130,6 +147,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     mae: MAEConfig = objective_section(MAEConfig)
+    llava: LlavaConfig = objective_section(LlavaConfig)
 
 
 @dataclass
@@ -232,6 +250,18 @@ def validate(cfg: DictConfig) -> None:
 
     check(cfg.objective in objective_names(), "objective", f"must be one of {objective_names()}")
     check(0.0 <= cfg.mae.mask_ratio < 1.0, "mae.mask_ratio", "must be in [0, 1)")
+    llava = cfg.llava
+    check(cfg.objective != "llava" or bool(llava.decoder), "llava.decoder", "required: a local model folder")
+    check(llava.conversation in ("plain", "chat"), "llava.conversation", "must be plain or chat")
+    check(
+        llava.projector == "linear" or re.fullmatch(r"mlp[1-9]\d*x_gelu", llava.projector) is not None,
+        "llava.projector",
+        "must be linear or mlpNx_gelu (e.g. mlp2x_gelu)",
+    )
+    check(
+        bool(llava.vision), "llava.vision", "must be backbone, PATH.ckpt, open_clip:MODEL or a parts folder"
+    )
+    check(llava.max_length > 0, "llava.max_length", "must be > 0")
     check(
         cfg.optim.lr_scaling in ("linear", "sqrt", "none"), "optim.lr_scaling", "must be linear, sqrt or none"
     )

@@ -139,3 +139,20 @@ class RankReport(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         report = {"rank": trainer.global_rank, "global_step": trainer.global_step, "batches": self.batches}
         (self.run_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+class SaveParts(L.Callback):
+    """Calls the objective's optional ``save_parts(directory)`` hook on rank 0 whenever a full checkpoint is
+    saved (step checkpoints, ``last.ckpt`` at the end and on SIGTERM), once per step: files that other tools
+    load without Lightning (e.g. a LLaVA projector as safetensors)."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.saved_step: int | None = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        save = getattr(pl_module.objective, "save_parts", None)
+        if save is None or not trainer.is_global_zero or self.saved_step == trainer.global_step:
+            return
+        save(self.directory)
+        self.saved_step = trainer.global_step

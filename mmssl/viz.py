@@ -127,3 +127,26 @@ def save_embedding_plot(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def save_answer_grid(
+    images: Tensor, captions: Sequence[str], correct: Sequence[bool], path: str | Path, title: str = ""
+) -> Path:
+    """Pictures in [0, 1] (B, 3, H, W), each titled with its question and answer, green when right, red when
+    wrong (e.g. a vision-language model's answers to held-out questions)."""
+    cols = min(6, len(images))
+    rows = -(-len(images) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, caption, ok in zip(axes.flat, images, captions, correct, strict=False):
+        ax.imshow(image.permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
+        ax.set_title(caption, fontsize=7, color="green" if ok else "red")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

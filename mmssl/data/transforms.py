@@ -139,3 +139,46 @@ def eval_view(
             ]
         )
     )
+
+
+class PadToSquare:
+    """Pad the shorter side symmetrically with ``fill`` (an RGB 0-255 tuple) to make a square picture."""
+
+    def __init__(self, fill: tuple[int, int, int]) -> None:
+        self.fill = tuple(fill)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        if w == h:
+            return img
+        side = max(w, h)
+        out = Image.new(img.mode, (side, side), self.fill)
+        out.paste(img, ((side - w) // 2, (side - h) // 2))
+        return out
+
+    def __repr__(self) -> str:
+        return f"PadToSquare(fill={self.fill})"
+
+
+def llava_view(
+    img_size: int,
+    interpolation: str = "bicubic",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> View:
+    """LLaVA-1.5 image preparation (``image_aspect_ratio="pad"``, llava/train/train.py ``expand2square``):
+    pad the whole picture to a square with the mean colour, then resize; no crop (nothing at the borders is
+    lost) and no flip (left and right can be answers). The same view serves training and evaluation.
+    """
+    fill = tuple(round(255 * m) for m in mean)
+    return ImageView(
+        T.Compose(
+            [
+                PadToSquare(fill),
+                T.Resize(
+                    (img_size, img_size), interpolation=T.InterpolationMode(interpolation), antialias=True
+                ),
+                *_to_normalized_tensor(mean, std),
+            ]
+        )
+    )

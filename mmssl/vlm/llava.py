@@ -1,0 +1,151 @@
+"""LLaVA: visual instruction tuning (Liu et al. 2023, "Visual Instruction Tuning"; LLaVA-1.5: Liu et al. 2023,
+"Improved Baselines with Visual Instruction Tuning").
+
+A frozen vision encoder gives patch tokens (``vision.VisionTower``), a projector maps them into the decoder's
+embedding space (``projector.Projector``), and the projected tokens replace the ``<image>`` positions of the
+text's input embeddings; the causal decoder is trained with next-token cross-entropy on answer tokens only
+(``prompt.PromptEncoder`` builds the labels). Two stages (§4.2):
+
+1. feature alignment: only the projector trains (``train_decoder=False``), on captions (``plain``);
+2. instruction tuning: projector and decoder train (``train_decoder=True``), on conversations (``chat``).
+
+The vision encoder never trains. Batches are the data contract: ``image`` (B, 3, H, W) plus ``text`` (list of
+captions) for ``plain`` or ``json`` (list of dicts with LLaVA ``conversations``) for ``chat``. Tokenisation
+happens here, on the model side: the tokenizer belongs to the decoder, and data stays model-free.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mmssl.vlm.projector import Projector
+from mmssl.vlm.prompt import IGNORE_INDEX, IMAGE_TOKEN_ID, Encoded, PromptEncoder
+from mmssl.vlm.vision import VisionTower
+
+
+def splice_image_features(
+    input_ids: Tensor, text_embeds: Tensor, image_features: Tensor, image_token_id: int = IMAGE_TOKEN_ID
+) -> Tensor:
+    """Put each sample's image tokens at its placeholder positions, in order.
+
+    ``input_ids`` (B, L) with ``image_token_id`` at image positions; ``text_embeds`` (B, L, D) the decoder's
+    embeddings of those ids (whatever sits at image positions is replaced); ``image_features`` (B, N, D).
+    Every sample must hold exactly N image positions: anything else (no ``<image>``, two of them, a sequence
+    cut inside the image) raises, naming the samples, instead of training on misplaced features.
+    """
+    B, N = image_features.shape[:2]
+    is_image = input_ids == image_token_id  # (B, L)
+    counts = is_image.sum(1)
+    bad = (counts != N).nonzero().flatten().tolist()
+    if bad:
+        found = ", ".join(f"sample {i}: {counts[i].item()}" for i in bad[:8])
+        raise ValueError(
+            f"image placeholder positions do not match the {N} image tokens per image ({found}); each "
+            f"sample needs exactly one '<image>' in its text (expanded to {N} positions) and must not be "
+            "truncated inside it (llava.max_length)"
+        )
+    return text_embeds.masked_scatter(is_image.unsqueeze(-1), image_features.to(text_embeds.dtype))
+
+
+class LLaVA(nn.Module):
+    def __init__(
+        self,
+        vision: VisionTower,
+        projector: Projector,
+        decoder: nn.Module,
+        prompt: PromptEncoder,
+        train_decoder: bool = False,
+        image_processing: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        if projector.in_dim != vision.dim:
+            raise ValueError(
+                f"projector takes {projector.in_dim}-d features, the vision tower gives {vision.dim}"
+            )
+        width = decoder.get_input_embeddings().embedding_dim
+        if projector.out_dim != width:
+            raise ValueError(f"projector gives {projector.out_dim}-d tokens, the decoder embeds {width}-d")
+        if prompt.num_image_tokens != vision.num_tokens:
+            raise ValueError(
+                f"prompt expands <image> to {prompt.num_image_tokens} positions, the vision tower gives "
+                f"{vision.num_tokens} tokens"
+            )
+        self.vision, self.projector, self.decoder, self.prompt = vision, projector, decoder, prompt
+        self.train_decoder = train_decoder
+        # How images were prepared (size, mean, std): saved with the parts so that chat prepares them alike.
+        self.image_processing = dict(image_processing or {})
+        # Stage 1 (§4.2): only the projector; stage 2: projector + decoder; the encoder never.
+        self.vision.requires_grad_(False)
+        self.projector.requires_grad_(True)
+        self.decoder.requires_grad_(train_decoder)
+
+    def embed(self, images: Tensor, input_ids: Tensor) -> Tensor:
+        """(B, 3, H, W), (B, L) -> decoder input embeddings (B, L, D) with the image spliced in."""
+        image_tokens = self.projector(self.vision(images))  # (B, N, D)
+        text = self.decoder.get_input_embeddings()(input_ids.clamp(min=0))  # placeholders embed as id 0
+        return splice_image_features(input_ids, text, image_tokens)
+
+    def encode_batch(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        key = "text" if self.prompt.conversation == "plain" else "json"
+        if key not in batch:
+            raise KeyError(
+                f"llava.conversation={self.prompt.conversation!r} reads the batch key {key!r} "
+                f"({'captions: .txt' if key == 'text' else 'conversations: .json'} in the shards), "
+                f"but the batch has only {sorted(batch)}"
+            )
+        encoded = [self.prompt.encode(sample) for sample in batch[key]]
+        empty = [i for i, e in enumerate(encoded) if all(t == IGNORE_INDEX for t in e.labels)]
+        if empty:
+            raise ValueError(
+                f"samples {empty[:8]} have no answer token to learn from (empty answers, or all cut by "
+                f"llava.max_length={self.prompt.max_length}): the loss would silently skip them"
+            )
+        device = batch["image"].device
+        return {k: v.to(device) for k, v in self.prompt.pad_batch(encoded).items()}
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        tokens = self.encode_batch(batch)
+        embeds = self.embed(batch["image"], tokens["input_ids"])
+        out = self.decoder(
+            inputs_embeds=embeds, attention_mask=tokens["attention_mask"], labels=tokens["labels"]
+        )
+        # Next-token accuracy on answer tokens: position t predicts label t + 1 (as the loss does).
+        target = tokens["labels"][:, 1:]
+        supervised = target != IGNORE_INDEX
+        hits = (out.logits[:, :-1].argmax(-1) == target) & supervised
+        return {
+            "loss": out.loss,
+            "token_acc": hits.sum() / supervised.sum(),
+            "answer_tokens": supervised.sum().float(),
+        }
+
+    @torch.no_grad()
+    def generate(self, images: Tensor, questions: list[str], max_new_tokens: int = 16) -> list[str]:
+        """Greedy answers, one per (image, question); batched with left padding."""
+        encoded = self.prompt.pad_batch([self._prompt_only(q) for q in questions], padding_side="left")
+        ids = encoded["input_ids"].to(images.device)
+        embeds = self.embed(images, ids)
+        tok = self.prompt.tokenizer
+        out = self.decoder.generate(
+            inputs_embeds=embeds,
+            attention_mask=encoded["attention_mask"].to(images.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=self.prompt.pad,
+        )
+        return [text.strip() for text in tok.batch_decode(out, skip_special_tokens=True)]
+
+    def _prompt_only(self, question: str) -> Encoded:
+        ids = self.prompt.prompt(question)
+        return Encoded(ids, [IGNORE_INDEX] * len(ids))
+
+    def save_parts(self, directory: str | Path) -> None:
+        """The hook the training system calls at checkpoints and at the end (see ``vlm/parts.py``)."""
+        from mmssl.vlm.parts import save_parts  # parts builds LLaVA objects, so it imports this module
+
+        save_parts(self, directory)
