@@ -52,6 +52,21 @@ class MAEConfig:
 
 
 @dataclass
+class CLIPConfig:
+    """CLIP (Radford et al. 2021) on open_clip towers (objectives/clip.py). Weights only from local files."""
+
+    model: str = "ViT-B-32"  # open_clip architecture: text tower (+ image tower if image_tower=open_clip)
+    image_tower: str = "open_clip"  # open_clip: the model's own | backbone: backbone.* + linear projection
+    pretrained: str | None = None  # local open_clip checkpoint of the whole model (a hub tag is refused)
+    backbone_weights: str | None = None  # local timm state dict (.safetensors/.pt) for image_tower=backbone
+    embed_dim: int | None = None  # joint embedding width; None: the open_clip model's (512 for ViT-B-32)
+    text_cfg: dict[str, Any] = field(default_factory=dict)  # overrides of open_clip's CLIPTextCfg
+    vision_cfg: dict[str, Any] = field(default_factory=dict)  # overrides of open_clip's CLIPVisionCfg
+    init_temperature: float = 0.07  # CLIP §2.5: tau initialised to 0.07 (Wu et al. 2018), logit scale 1/tau
+    max_logit_scale: float = 100.0  # CLIP §2.5: "clipped to prevent scaling the logits by more than 100"
+
+
+@dataclass
 class OptimConfig:
     name: str = "adamw"  # any timm.optim.create_optimizer_v2 name (adamw, sgd, lars, lamb, ...)
     base_lr: float = 1.5e-4  # MAE Table 8: lr = base_lr x global_batch / 256
@@ -114,6 +129,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     mae: MAEConfig = objective_section(MAEConfig)
+    clip: CLIPConfig = objective_section(CLIPConfig)
 
 
 def objective_names() -> list[str]:
@@ -195,6 +211,25 @@ def validate(cfg: DictConfig) -> None:
         "trainer.devices",
         "must be 'auto' or > 0",
     )
+    _validate_clip(cfg, check)
+
+
+def _validate_clip(cfg: DictConfig, check) -> None:
+    c = cfg.clip
+    check(c.image_tower in ("open_clip", "backbone"), "clip.image_tower", "must be open_clip or backbone")
+    check(0 < c.init_temperature, "clip.init_temperature", "must be > 0")
+    check(1 <= c.max_logit_scale, "clip.max_logit_scale", "must be >= 1")
+    check(1 / c.init_temperature <= c.max_logit_scale, "clip.init_temperature", "1/tau > max_logit_scale")
+    if cfg.objective != "clip":
+        return
+    # Offline by design: open_clip would download a hub tag ("laion2b_s34b_b79k") or an hf-hub: model, retrying.
+    hub = "mmssl never downloads weights: pass the path of a local file (download it beforehand)"
+    check(not c.model.startswith("hf-hub:"), "clip.model", f"hf-hub: models need the Hugging Face hub; {hub}")
+    for key in ("pretrained", "backbone_weights"):
+        local = c[key] is None or Path(c[key]).expanduser().is_file()
+        check(local, f"clip.{key}", f"not an existing local file; {hub}")
+    # Left and right are part of captions ("at the top left"); open_clip's train transform has no flip.
+    check(cfg.data.hflip == 0, "data.hflip", "CLIP trains without flips (open_clip's transform has none): 0")
 
 
 def world_size(cfg: DictConfig) -> int:
