@@ -37,7 +37,6 @@ from mmssl.heads import MAEDecoder, mae_init_
 from mmssl.lit import LastCheckpoint, PretrainModule, RankReport
 from mmssl.objectives.clip import (
     CLIP,
-    BackboneTower,
     clip_tokenizer,
     load_backbone_weights,
     open_clip_model,
@@ -101,7 +100,7 @@ def _clip(cfg: DictConfig) -> nn.Module:
         backbone = build_backbone(cfg)
         if c.backbone_weights:
             load_backbone_weights(backbone, c.backbone_weights)
-        image_tower = BackboneTower(backbone, text_tower.text_projection.shape[-1])
+        image_tower = backbone  # + a linear projection into the text tower's joint space, in CLIP
     return CLIP(image_tower, text_tower, logit_scale=scale, max_logit_scale=c.max_logit_scale)
 
 

@@ -8,7 +8,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mmssl.backbones import create_backbone
 from mmssl.data import shapes
-from mmssl.objectives.clip import CLIP, BackboneTower, clip_tokenizer, open_clip_text_tower
+from mmssl.objectives.clip import CLIP, clip_tokenizer, open_clip_text_tower
 
 TEXT = {"context_length": 16, "width": 32, "heads": 2, "layers": 1}
 
@@ -19,7 +19,7 @@ def tiny_clip() -> CLIP:
     vit = create_backbone(
         "vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2
     )
-    return CLIP(BackboneTower(vit, 32), open_clip_text_tower("ViT-B-32", embed_dim=32, text_cfg=TEXT))
+    return CLIP(vit, open_clip_text_tower("ViT-B-32", embed_dim=32, text_cfg=TEXT))
 
 
 def global_batch(n: int = 8) -> dict[str, torch.Tensor]:

@@ -186,7 +186,7 @@ def test_local_timm_weights_load_into_the_backbone_tower(tmp_path, suffix):
     torch.manual_seed(0)
     objective = build_objective(tiny(f"clip.backbone_weights={path}"))
     for name, value in source.state_dict().items():
-        assert torch.equal(objective.image_tower.backbone.model.state_dict()[name], value), name
+        assert torch.equal(objective.backbone.model.state_dict()[name], value), name
 
     with pytest.raises(ValueError, match=r"clip\.backbone_weights=.*does not fit backbone"):
         build_objective(tiny(f"clip.backbone_weights={path}", "backbone.depth=2"))

@@ -8,7 +8,7 @@ logit scale ``1/tau`` pulls every picture towards its own caption and away from 
 clamp is open_clip_train/train.py's ``logit_scale.clamp_(0, math.log(100))``).
 
 The image tower is either the open_clip model's own (``open_clip_model(...).visual``) or any mmssl backbone
-(a timm ViT or CNN, e.g. an MAE-pretrained one) followed by a linear projection (``BackboneTower``).
+(a timm ViT or CNN, e.g. an MAE-pretrained one) followed by a linear projection.
 Weights come only from local files: a hub tag or an ``hf-hub:`` name is refused before open_clip could try
 the network.
 """
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg, _build_text_tower
 from torch import Tensor, nn
 
-from mmssl.backbones import Backbone
+from mmssl.backbones import Backbone, CNNBackbone, ViTBackbone
 from mmssl.losses import clip_loss
 
 OFFLINE = "mmssl never downloads weights: pass the path of a local file (download it beforehand)"
@@ -133,40 +133,43 @@ def load_backbone_weights(backbone: Backbone, path: str | Path) -> None:
         ) from None
 
 
-class BackboneTower(nn.Module):
-    """An mmssl backbone as CLIP's image tower: pooled features (CLS token or average) -> linear projection
-    without bias into the joint space, initialised N(0, width^-1/2) like open_clip's ViT ``proj``."""
-
-    def __init__(self, backbone: Backbone, embed_dim: int):
-        super().__init__()
-        self.backbone = backbone
-        self.proj = nn.Linear(backbone.embed_dim, embed_dim, bias=False)
-        nn.init.normal_(self.proj.weight, std=backbone.embed_dim**-0.5)
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.proj(self.backbone.forward_pooled(images))  # (B, 3, H, W) -> (B, E)
-
-
 class CLIP(nn.Module):
     """The CLIP objective. Batch: ``image`` (B, 3, H, W) and ``text`` (B, L) int64 token ids (tokenised in
-    the data workers). Returns ``loss``, ``logit_scale`` (1/tau) and the normalised features (B, E)."""
+    the data workers). Returns ``loss``, ``logit_scale`` (1/tau) and the normalised features (B, E).
+
+    ``image_tower`` is either a module mapping images to (B, E) (open_clip's ``model.visual``), kept as
+    ``.image_tower``, or an mmssl backbone, kept as ``.backbone`` (the objective contract, so that online
+    evaluation and tools/export.py find it) followed by ``.image_proj``: its pooled features (CLS token or
+    average) -> a linear projection without bias into the joint space of width ``text_tower.output_dim``,
+    initialised N(0, width^-1/2) like open_clip's ViT ``proj``.
+    """
 
     def __init__(
         self,
-        image_tower: nn.Module,
+        image_tower: nn.Module | Backbone,
         text_tower: nn.Module,
         logit_scale: float = 1 / 0.07,
         max_logit_scale: float = 100.0,
     ):
         super().__init__()
-        self.image_tower = image_tower
+        if isinstance(image_tower, (ViTBackbone, CNNBackbone)):
+            self.backbone = image_tower
+            width = image_tower.embed_dim
+            self.image_proj = nn.Linear(width, text_tower.output_dim, bias=False)
+            nn.init.normal_(self.image_proj.weight, std=width**-0.5)
+        else:
+            self.image_tower = image_tower
         self.text_tower = text_tower
         # Learned in log space, as in the paper's pseudo-code (Fig. 3: "np.exp(t)") and open_clip.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
         self.max_logit_scale = max_logit_scale
 
     def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
-        features = self.image_tower(images)  # (B, E)
+        if hasattr(self, "backbone"):
+            pooled = self.backbone.forward_pooled(images)  # (B, 3, H, W) -> (B, D)
+            features = self.image_proj(pooled)  # (B, E)
+        else:
+            features = self.image_tower(images)  # (B, E)
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, tokens: Tensor, normalize: bool = True) -> Tensor:

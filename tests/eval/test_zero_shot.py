@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torchmetrics.retrieval import RetrievalRecall
+from torchmetrics.retrieval import RetrievalHitRate
 
 from mmssl.eval.zero_shot import retrieval_recall, zero_shot_accuracy, zero_shot_classifier
 
@@ -50,6 +50,9 @@ def test_zero_shot_accuracy_over_all_and_over_present_classes():
 
 
 def test_retrieval_recall_matches_torchmetrics():
+    # Recall@k in CLIP retrieval (clip_benchmark, open_clip) is "any match among the top k": torchmetrics'
+    # hit rate. torchmetrics' RetrievalRecall is the share of all matches retrieved, which differs when a
+    # caption matches several pictures (positives below).
     g = torch.Generator().manual_seed(0)
     images = F.normalize(torch.randn(30, 16, generator=g), dim=-1)
     texts = F.normalize(images + 0.9 * torch.randn(30, 16, generator=g), dim=-1)
@@ -63,7 +66,7 @@ def test_retrieval_recall_matches_torchmetrics():
     ):
         queries = torch.arange(scores.shape[0])[:, None].expand_as(scores)
         for k in (1, 5, 10):
-            ref = RetrievalRecall(top_k=k)(scores.flatten(), match.flatten(), indexes=queries.flatten())
+            ref = RetrievalHitRate(top_k=k)(scores.flatten(), match.flatten(), indexes=queries.flatten())
             assert ours[f"{direction}@{k}"] == pytest.approx(ref.item(), abs=1e-6), (direction, k)
     assert 0 < ours["image_to_text@1"] < ours["image_to_text@10"] <= 1
     assert retrieval_recall(images, images, ks=(1,))["image_to_text@1"] == 1.0
