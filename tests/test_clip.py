@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from mmssl import config as C
 from mmssl.build import build_backbone, build_objective, build_tokenizer
 from mmssl.data import shapes
+from mmssl.data.transforms import eval_view
 from mmssl.lit import PretrainModule
 from mmssl.objectives.clip import open_clip_model
 from mmssl.optim import create_optimizer
@@ -226,3 +227,29 @@ def test_vitb32_recipe_has_the_reference_size():
     objective = build_objective(cfg)
     # open_clip ViT-B-32: 151,277,313 parameters (87.8M image tower, 63.4M text tower, 1 temperature)
     assert sum(p.numel() for p in objective.parameters()) == 151_277_313
+
+
+def test_overfits_one_batch_of_real_shapes_pictures():
+    """Learning check on real pictures and captions: 40 AdamW steps (lr 3e-3) on one batch of 16 shapes samples take the
+    contrastive loss (3.3 at random init, ln 16 = 2.8 for uniform scores) below half; a broken gradient path
+    (e.g. detached features or a frozen tower) does not get there."""
+    cfg = tiny()
+    torch.manual_seed(0)
+    objective = build_objective(cfg)
+    view = eval_view(32, crop_pct=1.0)
+    rows = list(shapes.samples("train", 16, 3))
+    b = {
+        "image": torch.stack([view(img)["image"] for _, img, _, _, _ in rows]),
+        "text": build_tokenizer(cfg)([caption for _, _, caption, _, _ in rows]),
+    }
+    opt = create_optimizer(objective, "adamw", 3e-3, 0.2, (0.9, 0.98), 1e-6)
+    first = objective(b)["loss"].item()
+    for _ in range(40):
+        loss = objective(b)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        objective.after_optimizer_step()
+    last = objective(b)["loss"].item()
+    assert first > 0.9 * math.log(16), first
+    assert last < 0.5 * first, (first, last)
