@@ -16,14 +16,14 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mmssl import config as C
 from mmssl.backbones import Backbone, create_backbone
 from mmssl.data.module import ShardDataModule, resolve_shards
 from mmssl.data.shards import SampleDecoder
-from mmssl.data.transforms import eval_view, llava_view, mae_view
+from mmssl.data.transforms import CaptionTokens, clip_view, eval_view, llava_view, mae_view
 from mmssl.eval.online import KNNMonitor, OnlineLinearProbe
 from mmssl.export import (
     BACKBONE_PREFIX,
@@ -35,6 +35,13 @@ from mmssl.export import (
 )
 from mmssl.heads import MAEDecoder, mae_init_
 from mmssl.lit import LastCheckpoint, PretrainModule, RankReport, SaveParts
+from mmssl.objectives.clip import (
+    CLIP,
+    clip_tokenizer,
+    load_backbone_weights,
+    open_clip_model,
+    open_clip_text_tower,
+)
 from mmssl.objectives.masked import MaskedModeling
 from mmssl.targets.pixels import PixelTarget
 from mmssl.viz import PictureCallback
@@ -139,9 +146,36 @@ def _llava(cfg: DictConfig) -> nn.Module:
     return LLaVA(vision, projector, decoder, prompt, train_decoder=o.train_decoder, image_processing=image)
 
 
+def _clip(cfg: DictConfig) -> nn.Module:
+    c = cfg.clip
+    text_cfg, vision_cfg = OmegaConf.to_container(c.text_cfg), OmegaConf.to_container(c.vision_cfg)
+    scale = 1 / c.init_temperature
+    if c.image_tower == "open_clip" or c.pretrained:
+        model = open_clip_model(
+            c.model,
+            pretrained=c.pretrained,
+            image_size=_img_size(cfg),
+            embed_dim=c.embed_dim,
+            text_cfg=text_cfg,
+            vision_cfg=vision_cfg,
+        )
+        image_tower, text_tower = model.visual, model.text
+        if c.pretrained:  # a loaded checkpoint brings its learned temperature
+            scale = model.logit_scale.exp().item()
+    else:  # no open_clip image tower needed at all
+        text_tower = open_clip_text_tower(c.model, embed_dim=c.embed_dim, text_cfg=text_cfg)
+    if c.image_tower == "backbone":
+        backbone = build_backbone(cfg)
+        if c.backbone_weights:
+            load_backbone_weights(backbone, c.backbone_weights)
+        image_tower = backbone  # + a linear projection into the text tower's joint space, in CLIP
+    return CLIP(image_tower, text_tower, logit_scale=scale, max_logit_scale=c.max_logit_scale)
+
+
 OBJECTIVES: dict[str, Callable[[DictConfig], nn.Module]] = {
     "mae": _mae,
     "llava": _llava,
+    "clip": _clip,
 }
 
 
@@ -165,9 +199,29 @@ def _llava_views(cfg: DictConfig):
     return view, view
 
 
+def _clip_views(cfg: DictConfig):
+    d = cfg.data
+    train = clip_view(_img_size(cfg), tuple(d.crop_scale), d.interpolation, tuple(d.mean), tuple(d.std))
+    # open_clip's eval transform: resize the shorter side to the input size, centre crop (crop_pct 1)
+    val = eval_view(_img_size(cfg), 1.0, d.interpolation, tuple(d.mean), tuple(d.std))
+    return train, val
+
+
 VIEWS: dict[str, Callable[[DictConfig], tuple]] = {
     "mae": _mae_views,
     "llava": _llava_views,
+    "clip": _clip_views,
+}
+
+
+def build_tokenizer(cfg: DictConfig):
+    """open_clip's tokenizer at the text tower's context length (``clip.text_cfg.context_length`` or the model's)."""
+    return clip_tokenizer(cfg.clip.model, cfg.clip.text_cfg.get("context_length"))
+
+
+# Objectives that read captions: name -> caption-to-tokens function run in the data workers.
+TEXT: dict[str, Callable[[DictConfig], Callable]] = {
+    "clip": lambda cfg: CaptionTokens(build_tokenizer(cfg)),
 }
 
 
@@ -254,8 +308,9 @@ def build_datamodule(cfg: DictConfig) -> ShardDataModule:
         num_workers=d.num_workers,
         samples_per_epoch=d.samples_per_epoch,
         seed=cfg.seed,
-        decoder=SampleDecoder(max_image_pixels=d.max_image_pixels),
+        decoder=SampleDecoder(max_image_pixels=d.max_image_pixels, require_text=cfg.objective in TEXT),
         shuffle_buffer=d.shuffle_buffer,
+        text_fn=TEXT[cfg.objective](cfg) if cfg.objective in TEXT else None,
     )
 
 

@@ -69,6 +69,21 @@ class LlavaConfig:
 
 
 @dataclass
+class CLIPConfig:
+    """CLIP (Radford et al. 2021) on open_clip towers (objectives/clip.py). Weights only from local files."""
+
+    model: str = "ViT-B-32"  # open_clip architecture: text tower (+ image tower if image_tower=open_clip)
+    image_tower: str = "open_clip"  # open_clip: the model's own | backbone: backbone.* + linear projection
+    pretrained: str | None = None  # local open_clip checkpoint of the whole model (a hub tag is refused)
+    backbone_weights: str | None = None  # local timm state dict (.safetensors/.pt) for image_tower=backbone
+    embed_dim: int | None = None  # joint embedding width; None: the open_clip model's (512 for ViT-B-32)
+    text_cfg: dict[str, Any] = field(default_factory=dict)  # overrides of open_clip's CLIPTextCfg
+    vision_cfg: dict[str, Any] = field(default_factory=dict)  # overrides of open_clip's CLIPVisionCfg
+    init_temperature: float = 0.07  # CLIP §2.5: tau initialised to 0.07 (Wu et al. 2018), logit scale 1/tau
+    max_logit_scale: float = 100.0  # CLIP §2.5: "clipped to prevent scaling the logits by more than 100"
+
+
+@dataclass
 class OptimConfig:
     name: str = "adamw"  # any timm.optim.create_optimizer_v2 name (adamw, sgd, lars, lamb, ...)
     base_lr: float = 1.5e-4  # MAE Table 8: lr = base_lr x global_batch / 256
@@ -148,6 +163,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     mae: MAEConfig = objective_section(MAEConfig)
     llava: LlavaConfig = objective_section(LlavaConfig)
+    clip: CLIPConfig = objective_section(CLIPConfig)
 
 
 @dataclass
@@ -294,6 +310,7 @@ def validate(cfg: DictConfig) -> None:
     for key in ("knn_train_shards", "knn_val_shards"):
         check(not e.knn_every_n_epochs or bool(e[key]), f"eval.{key}", "required when knn_every_n_epochs > 0")
     check(e.knn_k >= 1 and e.knn_t > 0, "eval.knn_k", "needs knn_k >= 1 and knn_t > 0")
+    _validate_clip(cfg, check)
 
 
 def validate_probe(cfg: DictConfig) -> None:
@@ -313,6 +330,24 @@ def validate_probe(cfg: DictConfig) -> None:
     check(cfg.head_init in ("trunc_normal", "zeros"), "head_init", "must be trunc_normal or zeros")
     check(0 < cfg.data.crop_pct <= 1, "data.crop_pct", "must be in (0, 1]")
     check(cfg.data.augment_copies >= 0, "data.augment_copies", "must be >= 0")
+
+
+def _validate_clip(cfg: DictConfig, check) -> None:
+    c = cfg.clip
+    check(c.image_tower in ("open_clip", "backbone"), "clip.image_tower", "must be open_clip or backbone")
+    check(0 < c.init_temperature, "clip.init_temperature", "must be > 0")
+    check(1 <= c.max_logit_scale, "clip.max_logit_scale", "must be >= 1")
+    check(1 / c.init_temperature <= c.max_logit_scale, "clip.init_temperature", "1/tau > max_logit_scale")
+    if cfg.objective != "clip":
+        return
+    # Offline by design: open_clip would download a hub tag ("laion2b_s34b_b79k") or an hf-hub: model, retrying.
+    hub = "mmssl never downloads weights: pass the path of a local file (download it beforehand)"
+    check(not c.model.startswith("hf-hub:"), "clip.model", f"hf-hub: models need the Hugging Face hub; {hub}")
+    for key in ("pretrained", "backbone_weights"):
+        local = c[key] is None or Path(c[key]).expanduser().is_file()
+        check(local, f"clip.{key}", f"not an existing local file; {hub}")
+    # Left and right are part of captions ("at the top left"); open_clip's train transform has no flip.
+    check(cfg.data.hflip == 0, "data.hflip", "CLIP trains without flips (open_clip's transform has none): 0")
 
 
 def world_size(cfg: DictConfig) -> int:

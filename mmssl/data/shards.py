@@ -105,9 +105,11 @@ class SampleDecoder:
     "__key__", "__url__"}``.
 
     Returns ``None`` (sample dropped) for a corrupt or missing image, a decompression bomb, a bad label,
-    non-UTF-8 text, or a missing label when ``require_label``: skipped, not fatal, so that a few unlabeled
-    samples do not stop a run (a set with no label at all still fails, below). Skips are counted by reason
-    and logged naming shard and key: the first ``log_first`` per reason, then every ``log_every``-th.
+    non-UTF-8 text, a missing label when ``require_label``, or missing or blank text when ``require_text``
+    (image-text methods: a blank caption supervises nothing, and blank captions in one batch would be
+    identical "negatives"): skipped, not fatal, so that a few unlabeled samples do not stop a run (a set
+    with no label at all still fails, below). Skips are counted by reason and logged naming shard and key:
+    the first ``log_first`` per reason, then every ``log_every``-th.
 
     Counts are per process (each DataLoader worker has its own copy). A worker that has seen
     ``max_failures_without_success`` failed samples or shards, or that many shards without any sample,
@@ -123,6 +125,7 @@ class SampleDecoder:
         text_key: str | None = "txt",
         json_key: str | None = "json",
         require_label: bool = False,
+        require_text: bool = False,
         max_image_pixels: int = 89_478_485,
         max_failures_without_success: int = 50,
         log_first: int = 5,
@@ -133,6 +136,7 @@ class SampleDecoder:
         self.text_key = text_key or None
         self.json_key = json_key or None
         self.require_label = require_label
+        self.require_text = require_text
         self.max_image_pixels = max_image_pixels
         self.max_failures_without_success = max_failures_without_success
         self.log_first = log_first
@@ -162,6 +166,10 @@ class SampleDecoder:
                 out["text"] = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
             except UnicodeDecodeError:
                 return self._skip("non-UTF-8 text", url, key)
+            if self.require_text and not out["text"].strip():
+                return self._skip("empty text", url, key)
+        elif self.require_text:
+            return self._skip(f"missing text key '{self.text_key}'", url, key)
         if self.json_key is not None and self.json_key in sample:
             try:
                 out["json"] = json.loads(sample[self.json_key])

@@ -182,3 +182,48 @@ def llava_view(
             ]
         )
     )
+
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip/constants.py OPENAI_DATASET_MEAN/STD
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_view(
+    img_size: int,
+    scale: tuple[float, float] = (0.9, 1.0),
+    interpolation: str = "bicubic",
+    mean: Sequence[float] = OPENAI_CLIP_MEAN,
+    std: Sequence[float] = OPENAI_CLIP_STD,
+) -> View:
+    """CLIP training view, open_clip's ``image_transform(is_train=True)`` with its default
+    ``AugmentationCfg(scale=(0.9, 1.0))``: RandomResizedCrop(scale=(0.9, 1.0), bicubic), nothing else.
+
+    No horizontal flip, as in open_clip: captions name left and right ("a red circle at the top left").
+    Evaluation uses ``eval_view(img_size, crop_pct=1.0)`` (open_clip: resize the shorter side, centre crop).
+    """
+    return ImageView(
+        T.Compose(
+            [
+                T.RandomResizedCrop(
+                    img_size,
+                    scale=tuple(scale),
+                    interpolation=T.InterpolationMode(interpolation),
+                    antialias=True,
+                ),
+                *_to_normalized_tensor(mean, std),
+            ]
+        )
+    )
+
+
+class CaptionTokens:
+    """``text_fn`` for the data workers: caption -> (L,) int64 token ids. open_clip tokenizers map a string to
+    (1, L): zero-padded, lower-cased, and an over-long caption is cut to L keeping the end token last (the text
+    tower pools there). Empty captions never get here: ``SampleDecoder(require_text=True)`` skips them."""
+
+    def __init__(self, tokenizer: Callable) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, text: str) -> torch.Tensor:
+        tokens = self.tokenizer(text)
+        return tokens.reshape(-1).long()  # (1, L) -> (L,)

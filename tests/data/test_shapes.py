@@ -19,7 +19,7 @@ def test_held_out_combinations_only_in_heldout_split():
 
 
 def test_caption_class_and_conversation_agree_with_the_picture():
-    for key, img, caption, cls, meta in shapes.samples("val", 30, 3):
+    for _key, img, caption, cls, meta in shapes.samples("val", 30, 3):
         assert shapes.CLASSES[cls] == f"{meta['color']} {meta['shape']}"
         assert meta["color"] in caption and meta["shape"] in caption
         turns = meta["conversations"]
