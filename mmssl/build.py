@@ -26,6 +26,7 @@ from mmssl.data.transforms import eval_view, mae_view
 from mmssl.heads import MAEDecoder, mae_init_
 from mmssl.lit import LastCheckpoint, PretrainModule, RankReport
 from mmssl.objectives.masked import MaskedModeling
+from mmssl.targets.hog import HOGTarget
 from mmssl.targets.pixels import PixelTarget
 from mmssl.viz import PictureCallback
 
@@ -61,8 +62,33 @@ def _mae(cfg: DictConfig) -> nn.Module:
     return objective
 
 
+def _maskfeat(cfg: DictConfig) -> nn.Module:
+    m = cfg.maskfeat
+    backbone = build_backbone(cfg)  # learned position embedding, timm's trunc-normal init (as SlowFast's ViT)
+    target = HOGTarget(
+        backbone.patch_size,
+        cell_size=m.cell_size,
+        nbins=m.nbins,
+        gradient=m.gradient,
+        gaussian_window=m.gaussian_window,
+    )
+    head = nn.Linear(backbone.embed_dim, target.out_dim)
+    nn.init.trunc_normal_(head.weight, std=0.02)  # SlowFast / MMPretrain: trunc-normal(0.02), zero bias
+    nn.init.zeros_(head.bias)
+    return MaskedModeling(
+        backbone,
+        target,
+        head=head,
+        mask="block",
+        mask_ratio=m.mask_ratio,
+        min_block=m.min_block,
+        min_aspect=m.min_aspect,
+    )
+
+
 OBJECTIVES: dict[str, Callable[[DictConfig], nn.Module]] = {
     "mae": _mae,
+    "maskfeat": _maskfeat,
 }
 
 
@@ -82,6 +108,7 @@ def _mae_views(cfg: DictConfig):
 
 VIEWS: dict[str, Callable[[DictConfig], tuple]] = {
     "mae": _mae_views,
+    "maskfeat": _mae_views,  # RandomResizedCrop(data.crop_scale: 0.5-1 for MaskFeat) + flip, as MAE's
 }
 
 

@@ -1,0 +1,231 @@
+"""MaskFeat: block masking, mask-token replacement inside the encoder, the objective contract, the recipe, and
+end-to-end runs through the CLI (learning on held-out photos, 2-process DDP)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_pretrain_cli import cli, demo_root, load_ckpt, metrics, uneven_shards  # noqa: F401 (fixtures)
+
+from mmssl import config as C
+from mmssl.build import build_objective
+from mmssl.data import demo
+from mmssl.data.shards import SampleDecoder, eval_pipeline
+from mmssl.data.transforms import eval_view
+from mmssl.ops import block_masking
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+import pretrain  # noqa: E402
+
+TINY = [
+    "backbone.img_size=32",
+    "backbone.patch_size=16",
+    "backbone.depth=2",
+    "backbone.embed_dim=64",
+    "backbone.num_heads=4",
+    "data.num_workers=0",
+    "data.shuffle_buffer=100",
+    "trainer.log_every_n_steps=1",
+]
+
+
+def tiny(*overrides: str):
+    return build_objective(C.load("maskfeat_demo", [*TINY, *overrides]))
+
+
+def test_block_mask_has_the_ratio_within_one_block():
+    """MaskFeat ViT-B: 78 of 196 patches in blocks of >= 15 (SlowFast's loader); the BEiT generator never
+    exceeds the count and stops less than one block short of it."""
+    masks = block_masking(400, (14, 14), 78, 15, generator=torch.Generator().manual_seed(0))
+    counts = masks.sum(dim=1)
+    assert masks.shape == (400, 196) and set(masks.unique().tolist()) <= {0.0, 1.0}
+    assert counts.max() <= 78 and counts.min() > 78 - 15
+    assert counts.mean() / 196 == pytest.approx(0.4, abs=0.01)
+
+
+def test_block_mask_is_deterministic_for_a_seed():
+    def draw(seed):
+        return block_masking(16, (14, 14), 78, 15, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(draw(3), draw(3))
+    assert not torch.equal(draw(3), draw(4))
+    torch.manual_seed(5)
+    first = block_masking(4, (6, 6), 14, 2)
+    torch.manual_seed(5)
+    assert torch.equal(block_masking(4, (6, 6), 14, 2), first)  # the global RNG (seed_everything) too
+
+
+def test_block_masks_are_blocky():
+    """Masked patches come in rectangles: far more masked neighbours than a random mask of the same ratio."""
+    g = torch.Generator().manual_seed(0)
+    blocks = block_masking(200, (14, 14), 78, 15, generator=g).view(200, 14, 14)
+    random = (
+        (torch.rand(200, 14, 14, generator=g).flatten(1).argsort(1).argsort(1) < 78).float().view(200, 14, 14)
+    )
+
+    def neighbour_fraction(m):  # of masked patches, those whose right neighbour is masked too
+        return ((m[:, :, :-1] * m[:, :, 1:]).sum() / m[:, :, :-1].sum()).item()
+
+    assert neighbour_fraction(blocks) > 0.75 > 0.5 > neighbour_fraction(random)
+
+
+def test_masked_patches_are_replaced_by_the_mask_token_in_the_encoder():
+    """Editing a masked patch's pixels changes the HOG target but not one prediction: the encoder never sees
+    it. Editing a visible patch changes the predictions (the test would fail if masking did nothing)."""
+    objective = tiny("backbone.img_size=64").eval()
+    images = torch.randn(1, 3, 64, 64)
+    mask = torch.zeros(1, 16)
+    mask[0, [5, 6, 9, 10]] = 1
+    base = objective({"image": images}, mask=mask)
+
+    edited = images.clone()
+    edited[..., 16:32, 16:32] = torch.randn(3, 16, 16) * 3  # patch 5 (row 1, col 1): masked
+    out = objective({"image": edited}, mask=mask)
+    torch.testing.assert_close(out["pred"], base["pred"])
+    assert not torch.allclose(objective.target(edited), objective.target(images))
+    assert out["loss"] != base["loss"]  # the target did change
+
+    edited = images.clone()
+    edited[..., 0:16, 0:16] = torch.randn(3, 16, 16) * 3  # patch 0: visible
+    assert not torch.allclose(objective({"image": edited}, mask=mask)["pred"], base["pred"])
+
+
+def test_mask_token_enters_before_the_position_embedding():
+    objective = tiny()
+    b = objective.backbone
+    mask = torch.ones(2, b.num_patches)
+    tokens = b.embed_patches(torch.randn(2, 3, 32, 32), mask, objective.mask_token)
+    expected = objective.mask_token + b.model.pos_embed[:, b.num_prefix_tokens :]
+    torch.testing.assert_close(tokens, expected.expand(2, -1, -1))
+    with pytest.raises(ValueError, match="mask_token"):
+        b.embed_patches(torch.randn(2, 3, 32, 32), mask)
+
+
+def test_loss_is_mse_on_masked_patches_only():
+    objective = tiny()
+    images = torch.randn(3, 3, 32, 32)
+    out = objective({"image": images})
+    target = objective.target(images)
+    per_patch = ((out["pred"] - target) ** 2).mean(dim=-1)
+    m = out["mask"].bool()
+    assert out["pred"].shape == target.shape == (3, 4, 108)
+    assert out["loss"].item() == pytest.approx(per_patch[m].mean().item(), rel=1e-6)
+    assert 0 < m.sum() < m.numel()
+
+
+def test_every_trainable_parameter_gets_a_gradient():
+    objective = tiny()
+    objective({"image": torch.randn(4, 3, 32, 32)})["loss"].backward()
+    for name, p in objective.named_parameters():
+        assert p.requires_grad, name  # MaskFeat freezes nothing (learned position embedding)
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert objective.no_weight_decay() == {"mask_token"}
+
+
+def test_bf16_autocast_keeps_the_target_in_fp32():
+    objective = tiny()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = objective({"image": torch.randn(2, 3, 32, 32)})
+    assert out["pred"].dtype == torch.bfloat16 and torch.isfinite(out["loss"])
+    assert objective.target(torch.randn(2, 3, 32, 32)).dtype == torch.float32
+
+
+def test_constructor_refuses_inconsistent_paths():
+    from mmssl.objectives.masked import MaskedModeling
+
+    objective = tiny()
+    b, t, head = objective.backbone, objective.target, objective.head
+    with pytest.raises(ValueError, match="exactly one"):
+        MaskedModeling(b, t)
+    with pytest.raises(ValueError, match="block masks"):
+        MaskedModeling(b, t, decoder=head, mask="block")
+    with pytest.raises(ValueError, match="mask must be one of"):
+        MaskedModeling(b, t, head=head, mask="grid")
+    random = MaskedModeling(b, t, head=head, mask="random", mask_ratio=0.5)  # SimMIM-style, same code
+    assert random({"image": torch.randn(2, 3, 32, 32)})["mask"].sum(1).tolist() == [2.0, 2.0]
+
+
+def test_visualize_draws_hog_glyph_columns():
+    objective = tiny()
+    pics = objective.visualize({"image": torch.randn(2, 3, 32, 32)}, lambda x: (x * 0.2 + 0.5).clamp(0, 1))
+    assert list(pics) == ["original", "masked", "HOG input", "HOG predicted"]
+    for img in pics.values():
+        assert img.shape == (2, 3, 64, 64) and img.min() >= 0 and img.max() <= 1
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(C.ConfigError, match="maskfeat.mask_ratio"):
+        C.load("maskfeat_demo", ["maskfeat.mask_ratio=0"])
+    with pytest.raises(C.ConfigError, match="maskfeat.gradient"):
+        C.load("maskfeat_demo", ["maskfeat.gradient=prewitt"])
+    with pytest.raises(ValueError, match="patch size 16 is not a multiple of the cell size 12"):
+        build_objective(C.load("maskfeat_demo", ["maskfeat.cell_size=12"]))
+
+
+def test_print_config_shows_the_vitb_recipe(capsys):
+    assert pretrain.main(["--cfg", "maskfeat_vitb.yaml", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    for line in ["objective: maskfeat", "mask_ratio: 0.4", "cell_size: 8", "nbins: 9", "gradient: sobel",
+                 "base_lr: 0.0002", "weight_decay: 0.05", "- 0.999", "warmup_epochs: 30.0", "max_epochs: 300",
+                 "gradient_clip_val: 0.02", "- 0.5", "batch_size: 256", "devices: 8"]:  # fmt: skip
+        assert line in out, line
+    assert "mae:" not in out
+    # ViT-B/16 (85,798,656) + mask token (768) + linear head 768 -> 108 (83,052): MMPretrain's 85.88 M
+    assert "85,882,476 parameters" in out
+    assert C.learning_rate(C.load("maskfeat_vitb")) == pytest.approx(2e-4 * 2048 / 256)
+
+
+@pytest.mark.slow
+def test_demo_run_learns_hog_on_held_out_photos(tmp_path, demo_root):  # noqa: F811
+    """The demo recipe (tiny ViT, 96 px, 16 px patches) on the bundled photos: on held-out photos the model's
+    masked-patch loss must beat the best constant prediction (the mean HOG of those very patches)."""
+    run = tmp_path / "learn"
+    args = ["--cfg", "maskfeat_demo", f"out_dir={tmp_path}", "name=learn", "data.num_workers=0",
+            "trainer.max_steps=150", "optim.lr=1.5e-3", "optim.warmup_steps=15", "trainer.log_every_n_steps=10"]  # fmt: skip
+    res = cli(args, demo_root, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (run / "pictures" / "final.png").stat().st_size > 10_000
+
+    cfg = C.load(str(run / "config.yaml"))
+    objective = build_objective(cfg).eval()
+    ckpt = load_ckpt(run / "checkpoints" / "last.ckpt")
+    objective.load_state_dict({k.removeprefix("objective."): v for k, v in ckpt["state_dict"].items()})
+    urls = sorted(str(p) for p in Path(demo.ensure_demo("photos", demo_root)).glob("val-*.tar"))
+    pipeline = eval_pipeline(urls, eval_view(96), 64, rank=0, world_size=1, decoder=SampleDecoder())
+    losses, targets, masks = [], [], []
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for batch in pipeline:
+            out = objective(batch)
+            losses.append(out["loss"] * out["mask"].sum())
+            targets.append(objective.target(batch["image"]))
+            masks.append(out["mask"].bool())
+    masked = torch.cat(targets)[torch.cat(masks)]  # (N, 108): every held-out masked patch's target
+    ours = (torch.stack(losses).sum() / len(masked)).item()
+    constant = ((masked - masked.mean(dim=0)) ** 2).mean().item()
+    assert ours < 0.93 * constant, (ours, constant)
+    train = [float(r["train/loss"]) for r in metrics(run) if r.get("train/loss")]
+    assert sum(train[-3:]) / 3 < 0.8 * train[0], train
+
+
+@pytest.mark.slow
+def test_two_process_ddp_through_the_cli(tmp_path, demo_root, uneven_shards):  # noqa: F811
+    train = "::".join(f"{uneven_shards}/train{i}-000000.tar" for i in range(3))
+    val = "::".join(f"{uneven_shards}/val{i}-000000.tar" for i in range(3))
+    args = ["--cfg", "maskfeat_demo", *TINY, f"out_dir={tmp_path}", "name=ddp", "data.batch_size=4",
+            f"data.train_shards={train}", f"data.val_shards={val}", "trainer.max_steps=8",
+            "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.ddp_timeout_s=60"]  # fmt: skip
+    res = cli(args, demo_root, timeout=300)  # the later --cfg wins over cli()'s default mae_demo
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "mmssl: maskfeat" in res.stdout and "world size 2, global batch 8" in res.stdout
+    reports = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["global_step"] for r in reports] == [8, 8]
+    assert reports[0]["batches"] == reports[1]["batches"] == 8
+    ckpt = load_ckpt(tmp_path / "ddp" / "checkpoints" / "last.ckpt")
+    assert "objective.mask_token" in ckpt["state_dict"] and "objective.head.weight" in ckpt["state_dict"]
+    assert (tmp_path / "ddp" / "pictures" / "final.png").is_file()
