@@ -72,13 +72,9 @@ def _maskfeat(cfg: DictConfig) -> nn.Module:
         gradient=m.gradient,
         gaussian_window=m.gaussian_window,
     )
-    head = nn.Linear(backbone.embed_dim, target.out_dim)
-    nn.init.trunc_normal_(head.weight, std=0.02)  # SlowFast / MMPretrain: trunc-normal(0.02), zero bias
-    nn.init.zeros_(head.bias)
-    return MaskedModeling(
+    return MaskedModeling(  # the default linear head on every patch token
         backbone,
         target,
-        head=head,
         mask="block",
         mask_ratio=m.mask_ratio,
         min_block=m.min_block,

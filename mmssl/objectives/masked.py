@@ -26,8 +26,9 @@ MASKS = ("random", "block")
 
 
 class MaskedModeling(nn.Module):
-    """Give exactly one of ``decoder`` (MAE: ``decoder(latent, ids_restore) -> (B, L, D_t)``) or ``head``
-    (mask-token path: ``head(patch_tokens) -> (B, L, D_t)``, e.g. an ``nn.Linear``).
+    """With ``decoder`` (MAE: ``decoder(latent, ids_restore) -> (B, L, D_t)``) the encoder sees visible patches
+    only; otherwise masked patches become a mask token and ``head(patch_tokens) -> (B, L, D_t)`` predicts the
+    targets, by default a linear layer initialised trunc-normal(0.02) as SlowFast's ``MSSeparateHead``.
 
     ``mask="block"`` draws BEiT blocks covering ``round(L * mask_ratio)`` patches (SlowFast rounds, MAE
     truncates), ``min_block`` patches per block at least (None: a fifth of them, as SlowFast's image loader)
@@ -50,20 +51,24 @@ class MaskedModeling(nn.Module):
         super().__init__()
         if not isinstance(backbone, ViTBackbone):
             raise TypeError(f"masked modelling needs a ViT backbone, got {type(backbone).__name__}")
-        if (decoder is None) == (head is None):
-            raise ValueError("MaskedModeling: give exactly one of decoder (MAE) or head (mask-token path)")
+        if decoder is not None and head is not None:
+            raise ValueError("MaskedModeling: give a decoder (MAE) or a head (mask-token path), not both")
         if mask not in MASKS:
             raise ValueError(f"MaskedModeling: mask must be one of {MASKS}, got {mask!r}")
         if mask == "block" and decoder is not None:
             raise ValueError(
                 "MaskedModeling: block masks hide a varying number of patches; use head=, not decoder="
             )
+        if decoder is None and head is None:
+            head = nn.Linear(backbone.embed_dim, target.out_dim)
+            nn.init.trunc_normal_(head.weight, std=0.02)
+            nn.init.zeros_(head.bias)
         self.backbone = backbone
         self.target = target
         self.decoder = decoder
         self.head = head
         self.mask_ratio = mask_ratio
-        self.mask, self.min_block, self.min_aspect = mask, min_block, min_aspect
+        self.mask_policy, self.min_block, self.min_aspect = mask, min_block, min_aspect
         if head is not None:
             # trunc_normal(0.02) as SlowFast masked.py and MMPretrain MaskFeatViT
             self.mask_token = nn.Parameter(
@@ -95,7 +100,7 @@ class MaskedModeling(nn.Module):
         """(B, L) float mask, 1 = masked, for the mask-token path."""
         L = self.backbone.num_patches
         num_masked = round(L * self.mask_ratio)  # SlowFast imagenet.py: round(14 * 14 * 0.4) = 78
-        if self.mask == "random":
+        if self.mask_policy == "random":
             if noise is None:
                 noise = torch.rand(batch_size, L, device=device)
             return random_masking(noise, self.mask_ratio)[2]
