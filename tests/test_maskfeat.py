@@ -135,6 +135,32 @@ def test_bf16_autocast_keeps_the_target_in_fp32():
     assert objective.target(torch.randn(2, 3, 32, 32)).dtype == torch.float32
 
 
+def test_overfits_one_batch_of_real_photos_far_below_the_best_constant():
+    """Eight 48 px crops of scikit-image photographs, one fixed block mask, 80 AdamW steps with fixed seeds: the
+    masked-patch loss ends below half of the best constant prediction's (the mean HOG of those masked patches),
+    so the target, the mask-token path and the head learn together (starts near predicting zeros, 1/9)."""
+    import numpy as np
+    import skimage.data
+
+    torch.manual_seed(0)
+    photos = [np.asarray(getattr(skimage.data, n)()) for n in ("astronaut", "coffee", "chelsea", "rocket")]
+    crops = [p[t : t + 48, c : c + 48, :3].copy() for p in photos for t, c in ((60, 200), (150, 100))]
+    images = torch.stack([torch.from_numpy(c).permute(2, 0, 1) for c in crops]).float() / 255
+    objective = tiny("backbone.img_size=48")
+    mask = objective.draw_mask(8, images.device)  # 4 of 9 patches each
+    masked = objective.target(images)[mask.bool()]  # (32, 108)
+    constant = ((masked - masked.mean(dim=0)) ** 2).mean().item()
+    optimizer = torch.optim.AdamW(objective.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(80):
+        loss = objective({"image": images}, mask=mask)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[0] > constant and losses[-1] < 0.5 * constant, (losses[0], losses[-1], constant)
+
+
 def test_constructor_refuses_inconsistent_paths():
     from mmssl.objectives.masked import MaskedModeling
 
@@ -214,30 +240,28 @@ def masked_losses(objective, root: str, split: str, limit: int) -> tuple[float, 
 
 @pytest.mark.slow
 def test_demo_run_learns_hog_on_real_photos(tmp_path, demo_root):  # noqa: F811
-    """The demo recipe (tiny ViT, 96 px, 16 px patches, HOG of 8 px cells) on the bundled photos, 150 steps.
-
-    The training loss falls; on held-out photos the loss ends far below predicting zeros (where the untrained
-    head starts); on fresh centre crops of the training photos it beats the best constant prediction, so the
-    model reads the visible patches. (Beating that constant on held-out photos takes longer: after 150 steps
-    it is within a few percent of it; HOG of flat regions is normalised noise that nothing can predict.)
+    """The demo recipe (tiny ViT, 96 px, 16 px patches, HOG of 8 px cells) on the bundled photos, shortened to
+    80 steps of 32 images. The training loss falls to well under half its start, and on held-out photos the
+    masked-patch loss ends far below predicting zeros and close to the best constant prediction (the mean HOG
+    of those very patches; beating it on unseen photos takes a longer run). That the model reads the visible
+    patches is tested in test_overfits_one_batch_of_real_photos_far_below_the_best_constant.
     """
     run = tmp_path / "learn"
     args = ["--cfg", "maskfeat_demo", f"out_dir={tmp_path}", "name=learn", "data.num_workers=0",
-            "trainer.max_steps=150", "optim.lr=1.5e-3", "optim.warmup_steps=15", "trainer.log_every_n_steps=10"]  # fmt: skip
+            "data.batch_size=32", "trainer.max_steps=80", "optim.lr=1.5e-3", "optim.warmup_steps=10",
+            "trainer.log_every_n_steps=1"]  # fmt: skip
     res = cli(args, demo_root, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (run / "pictures" / "final.png").stat().st_size > 10_000
 
+    train = [float(r["train/loss"]) for r in metrics(run) if r.get("train/loss")]
+    assert len(train) == 80 and sum(train[-10:]) / 10 < 0.4 * train[0], train
     cfg = C.load(str(run / "config.yaml"))
     objective = build_objective(cfg).eval()
     ckpt = load_ckpt(run / "checkpoints" / "last.ckpt")
     objective.load_state_dict({k.removeprefix("objective."): v for k, v in ckpt["state_dict"].items()})
-    train = [float(r["train/loss"]) for r in metrics(run) if r.get("train/loss")]
-    assert sum(train[-3:]) / 3 < 0.8 * train[0], train
-    model, constant, zeros = masked_losses(objective, demo_root, "val", 512)
-    assert model < 0.6 * zeros and model < 1.1 * constant, (model, constant, zeros)
-    model, constant, zeros = masked_losses(objective, demo_root, "train", 512)
-    assert model < 0.97 * constant, (model, constant)
+    model, constant, zeros = masked_losses(objective, demo_root, "val", 256)
+    assert model < 0.6 * zeros and model < 1.15 * constant, (model, constant, zeros)
 
 
 @pytest.mark.slow
