@@ -54,10 +54,23 @@ class ViTBackbone(nn.Module):
             prefix = prefix + m.pos_embed[:, : self.num_prefix_tokens]
         return prefix
 
-    def embed_patches(self, images: Tensor) -> Tensor:
-        """(B, C, H, W) -> patch tokens with position embedding, (B, L, D); no prefix tokens."""
+    def embed_patches(
+        self, images: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None
+    ) -> Tensor:
+        """(B, C, H, W) -> patch tokens with position embedding, (B, L, D); no prefix tokens.
+
+        With ``mask`` (B, L), 1/True = masked, and ``mask_token`` (1, 1, D), masked patch embeddings are replaced
+        by the token *before* the position embedding is added (BEiT §2.2, MaskFeat §3), so the encoder sees
+        where a patch is missing but nothing of its content.
+        """
         m = self.model
         x = m.patch_embed(images)
+        if mask is not None:
+            if mask_token is None:
+                raise ValueError(
+                    "embed_patches: a mask needs a mask_token to put in place of the masked patches"
+                )
+            x = torch.where(mask.bool().unsqueeze(-1), mask_token.to(x.dtype), x)
         pos = m.pos_embed if m.no_embed_class else m.pos_embed[:, self.num_prefix_tokens :]
         return x + pos
 
@@ -70,9 +83,16 @@ class ViTBackbone(nn.Module):
         x = m.blocks(x)
         return m.norm(x)
 
-    def forward_tokens(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
-        """(B, C, H, W) -> (B, prefix + K, D); ``keep`` (B, K) selects visible patches (all when None)."""
-        x = self.embed_patches(images)
+    def forward_tokens(
+        self,
+        images: Tensor,
+        keep: Tensor | None = None,
+        mask: Tensor | None = None,
+        mask_token: Tensor | None = None,
+    ) -> Tensor:
+        """(B, C, H, W) -> (B, prefix + K, D); ``keep`` (B, K) selects visible patches (all when None);
+        ``mask`` + ``mask_token`` replace masked patches instead (see :meth:`embed_patches`)."""
+        x = self.embed_patches(images, mask, mask_token)
         if keep is not None:
             x = gather_tokens(x, keep)
         return self.encode(x)

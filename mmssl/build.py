@@ -43,6 +43,7 @@ from mmssl.objectives.clip import (
     open_clip_text_tower,
 )
 from mmssl.objectives.masked import MaskedModeling
+from mmssl.targets.hog import HOGTarget
 from mmssl.targets.pixels import PixelTarget
 from mmssl.viz import PictureCallback
 from mmssl.vlm.decoders import load_decoder
@@ -172,10 +173,31 @@ def _clip(cfg: DictConfig) -> nn.Module:
     return CLIP(image_tower, text_tower, logit_scale=scale, max_logit_scale=c.max_logit_scale)
 
 
+def _maskfeat(cfg: DictConfig) -> nn.Module:
+    m = cfg.maskfeat
+    backbone = build_backbone(cfg)  # learned position embedding, timm's trunc-normal init (as SlowFast's ViT)
+    target = HOGTarget(
+        backbone.patch_size,
+        cell_size=m.cell_size,
+        nbins=m.nbins,
+        gradient=m.gradient,
+        gaussian_window=m.gaussian_window,
+    )
+    return MaskedModeling(  # the default linear head on every patch token
+        backbone,
+        target,
+        mask="block",
+        mask_ratio=m.mask_ratio,
+        min_block=m.min_block,
+        min_aspect=m.min_aspect,
+    )
+
+
 OBJECTIVES: dict[str, Callable[[DictConfig], nn.Module]] = {
     "mae": _mae,
     "llava": _llava,
     "clip": _clip,
+    "maskfeat": _maskfeat,
 }
 
 
@@ -209,6 +231,7 @@ def _clip_views(cfg: DictConfig):
 
 VIEWS: dict[str, Callable[[DictConfig], tuple]] = {
     "mae": _mae_views,
+    "maskfeat": _mae_views,  # RandomResizedCrop(data.crop_scale: 0.5-1 for MaskFeat) + flip, as MAE's
     "llava": _llava_views,
     "clip": _clip_views,
 }
@@ -222,6 +245,7 @@ def build_tokenizer(cfg: DictConfig):
 # Objectives that read captions: name -> caption-to-tokens function run in the data workers.
 TEXT: dict[str, Callable[[DictConfig], Callable]] = {
     "clip": lambda cfg: CaptionTokens(build_tokenizer(cfg)),
+    "maskfeat": _mae_views,  # RandomResizedCrop(data.crop_scale: 0.5-1 for MaskFeat) + flip, as MAE's
 }
 
 

@@ -84,6 +84,17 @@ class CLIPConfig:
 
 
 @dataclass
+class MaskFeatConfig:
+    mask_ratio: float = 0.4  # MaskFeat §4.1 / SlowFast in1k_VIT_B_MaskFeat_PT.yaml: 40% of patches, in blocks
+    min_block: int | None = None  # patches per block at least; None: a fifth of the masked count (SlowFast)
+    min_aspect: float = 0.3  # BEiT masking_generator.py: block aspect ratio in [0.3, 1/0.3]
+    cell_size: int = 8  # HOG: 8x8-pixel cells (SlowFast masked.py), 2x2 cells per 16-px patch
+    nbins: int = 9  # 9 unsigned orientation bins
+    gradient: str = "sobel"  # sobel (SlowFast HOGLayerC) | central ([-1, 0, 1], skimage / Dalal-Triggs)
+    gaussian_window: int = 0  # 0: none (SlowFast); 16: MMPretrain's HOGGenerator (std 8, tiled)
+
+
+@dataclass
 class OptimConfig:
     name: str = "adamw"  # any timm.optim.create_optimizer_v2 name (adamw, sgd, lars, lamb, ...)
     base_lr: float = 1.5e-4  # MAE Table 8: lr = base_lr x global_batch / 256
@@ -164,6 +175,7 @@ class Config:
     mae: MAEConfig = objective_section(MAEConfig)
     llava: LlavaConfig = objective_section(LlavaConfig)
     clip: CLIPConfig = objective_section(CLIPConfig)
+    maskfeat: MaskFeatConfig = objective_section(MaskFeatConfig)
 
 
 @dataclass
@@ -278,6 +290,13 @@ def validate(cfg: DictConfig) -> None:
         bool(llava.vision), "llava.vision", "must be backbone, PATH.ckpt, open_clip:MODEL or a parts folder"
     )
     check(llava.max_length > 0, "llava.max_length", "must be > 0")
+    mf = cfg.maskfeat
+    check(0.0 < mf.mask_ratio < 1.0, "maskfeat.mask_ratio", "must be in (0, 1)")
+    check(mf.min_block is None or mf.min_block >= 1, "maskfeat.min_block", "must be >= 1 or null")
+    check(0.0 < mf.min_aspect <= 1.0, "maskfeat.min_aspect", "must be in (0, 1]")
+    check(mf.cell_size >= 1 and mf.nbins >= 1, "maskfeat.cell_size", "cell_size and nbins must be >= 1")
+    check(mf.gradient in ("sobel", "central"), "maskfeat.gradient", "must be sobel or central")
+    check(mf.gaussian_window >= 0, "maskfeat.gaussian_window", "must be >= 0 (0: none)")
     check(
         cfg.optim.lr_scaling in ("linear", "sqrt", "none"), "optim.lr_scaling", "must be linear, sqrt or none"
     )

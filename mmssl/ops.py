@@ -6,6 +6,9 @@ that weights and targets are interchangeable with it and with ``transformers``' 
 
 from __future__ import annotations
 
+import math
+import random
+
 import torch
 from einops import rearrange
 from torch import Tensor
@@ -69,3 +72,71 @@ def random_masking(noise: Tensor, mask_ratio: float) -> tuple[Tensor, Tensor, Te
 def gather_tokens(tokens: Tensor, ids: Tensor) -> Tensor:
     """tokens (B, L, D), ids (B, K) -> (B, K, D)."""
     return torch.gather(tokens, 1, ids.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def block_masking(
+    batch_size: int,
+    grid: tuple[int, int],
+    num_masked: int,
+    min_block: int = 16,
+    max_block: int | None = None,
+    min_aspect: float = 0.3,
+    generator: torch.Generator | None = None,
+    attempts: int = 10,
+) -> Tensor:
+    """Block-wise masking (BEiT §2.5, ``beit/masking_generator.py``; MaskFeat §4.1 for images) -> (B, h*w) float,
+    1 = masked, patches in raster order.
+
+    Rectangles are added until ``num_masked`` patches are covered: each block draws an area uniformly in
+    [``min_block``, remaining] (capped by ``max_block``), a log-uniform aspect ratio in
+    [``min_aspect``, 1 / ``min_aspect``], and a random position; it is accepted only if it covers at least one
+    new patch and no more new patches than remain, else it is redrawn (up to ``attempts`` times, after which
+    the reference stops short). So a mask never exceeds ``num_masked`` and may stop less than one block
+    short of it. Deterministic given ``generator`` (torch's global RNG when None).
+    """
+    h, w = grid
+    if not 0 <= num_masked <= h * w:
+        raise ValueError(f"block_masking: num_masked={num_masked} outside [0, {h * w}] for a {h}x{w} grid")
+    if not 0 < min_aspect <= 1:
+        raise ValueError(f"block_masking: min_aspect must be in (0, 1], got {min_aspect}")
+    max_block = num_masked if max_block is None else max_block
+    log_aspect = (math.log(min_aspect), -math.log(min_aspect))
+    # One integer from the torch generator seeds Python's RNG: the per-block draws are scalar and many, and
+    # torch's per-call overhead would dominate; the mask still follows torch's seeding (seed_everything).
+    rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    masks = []
+    for _ in range(batch_size):
+        mask = [[0] * w for _ in range(h)]
+        count = 0
+        while count < num_masked:
+            added = _add_block(mask, rng, min_block, min(num_masked - count, max_block), log_aspect, attempts)
+            if added == 0:
+                break
+            count += added
+        masks.append(mask)
+    return torch.tensor(masks, dtype=torch.float32).reshape(batch_size, h * w)
+
+
+def _add_block(
+    mask: list[list[int]],
+    rng: random.Random,
+    min_block: int,
+    max_new: int,
+    log_aspect: tuple[float, float],
+    attempts: int,
+) -> int:
+    """One block of :func:`block_masking`, drawn in place; returns the number of newly masked patches."""
+    h, w = len(mask), len(mask[0])
+    for _ in range(attempts):
+        area = rng.uniform(min_block, max_new)
+        aspect = math.exp(rng.uniform(*log_aspect))
+        bh = int(round(math.sqrt(area * aspect)))
+        bw = int(round(math.sqrt(area / aspect)))
+        if bw < w and bh < h:  # strict, as in the reference: a block never spans the whole grid side
+            top, left = rng.randint(0, h - bh), rng.randint(0, w - bw)
+            new = bh * bw - sum(sum(row[left : left + bw]) for row in mask[top : top + bh])
+            if 0 < new <= max_new:
+                for row in mask[top : top + bh]:
+                    row[left : left + bw] = [1] * bw
+                return new
+    return 0

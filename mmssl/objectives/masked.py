@@ -1,9 +1,16 @@
-"""Masked image modelling: MAE (He et al., "Masked Autoencoders Are Scalable Vision Learners", 2021).
+"""Masked image modelling: MAE (He et al., "Masked Autoencoders Are Scalable Vision Learners", 2021) and MaskFeat
+(Wei et al., "Masked Feature Prediction for Self-Supervised Visual Pre-Training", CVPR 2022).
 
-One objective, parameterised by its target (``targets/``) and its mask policy, so MAE and MaskFeat share the
-masking, the loss and the pictures. MAE's shape (models_mae.py): random per-sample masking by argsort of
-uniform noise, the encoder sees only visible patches (plus CLS), a light decoder fills in mask tokens and
-predicts the target of every patch, and the loss is the MSE on masked patches only.
+One objective, parameterised by its target (``targets/``), its mask policy and where the mask enters, so both
+methods share the masking, the loss and the pictures:
+
+* MAE (``decoder=``, models_mae.py): random per-sample masking by argsort of uniform noise, the encoder sees
+  only the visible patches (plus CLS), a light decoder fills in mask tokens and predicts every patch's target.
+* MaskFeat / BEiT style (``head=``, SlowFast ``masked.py``): the encoder sees *all* patches, the masked ones
+  replaced by a learned mask token before the position embedding; a linear head predicts every patch's target
+  (HOG for MaskFeat) from the encoder output. Masks are block-wise (BEiT) by default.
+
+In both the loss is the MSE on masked patches only.
 """
 
 from __future__ import annotations
@@ -13,34 +20,104 @@ from torch import Tensor, nn
 
 from mmssl.backbones import ViTBackbone
 from mmssl.losses import masked_mse
-from mmssl.ops import random_masking
+from mmssl.ops import block_masking, random_masking
+
+MASKS = ("random", "block")
 
 
 class MaskedModeling(nn.Module):
+    """With ``decoder`` (MAE: ``decoder(latent, ids_restore) -> (B, L, D_t)``) the encoder sees visible patches
+    only; otherwise masked patches become a mask token and ``head(patch_tokens) -> (B, L, D_t)`` predicts the
+    targets, by default a linear layer initialised trunc-normal(0.02) as SlowFast's ``MSSeparateHead``.
+
+    ``mask="block"`` draws BEiT blocks covering ``round(L * mask_ratio)`` patches (SlowFast rounds, MAE
+    truncates), ``min_block`` patches per block at least (None: a fifth of them, as SlowFast's image loader)
+    and aspect ratios in [``min_aspect``, 1 / ``min_aspect``]; it needs the ``head`` path, since blocks mask a
+    varying number of patches per image.
+    """
+
     def __init__(
-        self, backbone: ViTBackbone, target: nn.Module, decoder: nn.Module, mask_ratio: float = 0.75
+        self,
+        backbone: ViTBackbone,
+        target: nn.Module,
+        decoder: nn.Module | None = None,
+        mask_ratio: float = 0.75,
+        *,
+        head: nn.Module | None = None,
+        mask: str = "random",
+        min_block: int | None = None,
+        min_aspect: float = 0.3,
     ):
         super().__init__()
         if not isinstance(backbone, ViTBackbone):
             raise TypeError(f"masked modelling needs a ViT backbone, got {type(backbone).__name__}")
+        if decoder is not None and head is not None:
+            raise ValueError("MaskedModeling: give a decoder (MAE) or a head (mask-token path), not both")
+        if mask not in MASKS:
+            raise ValueError(f"MaskedModeling: mask must be one of {MASKS}, got {mask!r}")
+        if mask == "block" and decoder is not None:
+            raise ValueError(
+                "MaskedModeling: block masks hide a varying number of patches; use head=, not decoder="
+            )
+        if decoder is None and head is None:
+            head = nn.Linear(backbone.embed_dim, target.out_dim)
+            nn.init.trunc_normal_(head.weight, std=0.02)
+            nn.init.zeros_(head.bias)
         self.backbone = backbone
         self.target = target
         self.decoder = decoder
+        self.head = head
         self.mask_ratio = mask_ratio
+        self.mask_policy, self.min_block, self.min_aspect = mask, min_block, min_aspect
+        if head is not None:
+            # trunc_normal(0.02) as SlowFast masked.py and MMPretrain MaskFeatViT
+            self.mask_token = nn.Parameter(
+                nn.init.trunc_normal_(torch.zeros(1, 1, backbone.embed_dim), std=0.02)
+            )
 
-    def forward(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> dict[str, Tensor]:
-        """``noise`` (B, L) fixes the masking (as in the reference and transformers' ViTMAE); random if None."""
+    def forward(
+        self, batch: dict[str, Tensor], noise: Tensor | None = None, mask: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """``noise`` (B, L) fixes random masking (as in the reference and transformers' ViTMAE); ``mask`` (B, L),
+        1 = masked, fixes the mask of the mask-token path. Drawn at random when None."""
         images = batch["image"]  # (B, 3, H, W)
         target = self.target(images)  # (B, L, D_t), fp32, no grad
         B, L = target.shape[:2]
-        if noise is None:
-            noise = torch.rand(B, L, device=images.device)
-        ids_keep, ids_restore, mask = random_masking(noise, self.mask_ratio)
-        latent = self.backbone.forward_tokens(images, keep=ids_keep)  # (B, prefix + L_keep, D)
-        pred = self.decoder(latent, ids_restore)  # (B, L, D_t)
+        if self.head is None:
+            if noise is None:
+                noise = torch.rand(B, L, device=images.device)
+            ids_keep, ids_restore, mask = random_masking(noise, self.mask_ratio)
+            latent = self.backbone.forward_tokens(images, keep=ids_keep)  # (B, prefix + L_keep, D)
+            pred = self.decoder(latent, ids_restore)  # (B, L, D_t)
+        else:
+            if mask is None:
+                mask = self.draw_mask(B, images.device, noise)
+            tokens = self.backbone.forward_tokens(images, mask=mask, mask_token=self.mask_token)
+            pred = self.head(tokens[:, self.backbone.num_prefix_tokens :])  # (B, L, D_t)
         return {"loss": masked_mse(pred, target, mask), "pred": pred, "mask": mask}
 
+    def draw_mask(self, batch_size: int, device: torch.device, noise: Tensor | None = None) -> Tensor:
+        """(B, L) float mask, 1 = masked, for the mask-token path."""
+        L = self.backbone.num_patches
+        num_masked = round(L * self.mask_ratio)  # SlowFast imagenet.py: round(14 * 14 * 0.4) = 78
+        if self.mask_policy == "random":
+            if noise is None:
+                noise = torch.rand(batch_size, L, device=device)
+            return random_masking(noise, self.mask_ratio)[2]
+        min_block = (
+            self.min_block if self.min_block is not None else num_masked // 5
+        )  # SlowFast: 78 // 5 = 15
+        mask = block_masking(
+            batch_size, self.backbone.grid_size, num_masked, min_block, min_aspect=self.min_aspect
+        )
+        return mask.to(device)
+
     def no_weight_decay(self) -> set[str]:
+        if self.head is not None:
+            # MaskFeat decays the position embedding and CLS token (SlowFast in1k_VIT_B_MaskFeat_PT.yaml:
+            # ZERO_DECAY_POS_CLS False; MMPretrain "to avoid loss stuck"); only the mask token and 1-D
+            # parameters (norms, biases: the optimizer's own rule) are exempt.
+            return {"mask_token"}
         names = {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
         return names | {n for n, _ in self.named_parameters() if n.endswith(("mask_token", "pos_embed"))}
 
