@@ -22,10 +22,11 @@ from mmssl import config as C
 from mmssl.backbones import Backbone, create_backbone
 from mmssl.data.module import ShardDataModule
 from mmssl.data.shards import SampleDecoder
-from mmssl.data.transforms import eval_view, mae_view
-from mmssl.heads import MAEDecoder, mae_init_
+from mmssl.data.transforms import eval_view, mae_view, simclr_view
+from mmssl.heads import MAEDecoder, ProjectionHead, mae_init_
 from mmssl.lit import LastCheckpoint, PretrainModule, RankReport
 from mmssl.objectives.masked import MaskedModeling
+from mmssl.objectives.simclr import SimCLR
 from mmssl.targets.pixels import PixelTarget
 from mmssl.viz import PictureCallback
 
@@ -61,8 +62,26 @@ def _mae(cfg: DictConfig) -> nn.Module:
     return objective
 
 
+def _simclr(cfg: DictConfig) -> nn.Module:
+    s, backbone = cfg.simclr, build_backbone(cfg)
+    head = ProjectionHead(
+        backbone.embed_dim,
+        s.proj_hidden_dim or backbone.embed_dim,  # SimCLR §2.1: the hidden layer as wide as h
+        s.proj_out_dim,
+        num_layers=s.proj_num_layers,
+    )
+    return SimCLR(
+        backbone,
+        head,
+        temperature=s.temperature,
+        gather_distributed=s.gather_distributed,
+        channels_last=s.channels_last,
+    )
+
+
 OBJECTIVES: dict[str, Callable[[DictConfig], nn.Module]] = {
     "mae": _mae,
+    "simclr": _simclr,
 }
 
 
@@ -80,8 +99,19 @@ def _mae_views(cfg: DictConfig):
     )
 
 
+def _simclr_views(cfg: DictConfig):
+    # Validation draws the same two random views of held-out images, so val/loss is the same quantity.
+    d, s = cfg.data, cfg.simclr
+    view = simclr_view(
+        _img_size(cfg), tuple(d.crop_scale), d.interpolation, d.hflip, color_jitter=s.color_jitter,
+        blur_p=s.blur_p, mean=tuple(d.mean), std=tuple(d.std),
+    )  # fmt: skip
+    return view, view
+
+
 VIEWS: dict[str, Callable[[DictConfig], tuple]] = {
     "mae": _mae_views,
+    "simclr": _simclr_views,
 }
 
 
