@@ -18,6 +18,11 @@ def scalars(out: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach() for k, v in out.items() if isinstance(v, Tensor) and v.ndim == 0}
 
 
+def batch_size(batch: dict) -> int:
+    """Samples in a batch dict: the length of its first tensor (lists of captions may sit beside it)."""
+    return len(next(v for v in batch.values() if isinstance(v, Tensor)))
+
+
 class PretrainModule(L.LightningModule):
     """Optimizer, per-step warmup-cosine schedule, logging and failure checks around any objective."""
 
@@ -46,8 +51,9 @@ class PretrainModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = self.objective(batch)
+        n = batch_size(batch)
         for key, value in scalars(out).items():
-            self.log(f"train/{key}", value, prog_bar=key == "loss")
+            self.log(f"train/{key}", value, prog_bar=key == "loss", batch_size=n)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
         return out["loss"]
 
@@ -57,7 +63,7 @@ class PretrainModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         # Ranks may see different numbers of validation batches (every sample once), so nothing here may
         # synchronise; sums are reduced once in on_validation_epoch_end, weighted by batch size.
-        n = len(next(iter(v for v in batch.values() if isinstance(v, Tensor))))
+        n = batch_size(batch)
         for key, value in scalars(self.objective(batch)).items():
             total = self._val_sums.setdefault(key, torch.zeros(2, device=self.device, dtype=torch.float64))
             total += torch.stack(

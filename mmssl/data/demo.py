@@ -5,6 +5,8 @@
   validation loss or reconstruction there is measured on held-out pictures, not on overlapping crops.
 * ``digits``: scikit-learn's 1797 real 8x8 handwritten digits (UCI optdigits) upsampled to 32x32 with
   ``.cls`` labels, stratified 70/30 split; enough for linear-probe and kNN tests that must beat chance.
+* ``shapes``: generated pictures of coloured shapes with captions, class ids and question-answer turns
+  (``data/shapes.py``); splits ``train``/``val`` and ``heldout`` (colour-shape pairs never in train).
   Stored as 8-bit grayscale PNG: lossless (JPEG's ringing would be large relative to 8x8 sources), a few
   hundred bytes each, and it exercises the decoder's L -> RGB path.
 
@@ -26,10 +28,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mmssl.data import shapes
 from mmssl.data.shards import read_manifest, write_shards
 
 VERSION = 1
-SETS = ("photos", "digits")
+SETS = ("photos", "digits", "shapes")
 
 # Real photographs only (skimage's synthetic images and ``cat``, an alias of ``chelsea``, are left out).
 # Several skimage images need ``pooch`` to download; those are skipped if they fail to load.
@@ -145,7 +148,22 @@ def _write_digits(out: Path) -> None:
         write_shards(samples, out, split, maxcount=500, total=len(idx), info=info)
 
 
-_WRITERS = {"photos": _write_photos, "digits": _write_digits}
+def _write_shapes(out: Path) -> None:
+    for split, n, seed in (("train", 6000, 0), ("val", 600, 1), ("heldout", 600, 2)):
+        rows = shapes.samples(split, n, seed)
+        samples = (
+            {"__key__": key, "jpg": encode(img, quality=95), "txt": caption, "cls": cls, "json": meta}
+            for key, img, caption, cls, meta in rows
+        )
+        info = {
+            "classes": list(shapes.CLASSES),
+            "held_out": [" ".join(c) for c in shapes.HELD_OUT],
+            "seed": seed,
+        }
+        write_shards(samples, out, split, maxcount=2000, total=n, info=info)
+
+
+_WRITERS = {"photos": _write_photos, "digits": _write_digits, "shapes": _write_shapes}
 
 
 def ensure_demo(name: str, root: str | Path | None = None) -> Path:

@@ -101,7 +101,8 @@ def _worker_id() -> int:
 
 
 class SampleDecoder:
-    """Raw webdataset sample -> ``{"image": PIL RGB, "label"?: int, "text"?: str, "__key__", "__url__"}``.
+    """Raw webdataset sample -> ``{"image": PIL RGB, "label"?: int, "text"?: str, "json"?: object,
+    "__key__", "__url__"}``.
 
     Returns ``None`` (sample dropped) for a corrupt or missing image, a decompression bomb, a bad label,
     non-UTF-8 text, or a missing label when ``require_label``: skipped, not fatal, so that a few unlabeled
@@ -120,6 +121,7 @@ class SampleDecoder:
         image_key: str = "jpg;jpeg;png;webp",
         label_key: str | None = "cls",
         text_key: str | None = "txt",
+        json_key: str | None = "json",
         require_label: bool = False,
         max_image_pixels: int = 89_478_485,
         max_failures_without_success: int = 50,
@@ -129,6 +131,7 @@ class SampleDecoder:
         self.image_keys = tuple(k for k in image_key.split(";") if k)
         self.label_key = label_key or None
         self.text_key = text_key or None
+        self.json_key = json_key or None
         self.require_label = require_label
         self.max_image_pixels = max_image_pixels
         self.max_failures_without_success = max_failures_without_success
@@ -159,6 +162,11 @@ class SampleDecoder:
                 out["text"] = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
             except UnicodeDecodeError:
                 return self._skip("non-UTF-8 text", url, key)
+        if self.json_key is not None and self.json_key in sample:
+            try:
+                out["json"] = json.loads(sample[self.json_key])
+            except (ValueError, UnicodeDecodeError) as exn:
+                return self._skip("bad json", url, key, str(exn)[:60])
         data = next((sample[k] for k in self.image_keys if k in sample), None)
         if data is None:
             return self._skip(f"missing image key '{';'.join(self.image_keys)}'", url, key)

@@ -62,7 +62,8 @@ class ImageView:
 
 
 class ApplyView:
-    """Decoded sample ``{"image", "label"?, "text"?}`` -> view outputs + label + ``text_fn(text)``."""
+    """Decoded sample ``{"image", "label"?, "text"?, "json"?}`` -> view outputs + label + ``text_fn(text)``
+    + json (passed through; batches carry it as a list)."""
 
     def __init__(self, view: Callable, text_fn: Callable | None = None) -> None:
         self.view, self.text_fn = view, text_fn
@@ -73,6 +74,8 @@ class ApplyView:
             out["label"] = sample["label"]
         if "text" in sample:
             out["text"] = self.text_fn(sample["text"]) if self.text_fn is not None else sample["text"]
+        if "json" in sample:
+            out["json"] = sample["json"]
         return out
 
 

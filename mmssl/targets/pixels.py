@@ -56,5 +56,8 @@ class PixelTarget(nn.Module):
         return {
             "original": denormalize(images),
             "masked": denormalize(images) * visible,  # masked patches drawn black
-            "reconstruction": denormalize(image(patches * (1 - m) + pred * m)),
+            # with normalised targets the prediction only carries each patch's shape: say where colour comes from
+            ("recon. (true patch μ/σ)" if self.normalize else "reconstruction"): denormalize(
+                image(patches * (1 - m) + pred * m)
+            ),
         }
