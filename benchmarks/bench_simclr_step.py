@@ -42,7 +42,7 @@ class LightlySimCLR(nn.Module):
 
 def mmssl_model(img: int) -> nn.Module:
     cfg = C.load(
-        "simclr_demo", ["backbone.name=resnet18", f"backbone.img_size={img}", "simclr.temperature=0.1"]
+        "simclr_digits", ["backbone.name=resnet18", f"backbone.img_size={img}", "simclr.temperature=0.1"]
     )
     return build_objective(cfg)
 

@@ -1,14 +1,15 @@
 """Learning check on real images: frozen-feature probes on the demo digits, before and after pretraining.
 
-    python tools/pretrain.py --cfg simclr_demo                     # ResNet-18, about 5 minutes on 2 CPU cores
-    python benchmarks/probe_digits.py runs/simclr_demo
-    python tools/pretrain.py --cfg simclr_demo_vit                 # a small ViT, same data
-    python benchmarks/probe_digits.py runs/simclr_demo_vit
+    python tools/pretrain.py --cfg simclr_digits          # ResNet-18, about 5 minutes on 2 CPU cores
+    python benchmarks/probe_digits.py runs/simclr_digits/checkpoints/last.ckpt
+    python tools/pretrain.py --cfg simclr_digits_vit      # a small ViT, same data
+    python benchmarks/probe_digits.py runs/simclr_digits_vit/checkpoints/last.ckpt
 
-Reads the run's ``config.yaml`` and ``checkpoints/last.ckpt`` and scores the backbone's pooled features
-(``forward_pooled``) on ``demo:digits`` (scikit-learn's 1797 real 8x8 digits at 32 px; the stratified 70/30
-split of ``mmssl.data.demo``): a logistic-regression probe and a cosine k-NN classifier fitted on the 70%
-and scored on the held-out 30%, for the trained weights and for a random initialisation of the same model.
+Loads the checkpoint's encoder (``build.load_encoder``: its config travels inside) and scores the backbone's
+pooled features (``forward_pooled``) on ``demo:digits`` (scikit-learn's 1797 real 8x8 digits at 32 px; the
+stratified 70/30 split of ``mmssl.data.demo``): a logistic-regression probe and a weighted cosine kNN (k=20,
+T=0.07) fitted on the 70% and scored on the held-out 30%, for the trained weights and for a random
+initialisation of the same model (the objective's own, seeded).
 """
 
 from __future__ import annotations
@@ -20,15 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
-from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from mmssl import config as C
-from mmssl.build import build_objective
+from mmssl.build import load_encoder
 from mmssl.data import demo
 from mmssl.data.shards import SampleDecoder, eval_pipeline, expand_shards
 from mmssl.data.transforms import eval_view
+from mmssl.eval.knn import knn_accuracy
 
 
 def digits(split: str, img_size: int, mean, std, root: str | None = None) -> tuple[torch.Tensor, np.ndarray]:
@@ -71,9 +71,11 @@ def linear_probe(train: np.ndarray, y_train: np.ndarray, val: np.ndarray, y_val:
     return float(clf.fit(train, y_train).score(val, y_val))
 
 
-def knn(train: np.ndarray, y_train: np.ndarray, val: np.ndarray, y_val: np.ndarray, k: int = 20) -> float:
-    clf = KNeighborsClassifier(n_neighbors=k, metric="cosine", weights="distance")
-    return float(clf.fit(train, y_train).score(val, y_val))
+def knn(train: np.ndarray, y_train: np.ndarray, val: np.ndarray, y_val: np.ndarray) -> float:
+    """Weighted cosine kNN, k=20, T=0.07 (DINO's setting, ``mmssl.eval.knn``), top-1 as a fraction."""
+    t = torch.from_numpy
+    result = knn_accuracy(t(train), t(y_train), t(val), t(y_val), settings=((20, 0.07),))
+    return result[0]["top1"] / 100
 
 
 def scores(backbone: torch.nn.Module, data: dict) -> dict[str, float]:
@@ -82,25 +84,17 @@ def scores(backbone: torch.nn.Module, data: dict) -> dict[str, float]:
     return {"linear_probe": linear_probe(tr, y_tr, va, y_va), "knn": knn(tr, y_tr, va, y_va)}
 
 
-def load_backbone(run: Path, cfg) -> torch.nn.Module:
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    objective = build_objective(cfg)
-    objective.load_state_dict({k.removeprefix("objective."): v for k, v in ckpt["state_dict"].items()})
-    return objective.backbone
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("run", type=Path, help="run directory holding config.yaml and checkpoints/last.ckpt")
+    parser.add_argument("ckpt", type=Path, help="a pretraining run's checkpoint (RUN/checkpoints/last.ckpt)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
     args = parser.parse_args()
-    cfg = C.load(str(args.run / "config.yaml"))
-    size = cfg.data.img_size or cfg.backbone.img_size
-    data = {s: digits(s, size, cfg.data.mean, cfg.data.std) for s in ("train", "val")}
-    torch.manual_seed(cfg.seed)
-    random_init = build_objective(cfg).backbone
-    result = {"backbone": cfg.backbone.name, "random_init": scores(random_init, data)}
+    pretrained, info = load_encoder(args.ckpt)
+    random_init, _ = load_encoder(args.ckpt, random_init=True, seed=args.seed)
+    data = {s: digits(s, info["img_size"], info["mean"], info["std"]) for s in ("train", "val")}
+    result = {"backbone": info["architecture"], "random_init": scores(random_init, data)}
     bns = [m for m in random_init.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if bns:
         # timm zero-inits each residual block's last BN scale, so a random ResNet's features pass through
@@ -110,7 +104,7 @@ def main() -> None:
                 torch.nn.init.ones_(m.weight)
         calibrated = recalibrate_bn(random_init, data["train"][0])
         result["random_init_all_branches_bn_recalibrated"] = scores(calibrated, data)
-    result["pretrained"] = scores(load_backbone(args.run, cfg), data)
+    result["pretrained"] = scores(pretrained, data)
     print(json.dumps(result, indent=1))
 
 

@@ -253,8 +253,18 @@ def test_sync_batchnorm_on_cpu_is_refused_naming_the_key():
 def test_demo_datamodule_yields_two_views(tmp_path, monkeypatch):
     if not os.environ.get("MMSSL_DATA"):
         monkeypatch.setenv("MMSSL_DATA", str(tmp_path))
-    cfg = C.load("simclr_demo", ["data.num_workers=0", "data.batch_size=8"])
+    cfg = C.load("simclr_digits", ["data.num_workers=0", "data.batch_size=8"])
     dm = build_datamodule(cfg)
     batch = next(iter(dm.train_dataloader()))
     assert batch["view1"].shape == batch["view2"].shape == (8, 3, 32, 32)
     assert not torch.equal(batch["view1"], batch["view2"])
+
+
+def test_visualize_pairs_each_view_with_its_nearest_second_view():
+    objective = build_objective(C.load(None, TINY_RESNET)).eval()
+    batch = two_views(3)
+    batch["view2"] = batch["view1"].clone()  # identical views: the nearest second view is the image's own
+    columns = objective.visualize(batch, lambda x: x.sigmoid())
+    assert list(columns) == ["view 1", "view 2", "nearest view 2"]
+    torch.testing.assert_close(columns["nearest view 2"], columns["view 1"])
+    assert all(c.shape == (3, 3, 32, 32) for c in columns.values())

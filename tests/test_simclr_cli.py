@@ -36,7 +36,7 @@ def demo_root(tmp_path_factory) -> str:
 
 def cli(args: list[str], demo_root: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "MMSSL_DATA": demo_root, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(ROOT / "tools" / "pretrain.py"), "--cfg", "simclr_demo", *args]
+    cmd = [sys.executable, str(ROOT / "tools" / "pretrain.py"), "--cfg", "simclr_digits", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
@@ -55,6 +55,7 @@ def test_pretrain_on_demo_digits_loss_falls(tmp_path, demo_root, backbone):
     assert len(losses) == steps and all(map(lambda x: x == x, losses))
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.3, losses  # from about log(2 * 32 - 1) = 4.1 at the start
+    assert (tmp_path / "run" / "pictures" / "final.png").is_file()  # views + nearest second view
 
 
 @pytest.mark.slow

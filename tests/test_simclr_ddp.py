@@ -23,6 +23,7 @@ from mmssl import config as C
 from mmssl.build import build_objective
 
 lightly_loss = pytest.importorskip("lightly.loss")
+pytestmark = pytest.mark.slow  # spawns two processes: about 1 minute idle, 3 minutes on a busy machine
 
 WORLD, N_LOCAL = 2, 4
 MODELS = {

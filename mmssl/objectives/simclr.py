@@ -67,5 +67,16 @@ class SimCLR(nn.Module):
             acc = (logits.argmax(dim=1) == positive).float().mean()  # reference's "contrast_acc"
         return {"loss": loss, "contrast_acc": acc}
 
+    @torch.no_grad()
+    def visualize(self, batch: dict[str, Tensor], denormalize) -> dict[str, Tensor]:
+        """Picture columns (viz.PictureCallback): each image's two views, and the view 2 of the batch whose
+        projection is nearest to its view 1, which is its own second view when the task is solved."""
+        view1, view2 = batch["view1"], batch["view2"]
+        z = nn.functional.normalize(self.head(self.embed(torch.cat([view1, view2]))).float(), dim=1)
+        z1, z2 = z.split(view1.shape[0])
+        nearest = (z1 @ z2.T).argmax(dim=1)  # (n,)
+        return {"view 1": denormalize(view1), "view 2": denormalize(view2),
+                "nearest view 2": denormalize(view2[nearest])}  # fmt: skip
+
     def no_weight_decay(self) -> set[str]:
         return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
