@@ -34,7 +34,7 @@ def demo_root(tmp_path_factory) -> str:
     return os.environ.get("MMSSL_DATA") or str(tmp_path_factory.mktemp("mmssl_data"))
 
 
-def cli(args: list[str], demo_root: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def cli(args: list[str], demo_root: str, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "MMSSL_DATA": demo_root, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(ROOT / "tools" / "pretrain.py"), "--cfg", "simclr_digits", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
