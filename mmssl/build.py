@@ -23,7 +23,7 @@ from mmssl import config as C
 from mmssl.backbones import Backbone, create_backbone
 from mmssl.data.module import ShardDataModule, resolve_shards
 from mmssl.data.shards import SampleDecoder
-from mmssl.data.transforms import CaptionTokens, clip_view, eval_view, llava_view, mae_view
+from mmssl.data.transforms import CaptionTokens, clip_view, eval_view, llava_view, mae_view, simclr_view
 from mmssl.eval.online import KNNMonitor, OnlineLinearProbe
 from mmssl.export import (
     BACKBONE_PREFIX,
@@ -33,7 +33,7 @@ from mmssl.export import (
     read_checkpoint,
     strip_prefix,
 )
-from mmssl.heads import MAEDecoder, mae_init_
+from mmssl.heads import MAEDecoder, ProjectionHead, mae_init_
 from mmssl.lit import LastCheckpoint, PretrainModule, RankReport, SaveParts
 from mmssl.objectives.clip import (
     CLIP,
@@ -43,6 +43,7 @@ from mmssl.objectives.clip import (
     open_clip_text_tower,
 )
 from mmssl.objectives.masked import MaskedModeling
+from mmssl.objectives.simclr import SimCLR
 from mmssl.targets.hog import HOGTarget
 from mmssl.targets.pixels import PixelTarget
 from mmssl.viz import PictureCallback
@@ -193,11 +194,29 @@ def _maskfeat(cfg: DictConfig) -> nn.Module:
     )
 
 
+def _simclr(cfg: DictConfig) -> nn.Module:
+    s, backbone = cfg.simclr, build_backbone(cfg)
+    head = ProjectionHead(
+        backbone.embed_dim,
+        s.proj_hidden_dim or backbone.embed_dim,  # SimCLR §2.1: the hidden layer as wide as h
+        s.proj_out_dim,
+        num_layers=s.proj_num_layers,
+    )
+    return SimCLR(
+        backbone,
+        head,
+        temperature=s.temperature,
+        gather_distributed=s.gather_distributed,
+        channels_last=s.channels_last,
+    )
+
+
 OBJECTIVES: dict[str, Callable[[DictConfig], nn.Module]] = {
     "mae": _mae,
     "llava": _llava,
     "clip": _clip,
     "maskfeat": _maskfeat,
+    "simclr": _simclr,
 }
 
 
@@ -229,11 +248,22 @@ def _clip_views(cfg: DictConfig):
     return train, val
 
 
+def _simclr_views(cfg: DictConfig):
+    # Validation draws the same two random views of held-out images, so val/loss is the same quantity.
+    d, s = cfg.data, cfg.simclr
+    view = simclr_view(
+        _img_size(cfg), tuple(d.crop_scale), d.interpolation, d.hflip, color_jitter=s.color_jitter,
+        blur_p=s.blur_p, mean=tuple(d.mean), std=tuple(d.std),
+    )  # fmt: skip
+    return view, view
+
+
 VIEWS: dict[str, Callable[[DictConfig], tuple]] = {
     "mae": _mae_views,
     "maskfeat": _mae_views,  # RandomResizedCrop(data.crop_scale: 0.5-1 for MaskFeat) + flip, as MAE's
-    "llava": _llava_views,
+    "simclr": _simclr_views,
     "clip": _clip_views,
+    "llava": _llava_views,
 }
 
 
@@ -245,7 +275,6 @@ def build_tokenizer(cfg: DictConfig):
 # Objectives that read captions: name -> caption-to-tokens function run in the data workers.
 TEXT: dict[str, Callable[[DictConfig], Callable]] = {
     "clip": lambda cfg: CaptionTokens(build_tokenizer(cfg)),
-    "maskfeat": _mae_views,  # RandomResizedCrop(data.crop_scale: 0.5-1 for MaskFeat) + flip, as MAE's
 }
 
 

@@ -95,6 +95,19 @@ class MaskFeatConfig:
 
 
 @dataclass
+class SimCLRConfig:
+    temperature: float = 0.1  # SimCLR Table 5: tau = 0.1 is best (4096 negatives)
+    proj_hidden_dim: int | None = None  # None: the backbone width (ResNet-50: 2048 -> 2048 -> 128, §2.1)
+    proj_out_dim: int = 128  # §4.2 / Fig. 8: the output size barely matters; 128
+    proj_num_layers: int = 2  # v1: one hidden layer; SimCLR v2 and MoCo v3 use 3
+    gather_distributed: bool = True  # negatives from every rank's batch, with gradient (the paper's setup)
+    channels_last: bool = True  # NHWC memory format for CNN backbones (ignored for ViTs)
+    color_jitter: float = 1.0  # strength s (Appendix A: 1.0 on ImageNet, 0.5 on CIFAR-10)
+    blur_p: float = 0.5  # Appendix A: Gaussian blur with p=0.5 on ImageNet, none on CIFAR-10
+    # crop area and flip come from data.crop_scale (SimCLR: [0.08, 1.0]), data.interpolation and data.hflip
+
+
+@dataclass
 class OptimConfig:
     name: str = "adamw"  # any timm.optim.create_optimizer_v2 name (adamw, sgd, lars, lamb, ...)
     base_lr: float = 1.5e-4  # MAE Table 8: lr = base_lr x global_batch / 256
@@ -176,6 +189,7 @@ class Config:
     llava: LlavaConfig = objective_section(LlavaConfig)
     clip: CLIPConfig = objective_section(CLIPConfig)
     maskfeat: MaskFeatConfig = objective_section(MaskFeatConfig)
+    simclr: SimCLRConfig = objective_section(SimCLRConfig)
 
 
 @dataclass
@@ -297,6 +311,14 @@ def validate(cfg: DictConfig) -> None:
     check(mf.cell_size >= 1 and mf.nbins >= 1, "maskfeat.cell_size", "cell_size and nbins must be >= 1")
     check(mf.gradient in ("sobel", "central"), "maskfeat.gradient", "must be sobel or central")
     check(mf.gaussian_window >= 0, "maskfeat.gaussian_window", "must be >= 0 (0: none)")
+    check(cfg.simclr.temperature > 0, "simclr.temperature", "must be > 0")
+    check(cfg.simclr.proj_num_layers >= 1, "simclr.proj_num_layers", "must be >= 1")
+    check(0 <= cfg.simclr.blur_p <= 1, "simclr.blur_p", "must be in [0, 1]")
+    check(
+        not (cfg.trainer.sync_batchnorm and cfg.trainer.accelerator == "cpu"),
+        "trainer.sync_batchnorm",
+        "PyTorch's SyncBatchNorm runs on GPUs only; set it false with trainer.accelerator=cpu",
+    )
     check(
         cfg.optim.lr_scaling in ("linear", "sqrt", "none"), "optim.lr_scaling", "must be linear, sqrt or none"
     )

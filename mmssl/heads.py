@@ -1,4 +1,5 @@
-"""Trainable heads that sit on a backbone: the light MAE decoder and the reference initialisation."""
+"""Trainable heads that sit on a backbone: the light MAE decoder and its reference initialisation, and the
+SimCLR projection MLP."""
 
 from __future__ import annotations
 
@@ -73,3 +74,34 @@ def mae_init_(module: nn.Module) -> None:
             m, nn.Conv2d
         ):  # the patch embedding, "like nn.Linear"; its bias keeps torch's default
             nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+
+
+class ProjectionHead(nn.Module):
+    """SimCLR's projection MLP g(h) (Chen et al. 2020, §2.1 and Fig. 8; reference ``model_util.projection_head``).
+
+    ``num_layers`` Linear layers, each followed by BatchNorm; ReLU after all but the last. As in the
+    reference ``linear_layer(use_bn=True)``: no Linear bias (BN follows), and the last BN has a learned scale
+    but no shift (``center=False``), kept here as a zero ``bias`` frozen out of training. ResNet-50: 2048 ->
+    2048 -> 128 (v1, ``num_layers=2``); SimCLR v2 and MoCo v3 use 3 layers.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int = 128, num_layers: int = 2):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"projection head needs at least 1 layer, got num_layers={num_layers}")
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+            linear = nn.Linear(a, b, bias=False)
+            nn.init.normal_(linear.weight, std=0.01)  # reference: random_normal_initializer(stddev=.01)
+            layers += [linear, nn.BatchNorm1d(b)]
+            if i < num_layers - 1:
+                layers.append(nn.ReLU(inplace=True))
+        last_bn = layers[-1]
+        last_bn.bias.requires_grad_(False)  # center=False in the reference: the shift stays 0
+        self.mlp = nn.Sequential(*layers)
+        self.out_dim = out_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, in_dim) -> (B, out_dim)."""
+        return self.mlp(x)

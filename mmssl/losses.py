@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from torch import Tensor
 
@@ -34,3 +36,60 @@ def clip_loss(
         local_loss=True, gather_with_grad=True, rank=dist.rank() if world > 1 else 0, world_size=world
     )
     return loss(image_features, text_features, logit_scale)
+
+
+def nt_xent_logits(
+    z1: Tensor,
+    z2: Tensor,
+    z1_all: Tensor | None = None,
+    z2_all: Tensor | None = None,
+    rank: int = 0,
+    temperature: float = 0.1,
+) -> tuple[Tensor, Tensor]:
+    """SimCLR's contrastive logits (Chen et al. 2020, §2.1 eq. 1; reference ``add_contrastive_loss``).
+
+    z1, z2: (n, D) projections of the two views of this rank's n images; z1_all, z2_all: (N, D) the same for
+    the global batch (all ranks, rank-major, as ``dist.all_gather_with_grad`` returns them; None: this
+    process is the whole batch). Each of the 2n local views is an anchor scored against all 2N views of the
+    global batch except itself; its positive is the other view of the same image, at global index
+    ``rank * n + i``. Returns logits (2n, 2N) with the self-similarity at -inf, and the positive's column.
+    Cosine similarities are computed in fp32 with autocast off: at temperature 0.1 a bf16 dot product would
+    err by about 0.05 in every logit.
+    """
+    if z1_all is None or z2_all is None:
+        z1_all, z2_all = z1, z2
+    n, N = z1.shape[0], z1_all.shape[0]
+    if z2.shape[0] != n or z2_all.shape[0] != N or N < n * (rank + 1):
+        raise ValueError(f"nt_xent: views of unequal size or rank {rank} outside the global batch "
+                         f"(z1 {tuple(z1.shape)}, z2 {tuple(z2.shape)}, global {tuple(z1_all.shape)}, "
+                         f"{tuple(z2_all.shape)})")  # fmt: skip
+    with torch.autocast(device_type=z1.device.type, enabled=False):
+        queries = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2n, D)
+        keys = F.normalize(torch.cat([z1_all, z2_all]).float(), dim=1)  # (2N, D)
+        logits = queries @ keys.T / temperature  # (2n, 2N)
+    own = torch.arange(n, device=z1.device) + rank * n  # global index of each local image
+    self_col = torch.cat([own, own + N])  # view1 anchors sit in the first N columns, view2 in the last N
+    positive = torch.cat([own + N, own])
+    rows = torch.arange(2 * n, device=z1.device)
+    logits = logits.index_put((rows, self_col), torch.tensor(float("-inf"), device=z1.device))
+    return logits, positive
+
+
+def nt_xent(
+    z1: Tensor,
+    z2: Tensor,
+    z1_all: Tensor | None = None,
+    z2_all: Tensor | None = None,
+    rank: int = 0,
+    temperature: float = 0.1,
+) -> Tensor:
+    """NT-Xent: cross-entropy of each local view's positive among all other views of the global batch,
+    averaged over the 2n local anchors (see :func:`nt_xent_logits` for the arguments).
+
+    The reference sums its two directions (``loss_a + loss_b``), twice this value; lightly and most PyTorch
+    code use the mean, as here. Averaged over ranks it equals the loss of one process holding the whole
+    batch, so DDP's gradient averaging reproduces the single-process gradient (the gather's backward sums
+    every rank's gradient into the rank that owns the row).
+    """
+    logits, positive = nt_xent_logits(z1, z2, z1_all, z2_all, rank, temperature)
+    return F.cross_entropy(logits, positive)

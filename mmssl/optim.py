@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -21,11 +21,33 @@ def create_optimizer(
 ) -> Optimizer:
     """timm's optimizer factory with its parameter groups: no weight decay on 1-D parameters (norms, biases)
     nor on the names the module lists in ``no_weight_decay()`` (CLS/mask tokens, position embeddings).
-    Frozen parameters are left out."""
+    Frozen parameters are left out. LARS-type optimizers get :func:`lars_param_groups`."""
     kwargs = {"betas": tuple(betas), "eps": eps} if name.lower() in ("adamw", "adam", "lamb", "lambc") else {}
     if name.lower() in ("sgd", "momentum", "lars", "larc", "nlars", "nlarc"):
         kwargs = {"momentum": momentum}
+    if name.lower() in ("lars", "larc", "nlars", "nlarc"):
+        return create_optimizer_v2(lars_param_groups(module, weight_decay), opt=name, lr=lr, **kwargs)
     return create_optimizer_v2(module, opt=name, lr=lr, weight_decay=weight_decay, **kwargs)
+
+
+def lars_param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """LARS groups as in SimCLR (reference ``LARSOptimizer(exclude_from_weight_decay=['batch_normalization',
+    'bias'])``, whose layer adaptation excludes the same list): BN parameters, biases and ``no_weight_decay()``
+    names get neither weight decay nor the trust-ratio scaling; every other weight gets both.
+
+    timm's ``Lars`` adapts a group only when its weight decay is non-zero unless ``always_adapt``; setting the
+    flag per group keeps the adaptation on the weights even with ``weight_decay=0``. The split is made with a
+    placeholder decay of 1 because timm puts everything in the no-decay group when the decay is 0.
+    timm's trust ratio is eeta ||w|| / (||g|| + wd ||w||) (apex LARC) where the reference divides by
+    ||g + wd w||; at SimCLR's wd = 1e-6 the decay term is negligible next to ||g|| in both.
+    """
+    nwd = getattr(module, "no_weight_decay", lambda: set())()
+    groups = param_groups_weight_decay(module, weight_decay=1.0, no_weight_decay_list=nwd)
+    for group in groups:
+        adapt = group["weight_decay"] > 0
+        group["weight_decay"] = weight_decay if adapt else 0.0
+        group["always_adapt"] = adapt
+    return groups
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:

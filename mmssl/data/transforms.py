@@ -227,3 +227,58 @@ class CaptionTokens:
     def __call__(self, text: str) -> torch.Tensor:
         tokens = self.tokenizer(text)
         return tokens.reshape(-1).long()  # (1, L) -> (L,)
+
+
+class TwoViews:
+    """Two independent draws of one random transform, named ``view1`` and ``view2`` (picklable)."""
+
+    def __init__(self, transform: Callable) -> None:
+        self.transform = transform
+
+    def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
+        return {"view1": self.transform(img), "view2": self.transform(img)}
+
+    def __repr__(self) -> str:
+        return f"TwoViews({self.transform})"
+
+
+def simclr_blur_kernel(img_size: int) -> int:
+    """Reference ``random_blur``: kernel_size = side // 10, made odd as 2 * (kernel_size // 2) + 1."""
+    return 2 * (img_size // 10 // 2) + 1
+
+
+def simclr_view(
+    img_size: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    interpolation: str = "bicubic",
+    hflip: float = 0.5,
+    color_jitter: float = 1.0,
+    color_p: float = 0.8,
+    gray_p: float = 0.2,
+    blur_p: float = 0.5,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> View:
+    """SimCLR's two views (Chen et al. 2020, Appendix A; reference ``data_util.preprocess_for_train``).
+
+    Each view independently: RandomResizedCrop (area 0.08-1, aspect 3/4-4/3, bicubic) + horizontal flip;
+    colour jitter of strength s (brightness, contrast, saturation 0.8s, hue 0.2s, in random order) with
+    p=0.8; grayscale with p=0.2; Gaussian blur with p=0.5, kernel 10% of the side, sigma in [0.1, 2.0]
+    (ImageNet; the paper drops blur on CIFAR: ``blur_p=0``). s = 1 for ImageNet, 0.5 on CIFAR.
+    Returns ``{"view1", "view2"}``.
+    """
+    s = color_jitter
+    ops = [
+        T.RandomResizedCrop(
+            img_size, scale=tuple(scale), interpolation=T.InterpolationMode(interpolation), antialias=True
+        ),
+        T.RandomHorizontalFlip(hflip),
+        T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=color_p),
+        T.RandomGrayscale(gray_p),
+    ]
+    # Colour ops are fastest on PIL images, the blur on a uint8 tensor (on PIL it round-trips through one).
+    ops.append(T.ToImage())
+    kernel = simclr_blur_kernel(img_size)
+    if blur_p > 0 and kernel > 1:  # below 20 px the reference kernel is 1 px wide: no blur at all
+        ops.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p))
+    return TwoViews(T.Compose([*ops, *_to_normalized_tensor(mean, std)]))

@@ -1,0 +1,97 @@
+"""SimCLR training-step throughput: mmssl vs a peer built from timm + lightly, same shapes, same process.
+
+    python benchmarks/bench_simclr_step.py                       # ResNet-18, batch 32, 96 px and 224 px
+    python benchmarks/bench_simclr_step.py --img 96 --batch 64 --bf16
+
+A step is forward of both views + NT-Xent + backward + a LARS update (timm's Lars for both, same groups).
+The peer is the lightly recipe (docs "SimCLR" example): timm ``resnet18`` (num_classes=0), lightly's
+``SimCLRProjectionHead(512, 512, 128)`` and ``NTXentLoss(temperature=0.1)``, each view a separate forward
+pass, NCHW. mmssl runs both views in one pass, channels_last, with its own head and loss. Rounds alternate
+between the two so that machine drift hits both alike; the median round counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import timm
+import torch
+from lightly.loss import NTXentLoss
+from lightly.models.modules import SimCLRProjectionHead
+from torch import nn
+
+from mmssl import config as C
+from mmssl.build import build_objective
+from mmssl.optim import create_optimizer
+
+
+class LightlySimCLR(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = timm.create_model("resnet18", pretrained=False, num_classes=0)
+        self.head = SimCLRProjectionHead(512, 512, 128)
+        self.criterion = NTXentLoss(temperature=0.1)
+
+    def forward(self, batch: dict) -> dict:
+        z0 = self.head(self.backbone(batch["view1"]))
+        z1 = self.head(self.backbone(batch["view2"]))
+        return {"loss": self.criterion(z0, z1)}
+
+
+def mmssl_model(img: int) -> nn.Module:
+    cfg = C.load(
+        "simclr_digits", ["backbone.name=resnet18", f"backbone.img_size={img}", "simclr.temperature=0.1"]
+    )
+    return build_objective(cfg)
+
+
+def time_steps(model: nn.Module, opt, batch: dict, steps: int, bf16: bool) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(batch)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return batch["view1"].shape[0] * steps / (time.perf_counter() - start)
+
+
+def compare(img: int, batch_size: int, steps: int, rounds: int, bf16: bool) -> float:
+    torch.manual_seed(0)
+    batch = {k: torch.randn(batch_size, 3, img, img) for k in ("view1", "view2")}
+    impls = {"mmssl": mmssl_model(img), "timm+lightly": LightlySimCLR()}
+    opts = {k: create_optimizer(m, "lars", lr=0.3, weight_decay=1e-6) for k, m in impls.items()}
+    rates: dict[str, list[float]] = {name: [] for name in impls}
+    for name, model in impls.items():
+        time_steps(model, opts[name], batch, 1, bf16)  # warm-up (oneDNN kernels, allocator)
+    for _ in range(rounds):
+        for name, model in impls.items():
+            rates[name].append(time_steps(model, opts[name], batch, steps, bf16))
+    ours, peer = statistics.median(rates["mmssl"]), statistics.median(rates["timm+lightly"])
+    label = "bf16" if bf16 else "fp32"
+    print(f"{img:4d} px {label}: mmssl {ours:7.2f} img/s | timm+lightly {peer:7.2f} img/s | "
+          f"ratio {ours / peer:.2f}x", flush=True)  # fmt: skip
+    return ours / peer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--img", type=int, nargs="+", default=[96, 224])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=2, help="steps per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--bf16", action="store_true", help="also time bf16 autocast")
+    args = parser.parse_args()
+    print(f"SimCLR ResNet-18 step, batch {args.batch} (x2 views), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")  # fmt: skip
+    for img in args.img:
+        for bf16 in (False, True) if args.bf16 else (False,):
+            compare(img, args.batch, args.steps, args.rounds, bf16)
+
+
+if __name__ == "__main__":
+    main()
