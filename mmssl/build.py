@@ -12,20 +12,24 @@ from datetime import timedelta
 from pathlib import Path
 
 import lightning.pytorch as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mmssl import config as C
 from mmssl.backbones import Backbone, create_backbone
 from mmssl.data.module import ShardDataModule
 from mmssl.data.shards import SampleDecoder
-from mmssl.data.transforms import eval_view, mae_view
+from mmssl.data.transforms import eval_view, igpt_view, mae_view
 from mmssl.heads import MAEDecoder, mae_init_
 from mmssl.lit import LastCheckpoint, PretrainModule, RankReport
+from mmssl.objectives.igpt import ImageGPT
 from mmssl.objectives.masked import MaskedModeling
+from mmssl.sequence import SequenceTransformer
+from mmssl.targets.palette import Palette
 from mmssl.targets.pixels import PixelTarget
 from mmssl.viz import PictureCallback
 
@@ -61,8 +65,43 @@ def _mae(cfg: DictConfig) -> nn.Module:
     return objective
 
 
+def _igpt(cfg: DictConfig) -> nn.Module:
+    g = cfg.igpt
+    # Without a palette file (print-config, or a checkpoint about to be loaded) the palette is a NaN
+    # placeholder of the right size: load_state_dict fills it, and quantising before that raises.
+    palette = Palette.load(C.find_file(g.palette)) if g.palette else Palette.unfitted(g.num_colors)
+    if palette.num_colors != g.num_colors:
+        raise C.ConfigError(
+            f"config key 'igpt.num_colors': {g.num_colors}, but igpt.palette={g.palette!r} has "
+            f"{palette.num_colors} colours"
+        )
+    transformer = SequenceTransformer(
+        g.num_colors,
+        g.resolution**2,
+        embed_dim=g.embed_dim,
+        depth=g.depth,
+        num_heads=g.num_heads,
+        mlp_ratio=g.mlp_ratio,
+        causal=g.mode == "ar",
+        norm=g.norm,
+    )
+    return ImageGPT(
+        transformer,
+        palette,
+        mode=g.mode,
+        mask_prob=g.mask_prob,
+        mean=tuple(cfg.data.mean),
+        std=tuple(cfg.data.std),
+        feature_layer=g.feature_layer,
+        temperature=g.temperature,
+        top_k=g.top_k,
+        num_completions=g.num_completions,
+    )
+
+
 OBJECTIVES: dict[str, Callable[[DictConfig], nn.Module]] = {
     "mae": _mae,
+    "igpt": _igpt,
 }
 
 
@@ -80,13 +119,41 @@ def _mae_views(cfg: DictConfig):
     )
 
 
+def _igpt_views(cfg: DictConfig):
+    d, g = cfg.data, cfg.igpt
+    # Checked here rather than in config.validate: --print-config and checkpoint loading need no palette
+    # file, but a training run does, and this runs before any model is built or process spawned.
+    if not g.palette:
+        raise C.ConfigError(
+            "config key 'igpt.palette': required for training; fit one with tools/fit_palette.py "
+            "(e.g. --shards <train shards> --k 512 --out palette.safetensors) and pass igpt.palette=<file>"
+        )
+    norm = {"interpolation": d.interpolation, "mean": tuple(d.mean), "std": tuple(d.std)}
+    return igpt_view(g.resolution, tuple(g.resize_range), **norm), eval_view(g.resolution, crop_pct=1.0, **norm)
+
+
 VIEWS: dict[str, Callable[[DictConfig], tuple]] = {
     "mae": _mae_views,
+    "igpt": _igpt_views,
 }
 
 
 def build_objective(cfg: DictConfig) -> nn.Module:
     return OBJECTIVES[cfg.objective](cfg)
+
+
+def objective_from_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> nn.Module:
+    """The objective of a pretraining checkpoint (config and weights from the file), in eval mode."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    saved = ckpt["hyper_parameters"]["config"]
+    cfg = OmegaConf.merge(OmegaConf.structured(C.Config), saved, OmegaConf.from_dotlist(list(overrides)))
+    if cfg.objective == "igpt":
+        cfg.igpt.palette = None  # the palette is a buffer in the checkpoint; its file need not exist here
+    C.validate(cfg)
+    objective = build_objective(cfg)
+    state = {k.removeprefix("objective."): v for k, v in ckpt["state_dict"].items()}
+    objective.load_state_dict(state)
+    return objective.eval()
 
 
 def build_datamodule(cfg: DictConfig) -> ShardDataModule:
