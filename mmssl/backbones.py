@@ -124,6 +124,10 @@ def create_backbone(name: str, img_size: int = 224, **timm_kwargs) -> Backbone:
         raise ValueError(f"backbone.name: unknown timm model {name!r}")
     if name in timm.list_models(module="vision_transformer"):
         kwargs["img_size"] = img_size
+    else:
+        vit_only = sorted(set(kwargs) & {"patch_size", "embed_dim", "depth", "num_heads"})
+        if vit_only:
+            raise ValueError(f"backbone.{vit_only[0]}: size overrides apply to ViTs only, not to {name!r}")
     model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
     if isinstance(model, VisionTransformer):
         return ViTBackbone(model)

@@ -21,9 +21,18 @@ from torch import nn
 
 from mmssl import config as C
 from mmssl.backbones import Backbone, create_backbone
-from mmssl.data.module import ShardDataModule
+from mmssl.data.module import ShardDataModule, resolve_shards
 from mmssl.data.shards import SampleDecoder
 from mmssl.data.transforms import eval_view, igpt_view, mae_view
+from mmssl.eval.online import KNNMonitor, OnlineLinearProbe
+from mmssl.export import (
+    BACKBONE_PREFIX,
+    CheckpointError,
+    load_exported,
+    load_state_checked,
+    read_checkpoint,
+    strip_prefix,
+)
 from mmssl.heads import MAEDecoder, mae_init_
 from mmssl.lit import LastCheckpoint, PretrainModule, RankReport
 from mmssl.objectives.igpt import ImageGPT
@@ -144,16 +153,83 @@ def build_objective(cfg: DictConfig) -> nn.Module:
 
 def objective_from_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> nn.Module:
     """The objective of a pretraining checkpoint (config and weights from the file), in eval mode."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    saved = ckpt["hyper_parameters"]["config"]
-    cfg = OmegaConf.merge(OmegaConf.structured(C.Config), saved, OmegaConf.from_dotlist(list(overrides)))
-    if cfg.objective == "igpt":
-        cfg.igpt.palette = None  # the palette is a buffer in the checkpoint; its file need not exist here
-    C.validate(cfg)
+    ckpt = read_checkpoint(path)
+    values = OmegaConf.merge(ckpt["hyper_parameters"]["config"], OmegaConf.from_dotlist(list(overrides)))
+    if values.get("objective") == "igpt":
+        values.igpt.palette = None  # the palette is a buffer in the checkpoint; its file need not exist here
+    try:
+        cfg = C.from_dict(OmegaConf.to_container(values), source=f"config in {path}")
+    except C.ConfigError as e:
+        raise CheckpointError(f"checkpoint {path}: its run config does not load here: {e}") from None
     objective = build_objective(cfg)
     state = {k.removeprefix("objective."): v for k, v in ckpt["state_dict"].items()}
-    objective.load_state_dict(state)
+    load_state_checked(objective, state, f"checkpoint {path}", f"the {cfg.objective!r} objective of its config")
     return objective.eval()
+
+
+def encoder_of(objective: nn.Module, source: str = "objective") -> Backbone:
+    """The objective's encoder (contract: ``objective.backbone``, see objectives/base.py)."""
+    backbone = getattr(objective, "backbone", None)
+    if backbone is None:
+        raise TypeError(f"{source}: {type(objective).__name__} exposes no encoder as .backbone")
+    return backbone
+
+
+def _checkpoint_config(path: str | Path, ckpt: dict) -> DictConfig:
+    try:
+        return C.from_dict(ckpt["hyper_parameters"]["config"], source=f"config in {path}")
+    except C.ConfigError as e:
+        raise CheckpointError(f"checkpoint {path}: its run config does not load here: {e}") from None
+
+
+def load_backbone(path: str | Path) -> tuple[DictConfig, Backbone, dict]:
+    """Lightning checkpoint -> (run config, its encoder with weights, raw checkpoint), for any objective that
+    keeps its encoder at ``.backbone`` (state dict keys ``objective.backbone.model.*``); nothing else is built."""
+    ckpt = read_checkpoint(path)
+    cfg = _checkpoint_config(path, ckpt)
+    state = strip_prefix(ckpt["state_dict"], BACKBONE_PREFIX)
+    if not state:
+        raise CheckpointError(
+            f"checkpoint {path}: no encoder weights under '{BACKBONE_PREFIX}*' (the {cfg.objective!r} objective "
+            "must expose its encoder as .backbone, see objectives/base.py)"
+        )
+    backbone = build_backbone(cfg)
+    what = f"backbone {cfg.backbone.name!r} of its config"
+    load_state_checked(backbone.model, state, f"checkpoint {path}", what)
+    return cfg, backbone.eval(), ckpt
+
+
+def encoder_info(cfg: DictConfig) -> dict:
+    """What an evaluation or export needs to know about a run's images."""
+    d = cfg.data
+    return {
+        "architecture": cfg.backbone.name,
+        "img_size": _img_size(cfg),
+        "mean": list(d.mean),
+        "std": list(d.std),
+        "interpolation": d.interpolation,
+        "crop_pct": 0.875,
+        "objective": cfg.objective,
+    }
+
+
+def load_encoder(path: str | Path, random_init: bool = False, seed: int = 0) -> tuple[Backbone, dict]:
+    """Any trained encoder -> (backbone in eval mode, info): a Lightning ``.ckpt``, an exported
+    ``.safetensors`` (with its ``.json``), or a Hugging Face-style folder. ``random_init`` keeps a Lightning
+    checkpoint's architecture and the objective's own initialisation (seeded) but not its weights."""
+    path = Path(path)
+    if path.suffix == ".ckpt":
+        if random_init:
+            cfg = _checkpoint_config(path, read_checkpoint(path))
+            torch.manual_seed(seed)
+            return encoder_of(build_objective(cfg), str(path)).eval(), encoder_info(cfg)
+        cfg, backbone, _ = load_backbone(path)
+        return backbone, encoder_info(cfg)
+    if random_init:
+        raise CheckpointError(
+            f"{path}: random_init needs a Lightning checkpoint (.ckpt), which holds the config"
+        )
+    return load_exported(path)
 
 
 def build_datamodule(cfg: DictConfig) -> ShardDataModule:
@@ -236,6 +312,29 @@ def _strategy(cfg: DictConfig):
     return t.strategy
 
 
+def eval_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """Online evaluation during pretraining (``eval.*``): a linear head on detached features, periodic kNN."""
+    e, d = cfg.eval, cfg.data
+    callbacks: list[L.Callback] = []
+    if e.online_probe:
+        callbacks.append(OnlineLinearProbe(e.num_classes, lr=e.online_lr))
+    if e.knn_every_n_epochs:
+        view = eval_view(_img_size(cfg), interpolation=d.interpolation, mean=tuple(d.mean), std=tuple(d.std))
+        callbacks.append(
+            KNNMonitor(
+                resolve_shards(e.knn_train_shards, "eval.knn_train_shards"),
+                resolve_shards(e.knn_val_shards, "eval.knn_val_shards"),
+                view,
+                every_n_epochs=e.knn_every_n_epochs,
+                k=e.knn_k,
+                temperature=e.knn_t,
+                batch_size=d.batch_size,
+                label_key=e.label_key,
+            )
+        )
+    return callbacks
+
+
 def build_trainer(cfg: DictConfig, p: Plan) -> L.Trainer:
     t, out = cfg.trainer, run_dir(cfg)
     ckpt_dir = out / "checkpoints"
@@ -249,10 +348,12 @@ def build_trainer(cfg: DictConfig, p: Plan) -> L.Trainer:
             monitor="step",
             mode="max",
             save_last=True,
+            enable_version_counter=False,  # last.ckpt is always the newest state, never last-v1.ckpt
         ),
         LastCheckpoint(ckpt_dir / "last.ckpt"),
         PictureCallback(out / "pictures", cfg.data.mean, cfg.data.std, every_n_steps=t.picture_every_n_steps),
         RankReport(out),
+        *eval_callbacks(cfg),
     ]
     return L.Trainer(
         accelerator=t.accelerator,

@@ -125,6 +125,21 @@ class TrainerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation during pretraining (``eval/online.py``); both monitors are off by default."""
+
+    online_probe: bool = False  # linear head on detached features of every training batch (needs labels)
+    num_classes: int | None = None  # required by online_probe
+    online_lr: float = 1e-3  # AdamW on BatchNorm(affine=False) + Linear, like the offline MAE head
+    knn_every_n_epochs: int = 0  # 0: off; else weighted kNN top-1 on a small labelled split
+    knn_train_shards: str | None = None  # the memory bank, e.g. demo:digits/train
+    knn_val_shards: str | None = None  # the queries, e.g. demo:digits/val
+    knn_k: int = 20  # DINO's kNN: k=20, T=0.07
+    knn_t: float = 0.07
+    label_key: str = "cls"  # tar member holding the class index
+
+
+@dataclass
 class Config:
     name: str = "run"  # run directory: out_dir/name
     out_dir: str = "runs"
@@ -134,8 +149,44 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     mae: MAEConfig = objective_section(MAEConfig)
     igpt: IGPTConfig = objective_section(IGPTConfig)
+
+
+@dataclass
+class ProbeDataConfig:
+    train_shards: str | None = None  # labelled: shards with .cls, a folder of class folders, demo:X
+    val_shards: str | None = None
+    label_key: str = "cls"
+    img_size: int | None = None  # None: the encoder's own (from the checkpoint)
+    crop_pct: float = 0.875  # eval view: resize to img_size / crop_pct, centre crop (MAE: 256 -> 224)
+    batch_size: int = 256  # images per forward pass while extracting features
+    num_workers: int = 4
+    augment_copies: int = 0  # 0: train features of the eval view; K: K augmented passes, epoch e uses e mod K
+    cache_dir: str | None = None  # features cached here (safetensors) and reused when nothing changed
+
+
+@dataclass
+class LinearProbeConfig:
+    """A linear-probe protocol (``tools/linear_probe.py``); ``configs/linprobe_*.yaml`` hold published ones."""
+
+    name: str = "mae"
+    pool: str = "default"  # default (the model's own) | cls | avg
+    layers: list[int] = field(default_factory=lambda: [-1])  # blocks (ViT) / stages (CNN); -1 = last
+    optimizer: str = "lars"  # lars | sgd
+    nesterov: bool = False
+    momentum: float = 0.9
+    base_lrs: list[float] = field(default_factory=lambda: [0.1])  # the grid; lr = base_lr x batch / 256
+    lr_scaling: str = "linear"  # linear | none
+    weight_decay: float = 0.0
+    batch_size: int = 16384
+    epochs: int = 90
+    warmup_epochs: float = 10.0
+    batchnorm: bool = True  # BatchNorm1d(affine=False, eps=1e-6) before the linear layer (MAE)
+    head_init: str = "trunc_normal"  # trunc_normal (std 0.01, MoCo v3 / MAE) | zeros (SimCLR)
+    seed: int = 0
+    data: ProbeDataConfig = field(default_factory=ProbeDataConfig)
 
 
 def objective_names() -> list[str]:
@@ -167,9 +218,11 @@ def resolve_path(name: str) -> Path:
     )
 
 
-def load(cfg: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Defaults <- YAML file <- ``key=value`` overrides, then :func:`validate`."""
-    merged = OmegaConf.structured(Config)
+def load(
+    cfg: str | None = None, overrides: list[str] | tuple[str, ...] = (), schema: type = Config
+) -> DictConfig:
+    """Defaults <- YAML file <- ``key=value`` overrides, then :func:`validate` (or :func:`validate_probe`)."""
+    merged = OmegaConf.structured(schema)
     if cfg:
         path = resolve_path(cfg)
         merged = _merge(merged, OmegaConf.load(path), f"config file {path}")
@@ -177,6 +230,16 @@ def load(cfg: str | None = None, overrides: list[str] | tuple[str, ...] = ()) ->
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.base_lr=3e-4")
         merged = _merge(merged, OmegaConf.from_dotlist([item]), f"override {item!r}")
+    if schema is Config:
+        validate(merged)
+    elif schema is LinearProbeConfig:
+        validate_probe(merged)
+    return merged
+
+
+def from_dict(values: dict, source: str = "checkpoint config") -> DictConfig:
+    """A plain dict (``ckpt["hyper_parameters"]["config"]``) -> validated config; missing keys get defaults."""
+    merged = _merge(OmegaConf.structured(Config), OmegaConf.create(values), source)
     validate(merged)
     return merged
 
@@ -226,6 +289,31 @@ def validate(cfg: DictConfig) -> None:
         "trainer.devices",
         "must be 'auto' or > 0",
     )
+    e = cfg.eval
+    check(not e.online_probe or (e.num_classes or 0) >= 2, "eval.num_classes", "online_probe needs >= 2")
+    check(e.knn_every_n_epochs >= 0, "eval.knn_every_n_epochs", "must be >= 0 (0: off)")
+    for key in ("knn_train_shards", "knn_val_shards"):
+        check(not e.knn_every_n_epochs or bool(e[key]), f"eval.{key}", "required when knn_every_n_epochs > 0")
+    check(e.knn_k >= 1 and e.knn_t > 0, "eval.knn_k", "needs knn_k >= 1 and knn_t > 0")
+
+
+def validate_probe(cfg: DictConfig) -> None:
+    """Value checks for a :class:`LinearProbeConfig`; each error names its key."""
+
+    def check(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"config key '{key}': {msg} (got {OmegaConf.select(cfg, key)!r})")
+
+    check(cfg.pool in ("default", "cls", "avg"), "pool", "must be default, cls or avg")
+    check(len(cfg.layers) > 0, "layers", "needs at least one layer index")
+    check(cfg.optimizer in ("lars", "sgd"), "optimizer", "must be lars or sgd")
+    check(len(cfg.base_lrs) > 0 and min(cfg.base_lrs) > 0, "base_lrs", "needs one or more values > 0")
+    check(cfg.lr_scaling in ("linear", "none"), "lr_scaling", "must be linear or none")
+    check(cfg.batch_size > 0 and cfg.epochs > 0, "batch_size", "batch_size and epochs must be > 0")
+    check(0 <= cfg.warmup_epochs <= cfg.epochs, "warmup_epochs", "must be in [0, epochs]")
+    check(cfg.head_init in ("trunc_normal", "zeros"), "head_init", "must be trunc_normal or zeros")
+    check(0 < cfg.data.crop_pct <= 1, "data.crop_pct", "must be in (0, 1]")
+    check(cfg.data.augment_copies >= 0, "data.augment_copies", "must be >= 0")
 
 
 def _validate_igpt(cfg: DictConfig, check) -> None:

@@ -96,3 +96,34 @@ class PictureCallback(L.Callback):
         pl_module.train(was_training)
         split = "held-out" if self.held_out else "train"
         return save_grid(columns, self.out_dir / filename, f"step {trainer.global_step}, {split} images")
+
+
+def save_embedding_plot(
+    panels: dict[str, tuple[Tensor, Tensor]], path: str | Path, title: str = "", seed: int = 0
+) -> Path:
+    """t-SNE (van der Maaten & Hinton 2008; scikit-learn) of each panel's (N, D) features, points coloured by
+    their (N,) integer labels; one panel per entry, side by side, sharing one legend."""
+    from sklearn.manifold import TSNE
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.2), squeeze=False)
+    cmap = plt.get_cmap("tab10" if max(int(y.max()) for _, y in panels.values()) < 10 else "tab20")
+    for ax, (name, (feats, labels)) in zip(axes[0], panels.items(), strict=True):
+        x = feats.float().numpy()
+        perplexity = min(30.0, (len(x) - 1) / 3)  # scikit-learn requires perplexity < n_samples
+        xy = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+        y = labels.numpy()
+        for c in sorted(set(y.tolist())):
+            ax.scatter(*xy[y == c].T, s=5, color=cmap(c % cmap.N), label=str(c))
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles, names = axes[0, -1].get_legend_handles_labels()
+    fig.legend(handles, names, loc="center right", markerscale=3, fontsize=8, title="label")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 0.94, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -146,3 +146,10 @@ def test_reconstruction_picture_columns():
     assert set(pics) == {"original", "masked", "recon. (true patch μ/σ)"}
     for img in pics.values():
         assert img.shape == (2, 3, 32, 32) and img.min() >= 0 and img.max() <= 1
+
+
+def test_vit_size_overrides_on_a_cnn_name_the_key():
+    from mmssl.backbones import create_backbone
+
+    with pytest.raises(ValueError, match=r"backbone\.embed_dim.*resnet18"):
+        create_backbone("resnet18", img_size=32, embed_dim=64)

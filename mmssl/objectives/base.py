@@ -11,6 +11,10 @@ An objective is a plain ``torch.nn.Module``:
 * Optional ``visualize(batch, denormalize) -> dict[str, Tensor]``: named (B, 3, H, W) images in [0, 1], drawn
   side by side into the run directory; ``denormalize`` maps the batch's normalised images to [0, 1].
 * Optional ``after_optimizer_step() -> None``: called after each optimizer step (e.g. clamping a temperature).
+* ``backbone``: the encoder being pretrained, a ``mmssl.backbones`` backbone (``embed_dim``, ``forward_pooled``,
+  ``forward_tokens``; its timm model at ``.backbone.model``). Every objective that trains an image encoder
+  exposes it under this name: evaluation (``eval/``: features, linear probe, kNN, online probes) and export
+  (``export.py``: the state dict keys ``objective.backbone.model.*`` become the timm weights) rely on it.
 
 Objectives never import Lightning, so they work in any training loop::
 

@@ -1,0 +1,110 @@
+"""The evaluation CLIs end to end on the real digits: tools/digits_table.py (a small version of the README's
+table: it pretrains through tools/pretrain.py with the online probe and kNN monitor on), then
+tools/linear_probe.py, tools/knn.py and tools/export.py on that checkpoint, and 2-process DDP with the online
+evaluation callbacks through the real pretraining CLI."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_MAE = [
+    "backbone.depth=2", "backbone.embed_dim=64", "backbone.num_heads=4", "mae.decoder_embed_dim=32",
+    "mae.decoder_depth=1", "mae.decoder_num_heads=4", "data.num_workers=0", "eval.knn_every_n_epochs=1",
+    "eval.online_lr=1e-2",
+]  # fmt: skip
+
+
+def tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """tools/digits_table.py for MAE with a tiny model: 40 pretraining steps, a 30-epoch probe."""
+    demo_root = os.environ.get("MMSSL_DATA") or str(tmp_path_factory.mktemp("mmssl_data"))
+    os.environ["MMSSL_DATA"] = demo_root  # the pretraining subprocess inherits it
+    out = tmp_path_factory.mktemp("digits")
+    args = ["--objectives", "mae", "--out-dir", str(out), "--pretrain", *TINY_MAE, "trainer.max_steps=40",
+            "--probe", "epochs=30", "--json", str(out / "table.json"), "--tsne", str(out / "tsne.png")]  # fmt: skip
+    code = tool("digits_table").main(args)
+    log = out / "mae" / "pretrain.log"
+    assert code == 0, log.read_text()[-3000:] if log.exists() else "no log"
+    return out
+
+
+@pytest.mark.slow
+def test_digits_table_pretrains_probes_and_draws(digits_run):
+    result = json.loads((digits_run / "table.json").read_text())
+    rows = {r["encoder"]: r for r in result["rows"]}
+    assert set(rows) == {"random init", "pretrained, 40 steps"}
+    for r in rows.values():
+        assert r["linear_top1"] > 50 and r["knn"]["k20_T0.07"] > 30  # chance is 10%
+    assert "| mae | pretrained, 40 steps |" in result["table"]
+    assert (digits_run / "tsne.png").stat().st_size > 20_000
+    # the online evaluation callbacks ran inside the pretraining and logged like any metric
+    with open(digits_run / "mae" / "logs" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    knn = [float(r["val/knn_top1"]) for r in rows if r.get("val/knn_top1")]
+    online = [float(r["train/online_top1"]) for r in rows if r.get("train/online_top1")]
+    assert len(knn) == 3 and all(k > 20 for k in knn)  # epochs 0 and 1, and the last, partial one
+    assert len(online) == 4 and sum(online[-3:]) / 3 > 20  # logged every 10 steps; chance is 10%
+
+
+@pytest.mark.slow
+def test_probe_knn_and_export_clis_on_the_checkpoint(digits_run, tmp_path, capsys):
+    ckpt = digits_run / "mae" / "checkpoints" / "last.ckpt"
+    probe = tool("linear_probe")
+    args = [str(ckpt), "--cfg", "linprobe_digits", "epochs=20", "base_lrs=[10.0,30.0]", "layers=[-1,0]",
+            f"data.cache_dir={tmp_path / 'cache'}", "--json", str(tmp_path / "probe.json")]  # fmt: skip
+    assert probe.main(args) == 0
+    summary = json.loads((tmp_path / "probe.json").read_text())
+    assert [(r["layer"], r["base_lr"]) for r in summary["results"]] == [
+        ("layer0", 10.0), ("layer0", 30.0), ("layer1", 10.0), ("layer1", 30.0)
+    ]  # fmt: skip
+    assert summary["best"]["top1"] > 50 and summary["train_samples"] == 1257 and summary["val_samples"] == 540
+    assert "| layer1 | 30 | 30 |" in capsys.readouterr().out
+    # a missing label key is named
+    bad = [str(ckpt), "--cfg", "linprobe_digits", "epochs=1", "warmup_epochs=0", "data.label_key=nolabel"]
+    assert probe.main(bad) == 2
+    assert "no label under the key '.nolabel'" in capsys.readouterr().err
+
+    assert tool("knn").main([str(ckpt), "--train", "demo:digits/train", "--val", "demo:digits/val",
+                             "--json", str(tmp_path / "knn.json")]) == 0  # fmt: skip
+    knn = json.loads((tmp_path / "knn.json").read_text())["results"]
+    assert [(r["k"], r["T"]) for r in knn] == [(20, 0.07), (200, 0.1)] and knn[0]["top1"] > 30
+
+    out = tmp_path / "exported" / "mae_digits"
+    assert tool("export").main([str(ckpt), "--out", str(out)]) == 0
+    assert '"safetensors": 0.0, "hf_folder": 0.0' in capsys.readouterr().out
+    # the exported encoder probes like the checkpoint it came from (same features, same cache-free result)
+    again = [str(out) + ".safetensors", "--cfg", "linprobe_digits", "epochs=20", "base_lrs=[10.0,30.0]",
+             "layers=[-1,0]", "--json", str(tmp_path / "probe2.json")]  # fmt: skip
+    assert probe.main(again) == 0
+    assert json.loads((tmp_path / "probe2.json").read_text())["results"] == summary["results"]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_with_online_evaluation(tmp_path):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    args = [*TINY_MAE, f"out_dir={tmp_path}", "name=ddp", "data.batch_size=16", "data.samples_per_epoch=192",
+            "trainer.max_steps=12", "trainer.devices=2", "trainer.strategy=ddp", "trainer.ddp_timeout_s=120"]  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "tools" / "pretrain.py"), "--cfg", "mae_digits", *args]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    reports = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["global_step"] for r in reports] == [12, 12]
+    with open(tmp_path / "ddp" / "logs" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert any(r.get("val/knn_top1") for r in rows) and any(r.get("train/online_top1") for r in rows)

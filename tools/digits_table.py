@@ -1,0 +1,181 @@
+"""The README's digits table: linear probe and kNN accuracy on scikit-learn's handwritten digits for every
+objective in ``build.OBJECTIVES``, random initialisation against a brief pretraining, on CPU.
+
+    python tools/digits_table.py --tsne assets/digits_tsne.png --json runs/digits_table/results.json
+
+For each objective NAME it
+1. pretrains with ``configs/NAME_digits.yaml`` (else ``configs/NAME_demo.yaml`` pointed at the digits) through
+   tools/pretrain.py, into ``--out-dir/NAME`` (``--reuse`` keeps an earlier run);
+2. takes two encoders of the same architecture: at the objective's own initialisation (same seed), and
+   pretrained (the run's last.ckpt);
+3. extracts features of ``demo:digits/train`` (1257 real digits) and ``demo:digits/val`` (540) and runs the
+   linear probe of ``configs/linprobe_digits.yaml`` (the MAE protocol at batch 256 with an lr grid; the best
+   lr is picked on val, as the papers' grids do) and weighted kNN (k=20, T=0.07 and k=200, T=0.1).
+Objectives without a recipe, or whose pretraining fails on digits, get a row that says so.
+Prints a Markdown table; ``--tsne`` draws t-SNE maps of the val features for the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mmssl import build
+from mmssl import config as C
+from mmssl.eval.features import fingerprint, split_features
+from mmssl.eval.knn import SETTINGS, knn_accuracy
+from mmssl.eval.linear_probe import best, train_probes
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS = {"train": "demo:digits/train", "val": "demo:digits/val"}
+# Applied when an objective has no NAME_digits.yaml: its demo recipe on the 32 px digits.
+DIGITS_OVERRIDES = [
+    f"data.train_shards={DIGITS['train']}",
+    f"data.val_shards={DIGITS['val']}",
+    "backbone.img_size=32",
+    "data.img_size=null",
+    "trainer.max_epochs=20",
+]
+
+
+def recipe(name: str) -> tuple[str, list[str]] | None:
+    for candidate, extra in ((f"{name}_digits", []), (f"{name}_demo", DIGITS_OVERRIDES)):
+        if (C.CONFIG_DIR / f"{candidate}.yaml").is_file():
+            return candidate, extra
+    return None
+
+
+def pretrain(
+    name: str, cfg_name: str, overrides: list[str], out_dir: Path, reuse: bool
+) -> tuple[Path, float]:
+    run = out_dir / name
+    ckpt = run / "checkpoints" / "last.ckpt"
+    if reuse and ckpt.is_file():
+        return ckpt, float("nan")
+    if run.exists():
+        shutil.rmtree(run)  # a run directory of this tool's own out_dir
+    run.mkdir(parents=True)
+    cmd = [sys.executable, str(ROOT / "tools" / "pretrain.py"), "--cfg", cfg_name, *overrides,
+           f"out_dir={out_dir}", f"name={name}"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    print(f"[{name}] pretraining: {' '.join(cmd[1:])} (log: {run / 'pretrain.log'})", flush=True)
+    start = time.monotonic()
+    with open(run / "pretrain.log", "w") as log:
+        code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    if code != 0 or not ckpt.is_file():
+        tail = (run / "pretrain.log").read_text().strip().splitlines()[-1:] or ["?"]
+        raise RuntimeError(f"pretraining exited with {code}: {tail[0][:200]}")
+    return ckpt, time.monotonic() - start
+
+
+def evaluate(ckpt: Path, random_init: bool, probe: dict, cache: Path, device: str) -> dict:
+    backbone, info = build.load_encoder(ckpt, random_init=random_init, seed=probe["seed"])
+    d = probe["data"]
+    common = dict(
+        encoder_id=f"{fingerprint(ckpt)}:{'random' if random_init else 'trained'}:{probe['seed']}",
+        layers=list(probe["layers"]), pool=probe["pool"], img_size=d["img_size"], crop_pct=d["crop_pct"],
+        batch_size=d["batch_size"], num_workers=d["num_workers"], label_key=d["label_key"], cache_dir=cache,
+        device=device,
+    )  # fmt: skip
+    train = split_features(backbone, info, DIGITS["train"], **common)
+    val = split_features(backbone, info, DIGITS["val"], **common)
+    results = train_probes(
+        train, val, base_lrs=list(probe["base_lrs"]), optimizer=probe["optimizer"], momentum=probe["momentum"],
+        nesterov=probe["nesterov"], weight_decay=probe["weight_decay"], batch_size=probe["batch_size"],
+        epochs=probe["epochs"], warmup_epochs=probe["warmup_epochs"], batchnorm=probe["batchnorm"],
+        head_init=probe["head_init"], lr_scaling=probe["lr_scaling"], seed=probe["seed"], device=device,
+    )  # fmt: skip
+    top = best(results)
+    layer = top.layer
+    knn = knn_accuracy(train.features[layer], train.labels, val.features[layer], val.labels, SETTINGS)
+    return {
+        "linear_top1": top.top1,
+        "linear_base_lr": top.base_lr,
+        "linear_layer": layer,
+        "linear_grid": {f"{r.layer}@{r.base_lr:g}": round(r.top1, 2) for r in results},
+        "knn": {f"k{r['k']}_T{r['T']:g}": r["top1"] for r in knn},
+        "val_features": val.features[layer],
+        "val_labels": val.labels,
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    head = "| objective | encoder | linear probe top-1 | kNN k=20, T=0.07 | kNN k=200, T=0.1 |"
+    lines = [head, "|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['objective']} | — | {r['error']} | | |")
+            continue
+        knn = r["knn"]
+        lines.append(
+            f"| {r['objective']} | {r['encoder']} | {r['linear_top1']:.1f} | {knn['k20_T0.07']:.1f} | "
+            f"{knn['k200_T0.1']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--objectives", nargs="+", default=None, help="default: every objective in build.py")
+    parser.add_argument("--out-dir", default="runs/digits_table")
+    parser.add_argument("--reuse", action="store_true", help="keep existing pretraining runs in --out-dir")
+    parser.add_argument("--probe-cfg", default="linprobe_digits")
+    parser.add_argument(
+        "--pretrain", nargs="*", default=[], metavar="key=value", help="extra pretraining overrides"
+    )
+    parser.add_argument("--probe", nargs="*", default=[], metavar="key=value", help="probe config overrides")
+    parser.add_argument("--tsne", help="write t-SNE maps of the val features here (PNG)")
+    parser.add_argument("--json", help="write every number here")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    out_dir = Path(args.out_dir).resolve()
+    probe = C.to_dict(C.load(args.probe_cfg, args.probe, schema=C.LinearProbeConfig))
+    names = args.objectives or list(build.OBJECTIVES)
+    rows, panels = [], {}
+    for name in names:
+        found = recipe(name)
+        if found is None:
+            rows.append({"objective": name, "error": f"no configs/{name}_digits.yaml or {name}_demo.yaml"})
+            continue
+        try:
+            ckpt, seconds = pretrain(name, found[0], [*found[1], *args.pretrain], out_dir, args.reuse)
+            steps = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+            for random_init in (True, False):
+                result = evaluate(ckpt, random_init, probe, out_dir / "features", args.device)
+                encoder = "random init" if random_init else f"pretrained, {steps} steps"
+                panels[f"{name}: {encoder}"] = (result.pop("val_features"), result.pop("val_labels"))
+                rows.append({"objective": name, "encoder": encoder, "recipe": found[0],
+                             "pretrain_seconds": None if random_init else seconds, **result})  # fmt: skip
+                print(
+                    f"[{name}] {encoder}: linear {result['linear_top1']:.1f}, kNN {result['knn']}", flush=True
+                )
+        except (RuntimeError, ValueError, FileNotFoundError) as e:
+            rows.append({"objective": name, "error": f"failed: {e}"})
+    table = markdown(rows)
+    print(table)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(
+            json.dumps({"rows": rows, "probe": probe, "table": table}, indent=1) + "\n"
+        )
+    if args.tsne and panels:
+        from mmssl.viz import save_embedding_plot
+
+        path = save_embedding_plot(panels, args.tsne, "t-SNE of linear-probe features, digits val split")
+        print(f"t-SNE: {path}")
+    return 1 if any(r.get("error", "").startswith("failed") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
