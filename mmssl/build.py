@@ -151,8 +151,12 @@ def build_objective(cfg: DictConfig) -> nn.Module:
     return OBJECTIVES[cfg.objective](cfg)
 
 
-def objective_from_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> nn.Module:
-    """The objective of a pretraining checkpoint (config and weights from the file), in eval mode."""
+def objective_from_checkpoint(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), random_init: bool = False, seed: int = 0
+) -> nn.Module:
+    """The objective of a pretraining checkpoint (config and weights from the file), in eval mode.
+    ``random_init``: the same architecture at its own (seeded) initialisation, keeping only the checkpoint's
+    buffers that are data rather than learned weights (an iGPT palette): the baseline of a probe."""
     ckpt = read_checkpoint(path)
     values = OmegaConf.merge(ckpt["hyper_parameters"]["config"], OmegaConf.from_dotlist(list(overrides)))
     if values.get("objective") == "igpt":
@@ -161,8 +165,11 @@ def objective_from_checkpoint(path: str | Path, overrides: list[str] | tuple[str
         cfg = C.from_dict(OmegaConf.to_container(values), source=f"config in {path}")
     except C.ConfigError as e:
         raise CheckpointError(f"checkpoint {path}: its run config does not load here: {e}") from None
+    torch.manual_seed(seed)
     objective = build_objective(cfg)
     state = {k.removeprefix("objective."): v for k, v in ckpt["state_dict"].items()}
+    if random_init:
+        state = {**objective.state_dict(), **{k: v for k, v in state.items() if k.startswith("palette.")}}
     load_state_checked(objective, state, f"checkpoint {path}", f"the {cfg.objective!r} objective of its config")
     return objective.eval()
 

@@ -23,8 +23,8 @@ Where it follows the reference, and where it does not:
   producing logits"). Other initial values are model.py's: wte N(0, 0.02), wpe N(0, 0.01), sos N(0, 0.02),
   q/k/v N(0, 1/sqrt(d)), the attention output N(0, 1/sqrt(d * depth)) ("layer-dependent" as in Sparse
   Transformer), MLP N(0, 0.02).
-* Deviation: no KV cache. Sampling reruns the prefix for each new token, like the reference's "naive sampler
-  without caching" (run.py ``sample``); fine for pictures and demos, slow for bulk generation.
+* Sampling keeps a key/value cache (``decode``): each new token costs one position's work instead of a rerun
+  of the whole prefix, as the reference's "naive sampler without caching" (run.py ``sample``) does.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import math
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from timm.layers import QuickGELU, RmsNorm
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
@@ -119,6 +120,33 @@ class SequenceTransformer(nn.Module):
         for blk in self.blocks:
             x = blk(x, is_causal=self.causal)
         return self.head(self.norm(x))
+
+    def decode(self, ids: Tensor, start: int, cache: list[tuple[Tensor, Tensor]] | None = None):
+        """Causal decoding with a key/value cache: logits (B, T - start, V) of positions ``start..T-1`` of the
+        (B, T) ``ids``, given ``cache`` for positions < ``start`` (None when ``start`` = 0); returns the cache
+        for positions < T. Position t's output depends on ids[:, :t] only, so ids[:, -1] may be a placeholder.
+        Either ``start`` = 0 (a prefix pass) or one new position at a time (no mask is then needed)."""
+        if not self.causal:
+            raise ValueError("decode is for the causal (autoregressive) transformer")
+        T = ids.shape[1]
+        if not (start == 0 or T - start == 1) or (start == 0) != (cache is None):
+            raise ValueError(f"decode: a prefix from 0 without a cache, or one position with one (start {start})")
+        x = self.embed(ids)[:, start:]  # (B, n, D): the shifted input embeddings of the new positions
+        new_cache = []
+        for i, blk in enumerate(self.blocks):
+            # timm's Block.forward, written out to reuse and extend the cached keys and values (no layer scale
+            # or drop path here: timm's defaults, which this model uses)
+            a, h = blk.attn, blk.norm1(x)
+            B, n, D = h.shape
+            q, k, v = a.qkv(h).reshape(B, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k = a.q_norm(q), a.k_norm(k)
+            if cache is not None:
+                k, v = torch.cat([cache[i][0], k], dim=2), torch.cat([cache[i][1], v], dim=2)
+            new_cache.append((k, v))
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None)  # (B, H, n, hd)
+            x = x + blk.ls1(a.proj(a.norm(out.transpose(1, 2).reshape(B, n, D))))
+            x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+        return self.head(self.norm(x)), new_cache
 
 
 def sample_logits(

@@ -91,7 +91,8 @@ class ImageGPT(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         # embeddings, like norms and biases, are not decayed (the recipe uses no weight decay at all)
-        return {"transformer.pos_embed", "transformer.sos", "transformer.tok_embed.weight"}
+        names = {"transformer.pos_embed", "transformer.sos", "transformer.tok_embed.weight"}
+        return names & {n for n, _ in self.named_parameters()}  # BERT mode has no sos
 
     # ---- probing -------------------------------------------------------------------------------------
     @staticmethod
@@ -118,6 +119,7 @@ class ImageGPT(nn.Module):
         temperature: float | None = None,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        cache: bool = True,
     ) -> Tensor:
         """Keep the first ``given`` ids of each (B, L) row and sample the rest pixel by pixel (AR) or all at
         once from one bidirectional pass (BERT). Deterministic for a seeded ``generator``."""
@@ -132,10 +134,16 @@ class ImageGPT(nn.Module):
             flat = sample_logits(logits.flatten(0, 1), temperature, top_k, generator)
             out[:, given:] = flat.view(len(out), -1)
             return out
+        if not cache:  # the reference's way: rerun the prefix for every token (kept to test the cache)
+            for t in range(given, out.shape[1]):
+                logits = self.transformer(out[:, : t + 1])[:, t]  # (B, V): depends on out[:, :t] only
+                out[:, t] = sample_logits(logits, temperature, top_k, generator)
+            return out
+        logits, kv = self.transformer.decode(out[:, : given + 1], 0)  # positions 0..given
         for t in range(given, out.shape[1]):
-            # causal and shifted: the output at t depends on ids[:, :t] only, so the prefix up to t suffices
-            logits = self.transformer(out[:, : t + 1])[:, t]  # (B, V)
-            out[:, t] = sample_logits(logits, temperature, top_k, generator)
+            out[:, t] = sample_logits(logits[:, -1], temperature, top_k, generator)
+            if t + 1 < out.shape[1]:
+                logits, kv = self.transformer.decode(out[:, : t + 2], t + 1, kv)  # position t + 1
         return out
 
     @torch.no_grad()
