@@ -138,7 +138,9 @@ def _igpt_views(cfg: DictConfig):
             "(e.g. --shards <train shards> --k 512 --out palette.safetensors) and pass igpt.palette=<file>"
         )
     norm = {"interpolation": d.interpolation, "mean": tuple(d.mean), "std": tuple(d.std)}
-    return igpt_view(g.resolution, tuple(g.resize_range), **norm), eval_view(g.resolution, crop_pct=1.0, **norm)
+    return igpt_view(g.resolution, tuple(g.resize_range), **norm), eval_view(
+        g.resolution, crop_pct=1.0, **norm
+    )
 
 
 VIEWS: dict[str, Callable[[DictConfig], tuple]] = {
@@ -170,7 +172,9 @@ def objective_from_checkpoint(
     state = {k.removeprefix("objective."): v for k, v in ckpt["state_dict"].items()}
     if random_init:
         state = {**objective.state_dict(), **{k: v for k, v in state.items() if k.startswith("palette.")}}
-    load_state_checked(objective, state, f"checkpoint {path}", f"the {cfg.objective!r} objective of its config")
+    load_state_checked(
+        objective, state, f"checkpoint {path}", f"the {cfg.objective!r} objective of its config"
+    )
     return objective.eval()
 
 

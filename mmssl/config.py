@@ -59,7 +59,9 @@ class IGPTConfig:
     palette: str | None = None  # safetensors file from tools/fit_palette.py (path, or relative to the repo)
     num_colors: int = 512  # §"Context Reduction": 9-bit palette, k-means with k = 512
     resolution: int = 32  # images downsampled to resolution x resolution; context = resolution^2 = 1024
-    resize_range: list[float] = field(default_factory=lambda: [256 / 224, 384 / 224])  # shorter side [256, 384]
+    resize_range: list[float] = field(
+        default_factory=lambda: [256 / 224, 384 / 224]
+    )  # shorter side [256, 384]
     embed_dim: int = 512  # iGPT-S: d = 512, L = 24, 8 heads, 76M parameters
     depth: int = 24
     num_heads: int = 8
@@ -326,13 +328,21 @@ def _validate_igpt(cfg: DictConfig, check) -> None:
           "needs [min, max] with 1 <= min <= max (the crop must fit)")  # fmt: skip
     check(g.embed_dim % g.num_heads == 0, "igpt.embed_dim", "must be divisible by igpt.num_heads")
     check(g.norm in ("rmsnorm", "layernorm"), "igpt.norm", "must be rmsnorm or layernorm")
-    check(g.feature_layer is None or 0 <= g.feature_layer <= g.depth, "igpt.feature_layer", "must be in 0..depth")
+    check(
+        g.feature_layer is None or 0 <= g.feature_layer <= g.depth,
+        "igpt.feature_layer",
+        "must be in 0..depth",
+    )
     check(g.temperature >= 0, "igpt.temperature", "must be >= 0")
     check(g.top_k is None or g.top_k >= 1, "igpt.top_k", "must be >= 1")
     if cfg.objective == "igpt":
         check(g.palette is None or find_file(g.palette) is not None, "igpt.palette",
               "no such file; fit one with tools/fit_palette.py")  # fmt: skip
-        check(cfg.data.img_size in (None, g.resolution), "data.img_size", "iGPT uses igpt.resolution; leave unset")
+        check(
+            cfg.data.img_size in (None, g.resolution),
+            "data.img_size",
+            "iGPT uses igpt.resolution; leave unset",
+        )
 
 
 def world_size(cfg: DictConfig) -> int:

@@ -66,8 +66,15 @@ class SequenceTransformer(nn.Module):
         self.sos = nn.Parameter(torch.zeros(embed_dim)) if causal else None
         norm_layer = partial(NORMS[norm], eps=eps)
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=False, proj_bias=False, act_layer=QuickGELU,
-                  norm_layer=norm_layer)  # fmt: skip
+            Block(
+                embed_dim,
+                num_heads,
+                mlp_ratio,
+                qkv_bias=False,
+                proj_bias=False,
+                act_layer=QuickGELU,
+                norm_layer=norm_layer,
+            )  # fmt: skip
             for _ in range(depth)
         )
         self.norm = norm_layer(embed_dim)  # ln_f
@@ -130,7 +137,9 @@ class SequenceTransformer(nn.Module):
             raise ValueError("decode is for the causal (autoregressive) transformer")
         T = ids.shape[1]
         if not (start == 0 or T - start == 1) or (start == 0) != (cache is None):
-            raise ValueError(f"decode: a prefix from 0 without a cache, or one position with one (start {start})")
+            raise ValueError(
+                f"decode: a prefix from 0 without a cache, or one position with one (start {start})"
+            )
         x = self.embed(ids)[:, start:]  # (B, n, D): the shifted input embeddings of the new positions
         new_cache = []
         for i, blk in enumerate(self.blocks):
@@ -150,7 +159,10 @@ class SequenceTransformer(nn.Module):
 
 
 def sample_logits(
-    logits: Tensor, temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """(B, V) logits -> (B,) ids: softmax(logits / temperature) over the ``top_k`` largest; 0 = argmax."""
     if temperature == 0:

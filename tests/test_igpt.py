@@ -14,7 +14,7 @@ from mmssl import config as C
 from mmssl.build import build_objective
 from mmssl.objectives.igpt import ImageGPT
 from mmssl.sequence import SequenceTransformer, sample_logits
-from mmssl.targets.palette import Palette, fit_kmeans, inertia, nearest
+from mmssl.targets.palette import Palette, fit_kmeans, inertia
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
@@ -22,8 +22,12 @@ import fit_palette  # noqa: E402
 import igpt_probe  # noqa: E402
 
 
-def tiny(mode: str = "ar", k: int = 8, side: int = 8, depth: int = 2, palette: Palette | None = None) -> ImageGPT:
-    transformer = SequenceTransformer(k, side * side, embed_dim=32, depth=depth, num_heads=4, causal=mode == "ar")
+def tiny(
+    mode: str = "ar", k: int = 8, side: int = 8, depth: int = 2, palette: Palette | None = None
+) -> ImageGPT:
+    transformer = SequenceTransformer(
+        k, side * side, embed_dim=32, depth=depth, num_heads=4, causal=mode == "ar"
+    )
     if palette is None:
         palette = Palette(torch.linspace(0, 1, k)[:, None].repeat(1, 3))  # k greys
     return ImageGPT(transformer, palette, mode=mode)
@@ -251,9 +255,14 @@ def test_completions_keep_the_top_half_and_are_deterministic_for_a_seed(pretrain
 def test_cached_sampling_equals_rerunning_the_prefix(pretrained, digit_images):
     objective, _, _ = pretrained
     ids = objective.tokens(digit_images[1][0][:2])
-    runs = [objective.complete(ids, 44, generator=torch.Generator().manual_seed(3), cache=c) for c in (True, False)]
+    runs = [
+        objective.complete(ids, 44, generator=torch.Generator().manual_seed(3), cache=c)
+        for c in (True, False)
+    ]
     assert torch.equal(*runs) and torch.equal(runs[0][:, :44], ids[:, :44])
-    assert torch.equal(objective.complete(ids, 0, temperature=0), objective.complete(ids, 0, temperature=0, cache=False))
+    assert torch.equal(
+        objective.complete(ids, 0, temperature=0), objective.complete(ids, 0, temperature=0, cache=False)
+    )
 
 
 def test_layerwise_probe_beats_random_init_at_the_best_layer(pretrained, digit_images):

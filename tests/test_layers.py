@@ -24,7 +24,19 @@ NO_LIGHTNING = {
     "dist",
     "optim",
 }
-DATA_MAY_NOT = {"backbones", "sequence", "heads", "objectives", "targets", "vlm", "lit", "eval", "export", "viz", "build"}
+DATA_MAY_NOT = {
+    "backbones",
+    "sequence",
+    "heads",
+    "objectives",
+    "targets",
+    "vlm",
+    "lit",
+    "eval",
+    "export",
+    "viz",
+    "build",
+}
 
 
 def imports(path: Path) -> set[str]:

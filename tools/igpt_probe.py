@@ -91,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     random_init = objective_from_checkpoint(a.ckpt, random_init=True, seed=a.seed)
-    rows = {"pretrained": layerwise_probe(trained, train, val), "random init": layerwise_probe(random_init, train, val)}
+    rows = {
+        "pretrained": layerwise_probe(trained, train, val),
+        "random init": layerwise_probe(random_init, train, val),
+    }
     print(f"linear probe, {len(train[1])} train / {len(val[1])} val images, {side}x{side}")
     print(table(rows))
     return 0

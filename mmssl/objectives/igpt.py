@@ -55,7 +55,9 @@ class ImageGPT(nn.Module):
         if transformer.causal != (mode == "ar"):
             raise ValueError(f"mode={mode!r} needs a transformer with causal={mode == 'ar'}")
         if palette.num_colors != transformer.vocab_size:
-            raise ValueError(f"palette has {palette.num_colors} colours, transformer {transformer.vocab_size}")
+            raise ValueError(
+                f"palette has {palette.num_colors} colours, transformer {transformer.vocab_size}"
+            )
         self.transformer, self.palette, self.mode, self.mask_prob = transformer, palette, mode, mask_prob
         # The data's normalisation, undone before quantising (the palette lives in [0, 1] RGB).
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1), False)

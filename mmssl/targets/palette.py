@@ -96,7 +96,9 @@ class Palette(nn.Module):
     def load(cls, path: str | Path) -> Palette:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"palette file {path} does not exist (write one with tools/fit_palette.py)")
+            raise FileNotFoundError(
+                f"palette file {path} does not exist (write one with tools/fit_palette.py)"
+            )
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
