@@ -74,7 +74,7 @@ class SequenceTransformer(nn.Module):
                 proj_bias=False,
                 act_layer=QuickGELU,
                 norm_layer=norm_layer,
-            )  # fmt: skip
+            )
             for _ in range(depth)
         )
         self.norm = norm_layer(embed_dim)  # ln_f

@@ -64,7 +64,7 @@ def test_bundled_digits_palette_round_trip_is_small_on_held_out_digits():
     val, _ = igpt_probe.load_labelled("demo:digits/val", "val", 16, (0.0,) * 3, (1.0,) * 3)
     back = palette.dequantize(palette.quantize(val), (16, 16))
     rmse = (back - val).pow(2).mean().sqrt().item()
-    assert rmse < 0.02, rmse  # measured 0.011 (2.8/255): 16 greys for grey digits
+    assert rmse < 0.025, rmse  # measured 0.0176 (4.5/255 per channel): 16 greys for grey digits
     assert palette.metadata["k"] == "16" and "digits" in palette.metadata["fitted_on"]
 
 

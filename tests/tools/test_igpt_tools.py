@@ -56,8 +56,8 @@ def ddp_run(tmp_path_factory):
     cmd = [sys.executable, str(ROOT / "tools" / "pretrain.py"), "--cfg", "igpt_demo", *TINY_IGPT,
            f"igpt.palette={palette}", f"data.train_shards={train}", "data.val_shards=demo:digits/val",
            "trainer.max_steps=8", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
-           "trainer.ddp_timeout_s=60", f"out_dir={out}", "name=ddp"]  # fmt: skip
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
+           "trainer.ddp_timeout_s=300", f"out_dir={out}", "name=ddp"]  # fmt: skip
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     return out / "ddp", res.stdout, palette
 
