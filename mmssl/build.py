@@ -23,7 +23,15 @@ from mmssl import config as C
 from mmssl.backbones import Backbone, create_backbone
 from mmssl.data.module import ShardDataModule, resolve_shards
 from mmssl.data.shards import SampleDecoder
-from mmssl.data.transforms import CaptionTokens, clip_view, eval_view, llava_view, mae_view, simclr_view
+from mmssl.data.transforms import (
+    CaptionTokens,
+    clip_view,
+    eval_view,
+    igpt_view,
+    llava_view,
+    mae_view,
+    simclr_view,
+)
 from mmssl.eval.online import KNNMonitor, OnlineLinearProbe
 from mmssl.export import (
     BACKBONE_PREFIX,
@@ -42,9 +50,12 @@ from mmssl.objectives.clip import (
     open_clip_model,
     open_clip_text_tower,
 )
+from mmssl.objectives.igpt import ImageGPT
 from mmssl.objectives.masked import MaskedModeling
 from mmssl.objectives.simclr import SimCLR
+from mmssl.sequence import SequenceTransformer
 from mmssl.targets.hog import HOGTarget
+from mmssl.targets.palette import Palette
 from mmssl.targets.pixels import PixelTarget
 from mmssl.viz import PictureCallback
 from mmssl.vlm.decoders import load_decoder
@@ -211,12 +222,47 @@ def _simclr(cfg: DictConfig) -> nn.Module:
     )
 
 
+def _igpt(cfg: DictConfig) -> nn.Module:
+    g = cfg.igpt
+    # Without a palette file (print-config, or a checkpoint about to be loaded) the palette is a NaN
+    # placeholder of the right size: load_state_dict fills it, and quantising before that raises.
+    palette = Palette.load(C.find_file(g.palette)) if g.palette else Palette.unfitted(g.num_colors)
+    if palette.num_colors != g.num_colors:
+        raise C.ConfigError(
+            f"config key 'igpt.num_colors': {g.num_colors}, but igpt.palette={g.palette!r} has "
+            f"{palette.num_colors} colours"
+        )
+    transformer = SequenceTransformer(
+        g.num_colors,
+        g.resolution**2,
+        embed_dim=g.embed_dim,
+        depth=g.depth,
+        num_heads=g.num_heads,
+        mlp_ratio=g.mlp_ratio,
+        causal=g.mode == "ar",
+        norm=g.norm,
+    )
+    return ImageGPT(
+        transformer,
+        palette,
+        mode=g.mode,
+        mask_prob=g.mask_prob,
+        mean=tuple(cfg.data.mean),
+        std=tuple(cfg.data.std),
+        feature_layer=g.feature_layer,
+        temperature=g.temperature,
+        top_k=g.top_k,
+        num_completions=g.num_completions,
+    )
+
+
 OBJECTIVES: dict[str, Callable[[DictConfig], nn.Module]] = {
     "mae": _mae,
     "llava": _llava,
     "clip": _clip,
     "maskfeat": _maskfeat,
     "simclr": _simclr,
+    "igpt": _igpt,
 }
 
 
@@ -258,12 +304,28 @@ def _simclr_views(cfg: DictConfig):
     return view, view
 
 
+def _igpt_views(cfg: DictConfig):
+    d, g = cfg.data, cfg.igpt
+    # Checked here rather than in config.validate: --print-config and checkpoint loading need no palette
+    # file, but a training run does, and this runs before any model is built or process spawned.
+    if not g.palette:
+        raise C.ConfigError(
+            "config key 'igpt.palette': required for training; fit one with tools/fit_palette.py "
+            "(e.g. --shards <train shards> --k 512 --out palette.safetensors) and pass igpt.palette=<file>"
+        )
+    norm = {"interpolation": d.interpolation, "mean": tuple(d.mean), "std": tuple(d.std)}
+    return igpt_view(g.resolution, tuple(g.resize_range), **norm), eval_view(
+        g.resolution, crop_pct=1.0, **norm
+    )
+
+
 VIEWS: dict[str, Callable[[DictConfig], tuple]] = {
     "mae": _mae_views,
     "maskfeat": _mae_views,  # RandomResizedCrop(data.crop_scale: 0.5-1 for MaskFeat) + flip, as MAE's
     "simclr": _simclr_views,
     "clip": _clip_views,
     "llava": _llava_views,
+    "igpt": _igpt_views,
 }
 
 
@@ -280,6 +342,31 @@ TEXT: dict[str, Callable[[DictConfig], Callable]] = {
 
 def build_objective(cfg: DictConfig) -> nn.Module:
     return OBJECTIVES[cfg.objective](cfg)
+
+
+def objective_from_checkpoint(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), random_init: bool = False, seed: int = 0
+) -> nn.Module:
+    """The objective of a pretraining checkpoint (config and weights from the file), in eval mode.
+    ``random_init``: the same architecture at its own (seeded) initialisation, keeping only the checkpoint's
+    buffers that are data rather than learned weights (an iGPT palette): the baseline of a probe."""
+    ckpt = read_checkpoint(path)
+    values = OmegaConf.merge(ckpt["hyper_parameters"]["config"], OmegaConf.from_dotlist(list(overrides)))
+    if values.get("objective") == "igpt":
+        values.igpt.palette = None  # the palette is a buffer in the checkpoint; its file need not exist here
+    try:
+        cfg = C.from_dict(OmegaConf.to_container(values), source=f"config in {path}")
+    except C.ConfigError as e:
+        raise CheckpointError(f"checkpoint {path}: its run config does not load here: {e}") from None
+    torch.manual_seed(seed)
+    objective = build_objective(cfg)
+    state = {k.removeprefix("objective."): v for k, v in ckpt["state_dict"].items()}
+    if random_init:
+        state = {**objective.state_dict(), **{k: v for k, v in state.items() if k.startswith("palette.")}}
+    load_state_checked(
+        objective, state, f"checkpoint {path}", f"the {cfg.objective!r} objective of its config"
+    )
+    return objective.eval()
 
 
 def encoder_of(objective: nn.Module, source: str = "objective") -> Backbone:

@@ -108,6 +108,29 @@ class SimCLRConfig:
 
 
 @dataclass
+class IGPTConfig:
+    """iGPT (Chen et al. 2020); defaults are iGPT-S at 32x32 with the 9-bit palette (configs/igpt_s32.yaml)."""
+
+    mode: str = "ar"  # ar: next-pixel prediction | bert: masked-pixel prediction (§"Pre-training")
+    palette: str | None = None  # safetensors file from tools/fit_palette.py (path, or relative to the repo)
+    num_colors: int = 512  # §"Context Reduction": 9-bit palette, k-means with k = 512
+    resolution: int = 32  # images downsampled to resolution x resolution; context = resolution^2 = 1024
+    resize_range: list[float] = field(
+        default_factory=lambda: [256 / 224, 384 / 224]
+    )  # shorter side [256, 384]
+    embed_dim: int = 512  # iGPT-S: d = 512, L = 24, 8 heads, 76M parameters
+    depth: int = 24
+    num_heads: int = 8
+    mlp_ratio: float = 4.0
+    norm: str = "rmsnorm"  # the reference's norm (no centring, no bias) | layernorm (GPT-2's)
+    mask_prob: float = 0.15  # BERT: 15% of tokens masked (run.py --bert_mask_prob)
+    feature_layer: int | None = None  # probe features from this block's output; None: depth // 2
+    temperature: float = 1.0  # completions in pictures: sampling temperature (0 = argmax) and top-k
+    top_k: int | None = None
+    num_completions: int = 2
+
+
+@dataclass
 class OptimConfig:
     name: str = "adamw"  # any timm.optim.create_optimizer_v2 name (adamw, sgd, lars, lamb, ...)
     base_lr: float = 1.5e-4  # MAE Table 8: lr = base_lr x global_batch / 256
@@ -190,6 +213,7 @@ class Config:
     clip: CLIPConfig = objective_section(CLIPConfig)
     maskfeat: MaskFeatConfig = objective_section(MaskFeatConfig)
     simclr: SimCLRConfig = objective_section(SimCLRConfig)
+    igpt: IGPTConfig = objective_section(IGPTConfig)
 
 
 @dataclass
@@ -229,6 +253,14 @@ class LinearProbeConfig:
 
 def objective_names() -> list[str]:
     return [f.name for f in fields(Config) if f.metadata.get("objective")]
+
+
+def find_file(path: str) -> Path | None:
+    """A data file named in a config (e.g. ``igpt.palette``): as given, else relative to the repository."""
+    for candidate in (Path(path), CONFIG_DIR.parent / path):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def resolve_path(name: str) -> Path:
@@ -339,6 +371,7 @@ def validate(cfg: DictConfig) -> None:
     check(cfg.trainer.max_epochs > 0, "trainer.max_epochs", "must be > 0")
     check(cfg.trainer.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", "must be >= 1")
     check(cfg.trainer.ckpt_every_n_steps > 0, "trainer.ckpt_every_n_steps", "must be > 0")
+    _validate_igpt(cfg, check)
     devices = cfg.trainer.devices
     check(
         devices == "auto" or (isinstance(devices, int) and devices > 0),
@@ -389,6 +422,33 @@ def _validate_clip(cfg: DictConfig, check) -> None:
         check(local, f"clip.{key}", f"not an existing local file; {hub}")
     # Left and right are part of captions ("at the top left"); open_clip's train transform has no flip.
     check(cfg.data.hflip == 0, "data.hflip", "CLIP trains without flips (open_clip's transform has none): 0")
+
+
+def _validate_igpt(cfg: DictConfig, check) -> None:
+    g = cfg.igpt
+    check(g.mode in ("ar", "bert"), "igpt.mode", "must be ar or bert")
+    check(0.0 < g.mask_prob < 1.0, "igpt.mask_prob", "must be in (0, 1)")
+    check(g.num_colors >= 2, "igpt.num_colors", "must be >= 2")
+    check(g.resolution >= 2, "igpt.resolution", "must be >= 2")
+    check(len(g.resize_range) == 2 and 1.0 <= g.resize_range[0] <= g.resize_range[1], "igpt.resize_range",
+          "needs [min, max] with 1 <= min <= max (the crop must fit)")  # fmt: skip
+    check(g.embed_dim % g.num_heads == 0, "igpt.embed_dim", "must be divisible by igpt.num_heads")
+    check(g.norm in ("rmsnorm", "layernorm"), "igpt.norm", "must be rmsnorm or layernorm")
+    check(
+        g.feature_layer is None or 0 <= g.feature_layer <= g.depth,
+        "igpt.feature_layer",
+        "must be in 0..depth",
+    )
+    check(g.temperature >= 0, "igpt.temperature", "must be >= 0")
+    check(g.top_k is None or g.top_k >= 1, "igpt.top_k", "must be >= 1")
+    if cfg.objective == "igpt":
+        check(g.palette is None or find_file(g.palette) is not None, "igpt.palette",
+              "no such file; fit one with tools/fit_palette.py")  # fmt: skip
+        check(
+            cfg.data.img_size in (None, g.resolution),
+            "data.img_size",
+            "iGPT uses igpt.resolution; leave unset",
+        )
 
 
 def world_size(cfg: DictConfig) -> int:

@@ -6,7 +6,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LEVELS = {
     "config": 0, "ops": 0, "dist": 0, "optim": 0,
-    "backbones": 1, "heads": 1, "losses": 1, "targets": 1,
+    "backbones": 1, "heads": 1, "losses": 1, "targets": 1, "sequence": 1,
     "objectives": 2, "vlm": 2,
     "lit": 3, "data": 3, "eval": 3, "export": 3, "viz": 3,
     "build": 4,
@@ -16,6 +16,7 @@ NO_LIGHTNING = {
     "targets",
     "vlm",
     "backbones",
+    "sequence",
     "heads",
     "losses",
     "ops",
@@ -23,7 +24,19 @@ NO_LIGHTNING = {
     "dist",
     "optim",
 }
-DATA_MAY_NOT = {"backbones", "heads", "objectives", "targets", "vlm", "lit", "eval", "export", "viz", "build"}
+DATA_MAY_NOT = {
+    "backbones",
+    "sequence",
+    "heads",
+    "objectives",
+    "targets",
+    "vlm",
+    "lit",
+    "eval",
+    "export",
+    "viz",
+    "build",
+}
 
 
 def imports(path: Path) -> set[str]:

@@ -282,3 +282,39 @@ def simclr_view(
     if blur_p > 0 and kernel > 1:  # below 20 px the reference kernel is 1 px wide: no blur at all
         ops.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p))
     return TwoViews(T.Compose([*ops, *_to_normalized_tensor(mean, std)]))
+
+
+def igpt_view(
+    resolution: int,
+    resize_range: tuple[float, float] = (256 / 224, 384 / 224),
+    interpolation: str = "bicubic",
+    mean: Sequence[float] = (0.0, 0.0, 0.0),
+    std: Sequence[float] = (1.0, 1.0, 1.0),
+) -> View:
+    """iGPT pretraining view (Chen et al. 2020, §"Dataset and Data Augmentation"): the shorter side is resized
+    to a random length in [256, 384], a random 224 x 224 crop is taken and downsampled to the input
+    resolution (32 x 32 for iGPT-S). Here the crop is cut at the target resolution directly (shorter side to
+    ``resolution`` x U[256/224, 384/224], random ``resolution`` crop): the same crop geometry with one
+    antialiased resize instead of two. No flip, no colour change (the palette quantises the colours).
+
+    ``mean``/``std`` default to none at all (pixels in [0, 1]); the iGPT objective undoes whatever is used
+    before quantising. Evaluation: ``eval_view(resolution, crop_pct=1.0)`` (shorter side to the resolution,
+    centre crop), as the paper's "shorter side 224, centre 224 crop" before downsampling.
+    """
+    lo, hi = resize_range
+    if not 1.0 <= lo <= hi:
+        raise ValueError(f"resize_range must satisfy 1 <= min <= max (the crop must fit), got {resize_range}")
+    return ImageView(
+        T.Compose(
+            [
+                T.RandomResize(
+                    round(resolution * lo),
+                    round(resolution * hi) + 1,  # max_size is exclusive
+                    interpolation=T.InterpolationMode(interpolation),
+                    antialias=True,
+                ),
+                T.RandomCrop(resolution),
+                *_to_normalized_tensor(mean, std),
+            ]
+        )
+    )

@@ -1,0 +1,121 @@
+"""iGPT speed against Hugging Face's ``ImageGPTForCausalImageModeling`` (the port of openai/image-gpt) at the
+same size, with the same weights, in the same process:
+
+* a training step: forward, next-pixel cross-entropy, backward (``mmssl.sequence.SequenceTransformer``: timm
+  blocks on torch's fused ``scaled_dot_product_attention(is_causal=True)``; HF: its own eager attention);
+* completing the bottom half of images: ``ImageGPT.complete`` (key/value cache) vs HF ``generate`` (sampling,
+  ``use_cache=True``), the same number of new tokens.
+
+    python benchmarks/bench_igpt.py                         # d=128, 4 blocks, 16x16 (256 tokens), batch 4
+    python benchmarks/bench_igpt.py --side 32 --dim 512 --depth 8 --batch 16   # on a GPU: --device cuda
+
+Rounds alternate between the two sides so machine drift hits both alike; the median of the rounds counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
+
+from mmssl.objectives.igpt import ImageGPT
+from mmssl.sequence import SequenceTransformer
+from mmssl.targets.palette import Palette
+
+
+def hf_twin(ours: SequenceTransformer, num_heads: int) -> ImageGPTForCausalImageModeling:
+    """HF ImageGPT with our weights (sos = the extra last token id; zero biases, as the reference has none)."""
+    k, L, d = ours.vocab_size, ours.seq_len, ours.embed_dim
+    cfg = ImageGPTConfig(vocab_size=k + 1, n_positions=L, n_embd=d, n_layer=ours.depth, n_head=num_heads,
+                         activation_function="quick_gelu", tie_word_embeddings=False)  # fmt: skip
+    hf = ImageGPTForCausalImageModeling(cfg)
+    sd = hf.state_dict()
+    sd["transformer.wte.weight"] = torch.cat([ours.tok_embed.weight, ours.sos[None]]).detach()
+    sd["transformer.wpe.weight"] = ours.pos_embed[0].detach()
+    sd["transformer.ln_f.weight"] = ours.norm.weight.detach()
+    sd["lm_head.weight"] = ours.head.weight.detach()  # untied from wte
+    for i, blk in enumerate(ours.blocks):
+        p = f"transformer.h.{i}."
+        sd[p + "ln_1.weight"], sd[p + "ln_2.weight"] = blk.norm1.weight.detach(), blk.norm2.weight.detach()
+        sd[p + "attn.c_attn.weight"] = blk.attn.qkv.weight.T.detach()
+        sd[p + "attn.c_proj.weight"] = blk.attn.proj.weight.T.detach()
+        sd[p + "mlp.c_fc.weight"] = blk.mlp.fc1.weight.T.detach()
+        sd[p + "mlp.c_proj.weight"] = blk.mlp.fc2.weight.T.detach()
+        for name in ("attn.c_attn.bias", "attn.c_proj.bias", "mlp.c_fc.bias", "mlp.c_proj.bias"):
+            sd[p + name].zero_()
+    hf.load_state_dict(sd)
+    return hf
+
+
+def timed(fn, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--side", type=int, default=16)
+    p.add_argument("--colors", type=int, default=16)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    L, dev = a.side**2, a.device
+    ours = SequenceTransformer(a.colors, L, a.dim, a.depth, a.heads, causal=True)
+    torch.nn.init.normal_(ours.head.weight, std=0.02)
+    hf = hf_twin(ours, a.heads).to(dev)
+    ours = ours.to(dev)
+    objective = ImageGPT(ours, Palette(torch.rand(a.colors, 3)), temperature=1.0).to(dev).eval()
+    hf.eval()
+    ids = torch.randint(0, a.colors, (a.batch, L), device=dev)
+    hf_ids = torch.cat([torch.full((a.batch, 1), a.colors, device=dev), ids[:, :-1]], 1)  # sos first
+    given = L // 2
+
+    def ours_step():
+        F.cross_entropy(ours(ids).flatten(0, 1), ids.flatten()).backward()
+
+    def hf_step():
+        F.cross_entropy(hf(hf_ids).logits.flatten(0, 1), ids.flatten()).backward()
+
+    def ours_sample():
+        objective.complete(ids, given, generator=torch.Generator(dev).manual_seed(0))
+
+    def hf_sample():
+        with torch.no_grad():
+            hf.generate(hf_ids[:, : given + 1], max_new_tokens=L - given, do_sample=True, top_k=0,
+                        pad_token_id=a.colors, use_cache=True)  # fmt: skip
+
+    with torch.no_grad():
+        diff = (ours(ids) - hf(hf_ids).logits).abs().max().item()
+    print(f"same weights: max |logit difference| {diff:.2e}")
+    print(f"{a.depth} blocks, width {a.dim}, {a.heads} heads, {L} tokens, batch {a.batch}, {dev}")
+    for name, mine, theirs in (("train step", ours_step, hf_step), ("complete half", ours_sample, hf_sample)):
+        mine(), theirs()  # warm-up
+        t_ours, t_hf = [], []
+        for _ in range(a.rounds):
+            t_ours.append(timed(mine, dev))
+            t_hf.append(timed(theirs, dev))
+        mo, mh = statistics.median(t_ours), statistics.median(t_hf)
+        print(
+            f"{name:>14}: mmssl {mo * 1e3:8.1f} ms   transformers {mh * 1e3:8.1f} ms   speed-up x{mh / mo:.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""iGPT: palette, sequence transformer, both objectives, sampling, probe features (Chen et al. 2020)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from mmssl import config as C
+from mmssl.build import build_objective
+from mmssl.objectives.igpt import ImageGPT
+from mmssl.sequence import SequenceTransformer, sample_logits
+from mmssl.targets.palette import Palette, fit_kmeans, inertia
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+import fit_palette  # noqa: E402
+import igpt_probe  # noqa: E402
+
+
+def tiny(
+    mode: str = "ar", k: int = 8, side: int = 8, depth: int = 2, palette: Palette | None = None
+) -> ImageGPT:
+    transformer = SequenceTransformer(
+        k, side * side, embed_dim=32, depth=depth, num_heads=4, causal=mode == "ar"
+    )
+    if palette is None:
+        palette = Palette(torch.linspace(0, 1, k)[:, None].repeat(1, 3))  # k greys
+    return ImageGPT(transformer, palette, mode=mode)
+
+
+def randomise_head(objective: ImageGPT) -> None:
+    # the logits projection starts at zero (paper); tests of what the outputs depend on need it non-zero
+    nn.init.normal_(objective.transformer.head.weight, std=0.5)
+
+
+# ---- palette -----------------------------------------------------------------------------------------------
+def test_quantize_is_one_vectorised_nearest_centre_search():
+    centroids = torch.rand(37, 3)
+    images = torch.rand(5, 3, 6, 7)
+    ids = Palette(centroids).quantize(images)
+    assert ids.shape == (5, 42) and ids.dtype == torch.int64
+    pixels = images.permute(0, 2, 3, 1).reshape(-1, 3)  # raster order: row after row
+    brute = torch.stack([((centroids - p) ** 2).sum(1).argmin() for p in pixels]).view(5, 42)
+    assert torch.equal(ids, brute)
+    back = Palette(centroids).dequantize(ids, (6, 7))
+    assert torch.equal(back[2, :, 3, 4], centroids[ids[2, 3 * 7 + 4]])
+
+
+@pytest.fixture(scope="module")
+def digit_images():
+    """Demo digits (scikit-learn's load_digits) at 8x8 in [0, 1], with labels: train and val."""
+    train = igpt_probe.load_labelled("demo:digits/train", "train", 8, (0.0,) * 3, (1.0,) * 3)
+    val = igpt_probe.load_labelled("demo:digits/val", "val", 8, (0.0,) * 3, (1.0,) * 3)
+    return train, val
+
+
+def test_bundled_digits_palette_round_trip_is_small_on_held_out_digits():
+    palette = Palette.load(ROOT / "assets" / "palettes" / "digits16.safetensors")
+    val, _ = igpt_probe.load_labelled("demo:digits/val", "val", 16, (0.0,) * 3, (1.0,) * 3)
+    back = palette.dequantize(palette.quantize(val), (16, 16))
+    rmse = (back - val).pow(2).mean().sqrt().item()
+    assert rmse < 0.025, rmse  # measured 0.0176 (4.5/255 per channel): 16 greys for grey digits
+    assert palette.metadata["k"] == "16" and "digits" in palette.metadata["fitted_on"]
+
+
+def test_kmeans_on_real_photo_pixels_matches_sklearn_and_round_trips_held_out_photos():
+    from sklearn.cluster import KMeans
+
+    pixels, _ = fit_palette.sample_pixels("demo:photos/train", "train", 32, 150, 32, 0, "bicubic")
+    val, _ = fit_palette.sample_pixels("demo:photos/val", "val", 32, 100, 32, 1, "bicubic")
+    ours = fit_kmeans(pixels, k=64, iters=100, batch_size=2048, progress=False)
+    ref = KMeans(64, n_init=1, random_state=0).fit(pixels.numpy())
+    ref_inertia = ref.inertia_ / len(pixels)
+    assert inertia(pixels, ours) < 1.1 * ref_inertia  # as good as full-batch Lloyd to 10%
+    rmse = math.sqrt(inertia(val, ours) / 3)  # per channel, on photos never used for fitting
+    assert rmse < 0.08, rmse  # measured 0.056 (14/255) with 64 colours on the held-out photo sources
+
+
+def test_palette_file_round_trip_and_refusals(tmp_path):
+    palette = Palette(torch.rand(8, 3))
+    path = palette.save(tmp_path / "p.safetensors", fitted_on="x")
+    again = Palette.load(path)
+    assert torch.equal(again.centroids, palette.centroids) and again.metadata["fitted_on"] == "x"
+    from safetensors.torch import save_file
+
+    save_file({"centroids": torch.rand(8, 3)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not an mmssl palette"):
+        Palette.load(tmp_path / "other.safetensors")
+    with pytest.raises(FileNotFoundError, match="fit_palette"):
+        Palette.load(tmp_path / "missing.safetensors")
+    with pytest.raises(RuntimeError, match="not fitted"):
+        Palette.unfitted(8).quantize(torch.rand(1, 3, 2, 2))
+
+
+# ---- the transformer ---------------------------------------------------------------------------------------
+def test_ar_output_before_t_ignores_token_t_and_after_sees_it():
+    objective = tiny("ar").eval()
+    randomise_head(objective)
+    ids = torch.randint(0, 8, (2, 64))
+    t = 20
+    changed = ids.clone()
+    changed[:, t] = (ids[:, t] + 3) % 8
+    a, b = objective.transformer(ids), objective.transformer(changed)
+    torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], rtol=0, atol=1e-6)  # outputs 0..t predict 0..t
+    assert (a[:, t + 1 :] - b[:, t + 1 :]).abs().amax(-1).min() > 1e-4  # every later output changes
+
+
+def test_bert_sees_every_unmasked_token_and_no_masked_one():
+    objective = tiny("bert").eval()
+    randomise_head(objective)
+    ids = torch.randint(0, 8, (1, 64))
+    keep = torch.rand(1, 64) > 0.15
+    keep[0, 10], keep[0, 40] = True, False
+    base = objective.transformer(ids, keep=keep)
+    for t, visible in ((10, True), (40, False)):
+        changed = ids.clone()
+        changed[0, t] = (ids[0, t] + 3) % 8
+        diff = (objective.transformer(changed, keep=keep) - base).abs().amax(-1)[0]  # (L,)
+        if visible:
+            assert diff.min() > 1e-5  # every position, before and after t, sees token t
+        else:
+            assert diff.max() == 0  # a masked token's id is invisible everywhere
+
+
+def test_matches_transformers_imagegpt_logits():
+    """Parity with Hugging Face's port of openai/image-gpt (independent code): copy the weights across."""
+    from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
+
+    k, L, d = 8, 16, 32
+    ours = SequenceTransformer(k, L, embed_dim=d, depth=2, num_heads=4, causal=True).eval()
+    nn.init.normal_(ours.head.weight, std=0.5)
+    for blk in ours.blocks:  # non-trivial gains
+        nn.init.normal_(blk.norm1.weight, 1.0, 0.2)
+        nn.init.normal_(blk.norm2.weight, 1.0, 0.2)
+    cfg = ImageGPTConfig(vocab_size=k + 1, n_positions=L, n_embd=d, n_layer=2, n_head=4,
+                         activation_function="quick_gelu", tie_word_embeddings=False)  # fmt: skip
+    hf = ImageGPTForCausalImageModeling(cfg).eval()
+    sd = {"transformer.wpe.weight": ours.pos_embed[0], "lm_head.weight": ours.head.weight,
+          "transformer.wte.weight": torch.cat([ours.tok_embed.weight, ours.sos[None]]),  # sos = id k
+          "transformer.ln_f.weight": ours.norm.weight}  # fmt: skip
+    for i, blk in enumerate(ours.blocks):
+        p = f"transformer.h.{i}."
+        sd |= {p + "ln_1.weight": blk.norm1.weight, p + "ln_2.weight": blk.norm2.weight,
+               p + "attn.c_attn.weight": blk.attn.qkv.weight.T, p + "attn.c_proj.weight": blk.attn.proj.weight.T,
+               p + "mlp.c_fc.weight": blk.mlp.fc1.weight.T, p + "mlp.c_proj.weight": blk.mlp.fc2.weight.T}  # fmt: skip
+        for name in ("attn.c_attn.bias", "attn.c_proj.bias", "mlp.c_fc.bias", "mlp.c_proj.bias"):
+            sd[p + name] = torch.zeros_like(hf.state_dict()[p + name])  # the reference has no biases
+    missing, _ = hf.load_state_dict({k_: v.detach() for k_, v in sd.items()}, strict=False)
+    assert not [m for m in missing if "attn.bias" not in m and "masked_bias" not in m], missing
+    ids = torch.randint(0, k, (3, L))
+    with torch.no_grad():
+        ref = hf(torch.cat([torch.full((3, 1), k), ids[:, :-1]], 1)).logits
+        torch.testing.assert_close(ours(ids), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["ar", "bert"])
+def test_loss_is_log_k_at_init_and_every_parameter_gets_a_gradient(mode):
+    objective = tiny(mode)
+    out = objective({"image": torch.rand(4, 3, 8, 8)})
+    assert math.isclose(out["loss"].item(), math.log(8), rel_tol=1e-5)  # zero-initialised logits: uniform
+    randomise_head(objective)
+    objective({"image": torch.rand(4, 3, 8, 8)})["loss"].backward()
+    params = dict(objective.named_parameters())
+    assert not [n for n, p in params.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert "palette.centroids" in objective.state_dict() and not objective.palette.centroids.requires_grad
+    assert objective.no_weight_decay() <= set(params)
+
+
+def test_bert_loss_counts_masked_positions_only():
+    objective = tiny("bert")
+    randomise_head(objective)
+    images = torch.rand(2, 3, 8, 8)
+    keep = torch.ones(2, 64, dtype=torch.bool)
+    keep[:, 5] = False
+    out = objective({"image": images}, keep=keep)
+    ids = objective.tokens(images)
+    expected = torch.nn.functional.cross_entropy(out["logits"][:, 5], ids[:, 5])
+    torch.testing.assert_close(out["loss"], expected)
+
+
+def test_wrong_resolution_and_mismatched_parts_fail_clearly():
+    with pytest.raises(ValueError, match="igpt.resolution"):
+        tiny()({"image": torch.rand(1, 3, 16, 16)})
+    with pytest.raises(ValueError, match="causal"):
+        ImageGPT(SequenceTransformer(8, 64, 32, 1, 4, causal=False), Palette(torch.rand(8, 3)), mode="ar")
+    with pytest.raises(ValueError, match="colours"):
+        ImageGPT(SequenceTransformer(8, 64, 32, 1, 4), Palette(torch.rand(9, 3)))
+
+
+def test_sample_logits_top_k_and_argmax():
+    logits = torch.tensor([[0.0, 5.0, 4.0, -1.0]]).repeat(200, 1)
+    g = torch.Generator().manual_seed(0)
+    drawn = sample_logits(logits, temperature=1.0, top_k=2, generator=g)
+    assert set(drawn.tolist()) == {1, 2}
+    assert sample_logits(logits, temperature=0).eq(1).all()
+
+
+# ---- learning, sampling, probing on real digits -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pretrained(digit_images):
+    """A 4-block iGPT trained for 150 steps on the 1257 training digits at 8x8 with an 8-grey palette."""
+    (images, _), _ = digit_images
+    torch.manual_seed(0)
+    pixels = images.permute(0, 2, 3, 1).reshape(-1, 3)
+    palette = Palette(fit_kmeans(pixels, k=8, iters=50, batch_size=4096, progress=False))
+    objective = tiny("ar", depth=4, palette=palette)
+    fresh = {k: v.clone() for k, v in objective.state_dict().items()}
+    opt = torch.optim.AdamW(objective.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    losses = []
+    g = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: one thread is faster than two fighting over shared cores
+    for _ in range(150):
+        batch = images[torch.randint(len(images), (64,), generator=g)]
+        loss = objective({"image": batch})["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    torch.set_num_threads(threads)
+    return objective.eval(), fresh, losses
+
+
+def test_loss_falls_on_real_digits_below_the_pixel_frequency_baseline(pretrained, digit_images):
+    objective, _, losses = pretrained
+    (_, _), (val, _) = digit_images
+    ids = objective.tokens(val)
+    freq = torch.bincount(ids.flatten(), minlength=8).float() / ids.numel()
+    unigram = -(freq[freq > 0] * freq[freq > 0].log()).sum().item()  # the best context-free model
+    with torch.no_grad():
+        held_out = objective({"image": val})["loss"].item()
+    assert losses[0] == pytest.approx(math.log(8), rel=1e-4)
+    assert held_out < 0.8 * unigram, (held_out, unigram)  # measured ~0.75 vs 1.5 nats
+
+
+def test_completions_keep_the_top_half_and_are_deterministic_for_a_seed(pretrained, digit_images):
+    objective, _, _ = pretrained
+    (_, _), (val, _) = digit_images
+    batch = {"image": val[:3]}
+    a = objective.visualize(batch, lambda x: x, seed=0)
+    b = objective.visualize(batch, lambda x: x, seed=0)
+    c = objective.visualize(batch, lambda x: x, seed=1)
+    assert list(a) == ["original", "quantised", "given half", "completion 1", "completion 2"]
+    assert all(v.shape == (3, 3, 8, 8) and 0 <= v.min() and v.max() <= 1 for v in a.values())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["completion 1"], c["completion 1"])
+    torch.testing.assert_close(a["completion 1"][..., :4, :], a["quantised"][..., :4, :])
+
+
+def test_cached_sampling_equals_rerunning_the_prefix(pretrained, digit_images):
+    objective, _, _ = pretrained
+    ids = objective.tokens(digit_images[1][0][:2])
+    runs = [
+        objective.complete(ids, 44, generator=torch.Generator().manual_seed(3), cache=c)
+        for c in (True, False)
+    ]
+    assert torch.equal(*runs) and torch.equal(runs[0][:, :44], ids[:, :44])
+    assert torch.equal(
+        objective.complete(ids, 0, temperature=0), objective.complete(ids, 0, temperature=0, cache=False)
+    )
+
+
+def test_layerwise_probe_beats_random_init_at_the_best_layer(pretrained, digit_images):
+    objective, fresh, _ = pretrained
+    train, val = digit_images
+    baseline = tiny("ar", depth=4, palette=objective.palette)
+    baseline.load_state_dict(fresh)
+    trained = igpt_probe.layerwise_probe(objective, train, val)
+    random_init = igpt_probe.layerwise_probe(baseline.eval(), train, val)
+    print("\n" + igpt_probe.table({"pretrained": trained, "random init": random_init}))
+    assert len(trained) == 5  # embeddings + 4 blocks
+    assert max(trained) > max(random_init) + 0.03, (trained, random_init)
+
+
+def test_features_of_a_layer_match_the_per_layer_stack():
+    objective = tiny("ar", depth=3).eval()
+    images = torch.rand(2, 3, 8, 8)
+    stack = objective.features_per_layer(images)
+    assert stack.shape == (2, 4, 32)
+    torch.testing.assert_close(objective.features(images, layer=2), stack[:, 2])
+    assert objective.feature_layer == 1  # depth // 2: the paper's best layers are in the middle
+
+
+def test_demo_config_builds_the_documented_model():
+    cfg = C.load("igpt_demo")
+    objective = build_objective(cfg)
+    t = objective.transformer
+    assert (t.seq_len, t.vocab_size, t.depth, t.embed_dim) == (256, 16, 4, 64)
+    assert objective.palette.fitted
+    s32 = C.load("igpt_s32")
+    assert (s32.igpt.depth, s32.igpt.embed_dim, s32.igpt.num_heads, s32.igpt.resolution, s32.igpt.num_colors) == (
+        24, 512, 8, 32, 512)  # fmt: skip
