@@ -2,7 +2,7 @@
 
 ``load("mae_vitb", ["optim.base_lr=3e-4"])`` returns a validated OmegaConf ``DictConfig``. Unknown keys and
 wrong types fail here, before any model or data work, with the full key path in the message. Key names equal
-the constructor argument names they feed (see ``build.py``).
+the constructor argument names they feed (see ``mmssl/build/``).
 """
 
 from __future__ import annotations

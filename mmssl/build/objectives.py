@@ -1,28 +1,24 @@
-"""The only place where a config becomes objects (DESIGN.md §1): plain name -> constructor tables.
-
-Nothing in mmssl imports this module; tools do.
-"""
+"""Name -> constructor tables for the objectives and their data views, and objectives from checkpoints."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
-import lightning.pytorch as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mmssl import config as C
-from mmssl.backbones import Backbone, create_backbone
-from mmssl.data.module import ShardDataModule, resolve_shards
-from mmssl.data.shards import SampleDecoder
+from mmssl.backbones import Backbone
+from mmssl.build.encoders import (
+    build_backbone,
+    checkpoint_config,
+    encoder_info,
+    encoder_of,
+    img_size,
+    load_backbone,
+)
 from mmssl.data.transforms import (
     CaptionTokens,
     clip_view,
@@ -32,17 +28,13 @@ from mmssl.data.transforms import (
     mae_view,
     simclr_view,
 )
-from mmssl.eval.online import KNNMonitor, OnlineLinearProbe
 from mmssl.export import (
-    BACKBONE_PREFIX,
     CheckpointError,
     load_exported,
     load_state_checked,
     read_checkpoint,
-    strip_prefix,
 )
 from mmssl.heads import MAEDecoder, ProjectionHead, mae_init_
-from mmssl.lit import LastCheckpoint, PretrainModule, RankReport, SaveParts
 from mmssl.objectives.clip import (
     CLIP,
     clip_tokenizer,
@@ -57,26 +49,12 @@ from mmssl.sequence import SequenceTransformer
 from mmssl.targets.hog import HOGTarget
 from mmssl.targets.palette import Palette
 from mmssl.targets.pixels import PixelTarget
-from mmssl.viz import PictureCallback
 from mmssl.vlm.decoders import load_decoder
 from mmssl.vlm.llava import LLaVA
 from mmssl.vlm.parts import MANIFEST, load_vision_tower
 from mmssl.vlm.projector import Projector, load_projector
 from mmssl.vlm.prompt import PromptEncoder
 from mmssl.vlm.vision import VisionTower, create_encoder
-
-
-def build_backbone(cfg: DictConfig) -> Backbone:
-    b = cfg.backbone
-    return create_backbone(
-        b.name,
-        img_size=b.img_size,
-        patch_size=b.patch_size,
-        embed_dim=b.embed_dim,
-        depth=b.depth,
-        num_heads=b.num_heads,
-        drop_path_rate=b.drop_path_rate or None,
-    )
 
 
 def _mae(cfg: DictConfig) -> nn.Module:
@@ -151,7 +129,7 @@ def _llava(cfg: DictConfig) -> nn.Module:
     system = {} if o.system is None else {"system": o.system}
     prompt = PromptEncoder(tokenizer, vision.num_tokens, o.conversation, max_length=o.max_length, **system)
     image = {
-        "img_size": _img_size(cfg),
+        "img_size": img_size(cfg),
         "interpolation": d.interpolation,
         "mean": list(d.mean),
         "std": list(d.std),
@@ -167,7 +145,7 @@ def _clip(cfg: DictConfig) -> nn.Module:
         model = open_clip_model(
             c.model,
             pretrained=c.pretrained,
-            image_size=_img_size(cfg),
+            image_size=img_size(cfg),
             embed_dim=c.embed_dim,
             text_cfg=text_cfg,
             vision_cfg=vision_cfg,
@@ -266,31 +244,27 @@ OBJECTIVES: dict[str, Callable[[DictConfig], nn.Module]] = {
 }
 
 
-def _img_size(cfg: DictConfig) -> int:
-    return cfg.data.img_size or cfg.backbone.img_size
-
-
 def _mae_views(cfg: DictConfig):
     d = cfg.data
     train = mae_view(
-        _img_size(cfg), tuple(d.crop_scale), d.interpolation, d.hflip, tuple(d.mean), tuple(d.std)
+        img_size(cfg), tuple(d.crop_scale), d.interpolation, d.hflip, tuple(d.mean), tuple(d.std)
     )
     return train, eval_view(
-        _img_size(cfg), interpolation=d.interpolation, mean=tuple(d.mean), std=tuple(d.std)
+        img_size(cfg), interpolation=d.interpolation, mean=tuple(d.mean), std=tuple(d.std)
     )
 
 
 def _llava_views(cfg: DictConfig):
     d = cfg.data
-    view = llava_view(_img_size(cfg), d.interpolation, tuple(d.mean), tuple(d.std))
+    view = llava_view(img_size(cfg), d.interpolation, tuple(d.mean), tuple(d.std))
     return view, view
 
 
 def _clip_views(cfg: DictConfig):
     d = cfg.data
-    train = clip_view(_img_size(cfg), tuple(d.crop_scale), d.interpolation, tuple(d.mean), tuple(d.std))
+    train = clip_view(img_size(cfg), tuple(d.crop_scale), d.interpolation, tuple(d.mean), tuple(d.std))
     # open_clip's eval transform: resize the shorter side to the input size, centre crop (crop_pct 1)
-    val = eval_view(_img_size(cfg), 1.0, d.interpolation, tuple(d.mean), tuple(d.std))
+    val = eval_view(img_size(cfg), 1.0, d.interpolation, tuple(d.mean), tuple(d.std))
     return train, val
 
 
@@ -298,7 +272,7 @@ def _simclr_views(cfg: DictConfig):
     # Validation draws the same two random views of held-out images, so val/loss is the same quantity.
     d, s = cfg.data, cfg.simclr
     view = simclr_view(
-        _img_size(cfg), tuple(d.crop_scale), d.interpolation, d.hflip, color_jitter=s.color_jitter,
+        img_size(cfg), tuple(d.crop_scale), d.interpolation, d.hflip, color_jitter=s.color_jitter,
         blur_p=s.blur_p, mean=tuple(d.mean), std=tuple(d.std),
     )  # fmt: skip
     return view, view
@@ -369,52 +343,6 @@ def objective_from_checkpoint(
     return objective.eval()
 
 
-def encoder_of(objective: nn.Module, source: str = "objective") -> Backbone:
-    """The objective's encoder (contract: ``objective.backbone``, see objectives/base.py)."""
-    backbone = getattr(objective, "backbone", None)
-    if backbone is None:
-        raise TypeError(f"{source}: {type(objective).__name__} exposes no encoder as .backbone")
-    return backbone
-
-
-def _checkpoint_config(path: str | Path, ckpt: dict) -> DictConfig:
-    try:
-        return C.from_dict(ckpt["hyper_parameters"]["config"], source=f"config in {path}")
-    except C.ConfigError as e:
-        raise CheckpointError(f"checkpoint {path}: its run config does not load here: {e}") from None
-
-
-def load_backbone(path: str | Path) -> tuple[DictConfig, Backbone, dict]:
-    """Lightning checkpoint -> (run config, its encoder with weights, raw checkpoint), for any objective that
-    keeps its encoder at ``.backbone`` (state dict keys ``objective.backbone.model.*``); nothing else is built."""
-    ckpt = read_checkpoint(path)
-    cfg = _checkpoint_config(path, ckpt)
-    state = strip_prefix(ckpt["state_dict"], BACKBONE_PREFIX)
-    if not state:
-        raise CheckpointError(
-            f"checkpoint {path}: no encoder weights under '{BACKBONE_PREFIX}*' (the {cfg.objective!r} objective "
-            "must expose its encoder as .backbone, see objectives/base.py)"
-        )
-    backbone = build_backbone(cfg)
-    what = f"backbone {cfg.backbone.name!r} of its config"
-    load_state_checked(backbone.model, state, f"checkpoint {path}", what)
-    return cfg, backbone.eval(), ckpt
-
-
-def encoder_info(cfg: DictConfig) -> dict:
-    """What an evaluation or export needs to know about a run's images."""
-    d = cfg.data
-    return {
-        "architecture": cfg.backbone.name,
-        "img_size": _img_size(cfg),
-        "mean": list(d.mean),
-        "std": list(d.std),
-        "interpolation": d.interpolation,
-        "crop_pct": 0.875,
-        "objective": cfg.objective,
-    }
-
-
 def load_encoder(path: str | Path, random_init: bool = False, seed: int = 0) -> tuple[Backbone, dict]:
     """Any trained encoder -> (backbone in eval mode, info): a Lightning ``.ckpt``, an exported
     ``.safetensors`` (with its ``.json``), or a Hugging Face-style folder. ``random_init`` keeps a Lightning
@@ -422,7 +350,7 @@ def load_encoder(path: str | Path, random_init: bool = False, seed: int = 0) -> 
     path = Path(path)
     if path.suffix == ".ckpt":
         if random_init:
-            cfg = _checkpoint_config(path, read_checkpoint(path))
+            cfg = checkpoint_config(path, read_checkpoint(path))
             torch.manual_seed(seed)
             return encoder_of(build_objective(cfg), str(path)).eval(), encoder_info(cfg)
         cfg, backbone, _ = load_backbone(path)
@@ -432,150 +360,3 @@ def load_encoder(path: str | Path, random_init: bool = False, seed: int = 0) -> 
             f"{path}: random_init needs a Lightning checkpoint (.ckpt), which holds the config"
         )
     return load_exported(path)
-
-
-def build_datamodule(cfg: DictConfig) -> ShardDataModule:
-    if not cfg.data.train_shards:
-        raise C.ConfigError("config key 'data.train_shards': required (a shard pattern or demo:NAME/SPLIT)")
-    train_view, val_view = VIEWS[cfg.objective](cfg)
-    d = cfg.data
-    return ShardDataModule(
-        d.train_shards,
-        d.val_shards or "",
-        train_view=train_view,
-        val_view=val_view,
-        batch_size=d.batch_size,
-        num_workers=d.num_workers,
-        samples_per_epoch=d.samples_per_epoch,
-        seed=cfg.seed,
-        decoder=SampleDecoder(max_image_pixels=d.max_image_pixels, require_text=cfg.objective in TEXT),
-        shuffle_buffer=d.shuffle_buffer,
-        text_fn=TEXT[cfg.objective](cfg) if cfg.objective in TEXT else None,
-    )
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Derived schedule numbers, computed where a reader sees them and printed at the start of a run."""
-
-    world_size: int
-    global_batch: int
-    lr: float
-    steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
-
-    def describe(self) -> str:
-        return (
-            f"world size {self.world_size}, global batch {self.global_batch}, lr {self.lr:.3g}, "
-            f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps ({self.warmup_steps} warmup)"
-        )
-
-
-def plan(cfg: DictConfig, datamodule: ShardDataModule) -> Plan:
-    world = C.world_size(cfg)
-    per_epoch = datamodule.steps_per_epoch(world, cfg.trainer.accumulate_grad_batches)
-    total = cfg.trainer.max_steps or cfg.trainer.max_epochs * per_epoch
-    warmup = cfg.optim.warmup_steps
-    if warmup is None:
-        warmup = round(cfg.optim.warmup_epochs * per_epoch)
-    return Plan(world, C.global_batch(cfg), C.learning_rate(cfg), per_epoch, total, min(warmup, total))
-
-
-def build_module(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) -> PretrainModule:
-    o = cfg.optim
-    return PretrainModule(
-        objective if objective is not None else build_objective(cfg),
-        lr=p.lr,
-        total_steps=p.total_steps,
-        warmup_steps=p.warmup_steps,
-        optimizer=o.name,
-        weight_decay=o.weight_decay,
-        betas=tuple(o.betas),
-        eps=o.eps,
-        momentum=o.momentum,
-        min_lr=o.min_lr,
-        config=C.to_dict(cfg),
-    )
-
-
-def run_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.out_dir) / cfg.name
-
-
-def _strategy(cfg: DictConfig):
-    t = cfg.trainer
-    timeout = timedelta(seconds=t.ddp_timeout_s)
-    if t.strategy in ("ddp", "ddp_spawn", "ddp_fork") or (t.strategy == "auto" and C.world_size(cfg) > 1):
-        start = {"ddp_spawn": "spawn", "ddp_fork": "fork"}.get(t.strategy, "popen")
-        # broadcast_buffers=False: validation sees unequal batch counts per rank and must not synchronise
-        return DDPStrategy(start_method=start, timeout=timeout, broadcast_buffers=False)
-    if t.strategy == "fsdp":
-        return FSDPStrategy(timeout=timeout)
-    return t.strategy
-
-
-def eval_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    """Online evaluation during pretraining (``eval.*``): a linear head on detached features, periodic kNN."""
-    e, d = cfg.eval, cfg.data
-    callbacks: list[L.Callback] = []
-    if e.online_probe:
-        callbacks.append(OnlineLinearProbe(e.num_classes, lr=e.online_lr))
-    if e.knn_every_n_epochs:
-        view = eval_view(_img_size(cfg), interpolation=d.interpolation, mean=tuple(d.mean), std=tuple(d.std))
-        callbacks.append(
-            KNNMonitor(
-                resolve_shards(e.knn_train_shards, "eval.knn_train_shards"),
-                resolve_shards(e.knn_val_shards, "eval.knn_val_shards"),
-                view,
-                every_n_epochs=e.knn_every_n_epochs,
-                k=e.knn_k,
-                temperature=e.knn_t,
-                batch_size=d.batch_size,
-                label_key=e.label_key,
-            )
-        )
-    return callbacks
-
-
-def build_trainer(cfg: DictConfig, p: Plan) -> L.Trainer:
-    t, out = cfg.trainer, run_dir(cfg)
-    ckpt_dir = out / "checkpoints"
-    callbacks = [
-        ModelCheckpoint(
-            dirpath=ckpt_dir,
-            filename="step{step:07d}",
-            auto_insert_metric_name=False,
-            every_n_train_steps=t.ckpt_every_n_steps,
-            save_top_k=t.keep_checkpoints,
-            monitor="step",
-            mode="max",
-            save_last=True,
-            enable_version_counter=False,  # last.ckpt is always the newest state, never last-v1.ckpt
-        ),
-        LastCheckpoint(ckpt_dir / "last.ckpt"),
-        PictureCallback(out / "pictures", cfg.data.mean, cfg.data.std, every_n_steps=t.picture_every_n_steps),
-        RankReport(out),
-        SaveParts(out / cfg.objective),  # objectives with a save_parts hook (llava) write loadable parts
-        *eval_callbacks(cfg),
-    ]
-    return L.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=_strategy(cfg),
-        precision=t.precision,
-        max_steps=p.total_steps,
-        max_epochs=math.ceil(p.total_steps / p.steps_per_epoch),
-        accumulate_grad_batches=t.accumulate_grad_batches,
-        gradient_clip_val=t.gradient_clip_val,
-        log_every_n_steps=t.log_every_n_steps,
-        check_val_every_n_epoch=t.val_every_n_epochs,
-        limit_val_batches=None if cfg.data.val_shards else 0,
-        use_distributed_sampler=False,  # shards are split by the pipeline itself
-        num_sanity_val_steps=0,
-        sync_batchnorm=t.sync_batchnorm,
-        logger=CSVLogger(out, name="logs"),  # logs/version_N: a resumed run keeps earlier metrics
-        callbacks=callbacks,
-        default_root_dir=out,
-    )

@@ -1,0 +1,202 @@
+"""The only place where a config becomes objects (DESIGN.md §1): plain name -> constructor tables.
+
+``objectives.py`` holds the tables (objectives, data views, caption tokenisers) and their constructors,
+``encoders.py`` a config's encoder and the encoders inside checkpoints; this module wires a run together
+(data module, schedule, Lightning module, trainer) and is the one entry point: ``from mmssl import build``.
+Nothing in mmssl imports this package; tools do.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import lightning.pytorch as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from omegaconf import DictConfig
+from torch import nn
+
+from mmssl import config as C
+from mmssl.build.encoders import (  # re-exported: mmssl.build is the one entry point for tools
+    build_backbone,
+    checkpoint_config,
+    encoder_info,
+    encoder_of,
+    img_size,
+    load_backbone,
+)
+from mmssl.build.objectives import (
+    OBJECTIVES,
+    TEXT,
+    VIEWS,
+    build_objective,
+    build_tokenizer,
+    load_encoder,
+    objective_from_checkpoint,
+)
+from mmssl.data.module import ShardDataModule, resolve_shards
+from mmssl.data.shards import SampleDecoder
+from mmssl.data.transforms import (
+    eval_view,
+)
+from mmssl.eval.online import KNNMonitor, OnlineLinearProbe
+from mmssl.lit import LastCheckpoint, PretrainModule, RankReport, SaveParts
+from mmssl.viz import PictureCallback
+
+__all__ = [
+    "OBJECTIVES", "TEXT", "VIEWS", "Plan", "build_backbone", "build_datamodule", "build_module",
+    "build_objective", "build_tokenizer", "build_trainer", "checkpoint_config", "encoder_info", "encoder_of",
+    "eval_callbacks", "img_size", "load_backbone", "load_encoder", "objective_from_checkpoint", "plan",
+    "run_dir",
+]  # fmt: skip
+
+
+def build_datamodule(cfg: DictConfig) -> ShardDataModule:
+    if not cfg.data.train_shards:
+        raise C.ConfigError("config key 'data.train_shards': required (a shard pattern or demo:NAME/SPLIT)")
+    train_view, val_view = VIEWS[cfg.objective](cfg)
+    d = cfg.data
+    return ShardDataModule(
+        d.train_shards,
+        d.val_shards or "",
+        train_view=train_view,
+        val_view=val_view,
+        batch_size=d.batch_size,
+        num_workers=d.num_workers,
+        samples_per_epoch=d.samples_per_epoch,
+        seed=cfg.seed,
+        decoder=SampleDecoder(max_image_pixels=d.max_image_pixels, require_text=cfg.objective in TEXT),
+        shuffle_buffer=d.shuffle_buffer,
+        text_fn=TEXT[cfg.objective](cfg) if cfg.objective in TEXT else None,
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Derived schedule numbers, computed where a reader sees them and printed at the start of a run."""
+
+    world_size: int
+    global_batch: int
+    lr: float
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+    def describe(self) -> str:
+        return (
+            f"world size {self.world_size}, global batch {self.global_batch}, lr {self.lr:.3g}, "
+            f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps ({self.warmup_steps} warmup)"
+        )
+
+
+def plan(cfg: DictConfig, datamodule: ShardDataModule) -> Plan:
+    world = C.world_size(cfg)
+    per_epoch = datamodule.steps_per_epoch(world, cfg.trainer.accumulate_grad_batches)
+    total = cfg.trainer.max_steps or cfg.trainer.max_epochs * per_epoch
+    warmup = cfg.optim.warmup_steps
+    if warmup is None:
+        warmup = round(cfg.optim.warmup_epochs * per_epoch)
+    return Plan(world, C.global_batch(cfg), C.learning_rate(cfg), per_epoch, total, min(warmup, total))
+
+
+def build_module(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) -> PretrainModule:
+    o = cfg.optim
+    return PretrainModule(
+        objective if objective is not None else build_objective(cfg),
+        lr=p.lr,
+        total_steps=p.total_steps,
+        warmup_steps=p.warmup_steps,
+        optimizer=o.name,
+        weight_decay=o.weight_decay,
+        betas=tuple(o.betas),
+        eps=o.eps,
+        momentum=o.momentum,
+        min_lr=o.min_lr,
+        config=C.to_dict(cfg),
+    )
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.out_dir) / cfg.name
+
+
+def _strategy(cfg: DictConfig):
+    t = cfg.trainer
+    timeout = timedelta(seconds=t.ddp_timeout_s)
+    if t.strategy in ("ddp", "ddp_spawn", "ddp_fork") or (t.strategy == "auto" and C.world_size(cfg) > 1):
+        start = {"ddp_spawn": "spawn", "ddp_fork": "fork"}.get(t.strategy, "popen")
+        # broadcast_buffers=False: validation sees unequal batch counts per rank and must not synchronise
+        return DDPStrategy(start_method=start, timeout=timeout, broadcast_buffers=False)
+    if t.strategy == "fsdp":
+        return FSDPStrategy(timeout=timeout)
+    return t.strategy
+
+
+def eval_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """Online evaluation during pretraining (``eval.*``): a linear head on detached features, periodic kNN."""
+    e, d = cfg.eval, cfg.data
+    callbacks: list[L.Callback] = []
+    if e.online_probe:
+        callbacks.append(OnlineLinearProbe(e.num_classes, lr=e.online_lr))
+    if e.knn_every_n_epochs:
+        view = eval_view(img_size(cfg), interpolation=d.interpolation, mean=tuple(d.mean), std=tuple(d.std))
+        callbacks.append(
+            KNNMonitor(
+                resolve_shards(e.knn_train_shards, "eval.knn_train_shards"),
+                resolve_shards(e.knn_val_shards, "eval.knn_val_shards"),
+                view,
+                every_n_epochs=e.knn_every_n_epochs,
+                k=e.knn_k,
+                temperature=e.knn_t,
+                batch_size=d.batch_size,
+                label_key=e.label_key,
+            )
+        )
+    return callbacks
+
+
+def build_trainer(cfg: DictConfig, p: Plan) -> L.Trainer:
+    t, out = cfg.trainer, run_dir(cfg)
+    ckpt_dir = out / "checkpoints"
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="step{step:07d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=t.ckpt_every_n_steps,
+            save_top_k=t.keep_checkpoints,
+            monitor="step",
+            mode="max",
+            save_last=True,
+            enable_version_counter=False,  # last.ckpt is always the newest state, never last-v1.ckpt
+        ),
+        LastCheckpoint(ckpt_dir / "last.ckpt"),
+        PictureCallback(out / "pictures", cfg.data.mean, cfg.data.std, every_n_steps=t.picture_every_n_steps),
+        RankReport(out),
+        SaveParts(out / cfg.objective),  # objectives with a save_parts hook (llava) write loadable parts
+        *eval_callbacks(cfg),
+    ]
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=_strategy(cfg),
+        precision=t.precision,
+        max_steps=p.total_steps,
+        max_epochs=math.ceil(p.total_steps / p.steps_per_epoch),
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val,
+        log_every_n_steps=t.log_every_n_steps,
+        check_val_every_n_epoch=t.val_every_n_epochs,
+        limit_val_batches=None if cfg.data.val_shards else 0,
+        use_distributed_sampler=False,  # shards are split by the pipeline itself
+        num_sanity_val_steps=0,
+        sync_batchnorm=t.sync_batchnorm,
+        logger=CSVLogger(out, name="logs"),  # logs/version_N: a resumed run keeps earlier metrics
+        callbacks=callbacks,
+        default_root_dir=out,
+    )
