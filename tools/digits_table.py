@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--objectives", nargs="+", default=None, help="default: every objective in build.OBJECTIVES")
+    parser.add_argument(
+        "--objectives", nargs="+", default=None, help="default: every objective in build.OBJECTIVES"
+    )
     parser.add_argument("--out-dir", default="runs/digits_table")
     parser.add_argument("--reuse", action="store_true", help="keep existing pretraining runs in --out-dir")
     parser.add_argument("--probe-cfg", default="linprobe_digits")
