@@ -16,7 +16,19 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from mmssl.config.objectives import (  # per-objective sections and their checks
+    CLIPConfig,
+    IGPTConfig,
+    LlavaConfig,
+    MAEConfig,
+    MaskFeatConfig,
+    SimCLRConfig,
+    validate_clip,
+    validate_igpt,
+)
+from mmssl.config.paths import CONFIG_DIR
+from mmssl.config.paths import find_file as find_file  # re-exported: C.find_file
+
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
@@ -41,93 +53,6 @@ class BackboneConfig:
     depth: int | None = None
     num_heads: int | None = None
     drop_path_rate: float = 0.0
-
-
-@dataclass
-class MAEConfig:
-    mask_ratio: float = 0.75  # MAE §4: 75% of patches removed
-    norm_pix_loss: bool = True  # MAE §3: per-patch normalised pixel targets
-    decoder_embed_dim: int = 512  # MAE §3 / Table 1: 512-d, 8 blocks for ViT-B/L/H
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
-
-
-@dataclass
-class LlavaConfig:
-    decoder: str | None = None  # required: a local transformers causal-LM folder with its tokenizer
-    # backbone (that section, random init) | PATH.ckpt (an mmssl run) | open_clip:MODEL | a LLaVA parts folder
-    # (<run dir>/llava: the exact frozen encoder of an earlier stage)
-    vision: str = "backbone"
-    vision_weights: str | None = None  # open_clip only: a local weights file (nothing is downloaded)
-    vision_layer: int = -2  # LLaVA-1.5 mm_vision_select_layer: the penultimate layer's patch tokens
-    projector: str = "mlp2x_gelu"  # LLaVA-1.5 §3.1 (two-layer MLP); "linear" is LLaVA's (v1)
-    projector_weights: str | None = None  # stage 2: stage 1's <run dir>/llava/projector.safetensors
-    train_decoder: bool = False  # stage 1 (feature alignment): projector only; stage 2: projector + decoder
-    conversation: str = "plain"  # plain: <image> caption (stage 1, .txt) | chat: Vicuna v1 turns (.json)
-    system: str | None = None  # chat system prompt; None: Vicuna v1's ("A chat between a curious human ...")
-    max_length: int = 2048  # LLaVA-1.5 model_max_length
-
-
-@dataclass
-class CLIPConfig:
-    """CLIP (Radford et al. 2021) on open_clip towers (objectives/clip.py). Weights only from local files."""
-
-    model: str = "ViT-B-32"  # open_clip architecture: text tower (+ image tower if image_tower=open_clip)
-    image_tower: str = "open_clip"  # open_clip: the model's own | backbone: backbone.* + linear projection
-    pretrained: str | None = None  # local open_clip checkpoint of the whole model (a hub tag is refused)
-    backbone_weights: str | None = None  # local timm state dict (.safetensors/.pt) for image_tower=backbone
-    embed_dim: int | None = None  # joint embedding width; None: the open_clip model's (512 for ViT-B-32)
-    text_cfg: dict[str, Any] = field(default_factory=dict)  # overrides of open_clip's CLIPTextCfg
-    vision_cfg: dict[str, Any] = field(default_factory=dict)  # overrides of open_clip's CLIPVisionCfg
-    init_temperature: float = 0.07  # CLIP §2.5: tau initialised to 0.07 (Wu et al. 2018), logit scale 1/tau
-    max_logit_scale: float = 100.0  # CLIP §2.5: "clipped to prevent scaling the logits by more than 100"
-
-
-@dataclass
-class MaskFeatConfig:
-    mask_ratio: float = 0.4  # MaskFeat §4.1 / SlowFast in1k_VIT_B_MaskFeat_PT.yaml: 40% of patches, in blocks
-    min_block: int | None = None  # patches per block at least; None: a fifth of the masked count (SlowFast)
-    min_aspect: float = 0.3  # BEiT masking_generator.py: block aspect ratio in [0.3, 1/0.3]
-    cell_size: int = 8  # HOG: 8x8-pixel cells (SlowFast masked.py), 2x2 cells per 16-px patch
-    nbins: int = 9  # 9 unsigned orientation bins
-    gradient: str = "sobel"  # sobel (SlowFast HOGLayerC) | central ([-1, 0, 1], skimage / Dalal-Triggs)
-    gaussian_window: int = 0  # 0: none (SlowFast); 16: MMPretrain's HOGGenerator (std 8, tiled)
-
-
-@dataclass
-class SimCLRConfig:
-    temperature: float = 0.1  # SimCLR Table 5: tau = 0.1 is best (4096 negatives)
-    proj_hidden_dim: int | None = None  # None: the backbone width (ResNet-50: 2048 -> 2048 -> 128, §2.1)
-    proj_out_dim: int = 128  # §4.2 / Fig. 8: the output size barely matters; 128
-    proj_num_layers: int = 2  # v1: one hidden layer; SimCLR v2 and MoCo v3 use 3
-    gather_distributed: bool = True  # negatives from every rank's batch, with gradient (the paper's setup)
-    channels_last: bool = True  # NHWC memory format for CNN backbones (ignored for ViTs)
-    color_jitter: float = 1.0  # strength s (Appendix A: 1.0 on ImageNet, 0.5 on CIFAR-10)
-    blur_p: float = 0.5  # Appendix A: Gaussian blur with p=0.5 on ImageNet, none on CIFAR-10
-    # crop area and flip come from data.crop_scale (SimCLR: [0.08, 1.0]), data.interpolation and data.hflip
-
-
-@dataclass
-class IGPTConfig:
-    """iGPT (Chen et al. 2020); defaults are iGPT-S at 32x32 with the 9-bit palette (configs/igpt_s32.yaml)."""
-
-    mode: str = "ar"  # ar: next-pixel prediction | bert: masked-pixel prediction (§"Pre-training")
-    palette: str | None = None  # safetensors file from tools/fit_palette.py (path, or relative to the repo)
-    num_colors: int = 512  # §"Context Reduction": 9-bit palette, k-means with k = 512
-    resolution: int = 32  # images downsampled to resolution x resolution; context = resolution^2 = 1024
-    resize_range: list[float] = field(
-        default_factory=lambda: [256 / 224, 384 / 224]
-    )  # shorter side [256, 384]
-    embed_dim: int = 512  # iGPT-S: d = 512, L = 24, 8 heads, 76M parameters
-    depth: int = 24
-    num_heads: int = 8
-    mlp_ratio: float = 4.0
-    norm: str = "rmsnorm"  # the reference's norm (no centring, no bias) | layernorm (GPT-2's)
-    mask_prob: float = 0.15  # BERT: 15% of tokens masked (run.py --bert_mask_prob)
-    feature_layer: int | None = None  # probe features from this block's output; None: depth // 2
-    temperature: float = 1.0  # completions in pictures: sampling temperature (0 = argmax) and top-k
-    top_k: int | None = None
-    num_completions: int = 2
 
 
 @dataclass
@@ -255,14 +180,6 @@ def objective_names() -> list[str]:
     return [f.name for f in fields(Config) if f.metadata.get("objective")]
 
 
-def find_file(path: str) -> Path | None:
-    """A data file named in a config (e.g. ``igpt.palette``): as given, else relative to the repository."""
-    for candidate in (Path(path), CONFIG_DIR.parent / path):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
 def resolve_path(name: str) -> Path:
     """``--cfg`` value -> file: an existing path, else ``configs/NAME`` (``.yaml`` optional)."""
     candidates = [
@@ -371,7 +288,7 @@ def validate(cfg: DictConfig) -> None:
     check(cfg.trainer.max_epochs > 0, "trainer.max_epochs", "must be > 0")
     check(cfg.trainer.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", "must be >= 1")
     check(cfg.trainer.ckpt_every_n_steps > 0, "trainer.ckpt_every_n_steps", "must be > 0")
-    _validate_igpt(cfg, check)
+    validate_igpt(cfg, check)
     devices = cfg.trainer.devices
     check(
         devices == "auto" or (isinstance(devices, int) and devices > 0),
@@ -384,7 +301,7 @@ def validate(cfg: DictConfig) -> None:
     for key in ("knn_train_shards", "knn_val_shards"):
         check(not e.knn_every_n_epochs or bool(e[key]), f"eval.{key}", "required when knn_every_n_epochs > 0")
     check(e.knn_k >= 1 and e.knn_t > 0, "eval.knn_k", "needs knn_k >= 1 and knn_t > 0")
-    _validate_clip(cfg, check)
+    validate_clip(cfg, check)
 
 
 def validate_probe(cfg: DictConfig) -> None:
@@ -404,51 +321,6 @@ def validate_probe(cfg: DictConfig) -> None:
     check(cfg.head_init in ("trunc_normal", "zeros"), "head_init", "must be trunc_normal or zeros")
     check(0 < cfg.data.crop_pct <= 1, "data.crop_pct", "must be in (0, 1]")
     check(cfg.data.augment_copies >= 0, "data.augment_copies", "must be >= 0")
-
-
-def _validate_clip(cfg: DictConfig, check) -> None:
-    c = cfg.clip
-    check(c.image_tower in ("open_clip", "backbone"), "clip.image_tower", "must be open_clip or backbone")
-    check(0 < c.init_temperature, "clip.init_temperature", "must be > 0")
-    check(1 <= c.max_logit_scale, "clip.max_logit_scale", "must be >= 1")
-    check(1 / c.init_temperature <= c.max_logit_scale, "clip.init_temperature", "1/tau > max_logit_scale")
-    if cfg.objective != "clip":
-        return
-    # Offline by design: open_clip would download a hub tag ("laion2b_s34b_b79k") or an hf-hub: model, retrying.
-    hub = "mmssl never downloads weights: pass the path of a local file (download it beforehand)"
-    check(not c.model.startswith("hf-hub:"), "clip.model", f"hf-hub: models need the Hugging Face hub; {hub}")
-    for key in ("pretrained", "backbone_weights"):
-        local = c[key] is None or Path(c[key]).expanduser().is_file()
-        check(local, f"clip.{key}", f"not an existing local file; {hub}")
-    # Left and right are part of captions ("at the top left"); open_clip's train transform has no flip.
-    check(cfg.data.hflip == 0, "data.hflip", "CLIP trains without flips (open_clip's transform has none): 0")
-
-
-def _validate_igpt(cfg: DictConfig, check) -> None:
-    g = cfg.igpt
-    check(g.mode in ("ar", "bert"), "igpt.mode", "must be ar or bert")
-    check(0.0 < g.mask_prob < 1.0, "igpt.mask_prob", "must be in (0, 1)")
-    check(g.num_colors >= 2, "igpt.num_colors", "must be >= 2")
-    check(g.resolution >= 2, "igpt.resolution", "must be >= 2")
-    check(len(g.resize_range) == 2 and 1.0 <= g.resize_range[0] <= g.resize_range[1], "igpt.resize_range",
-          "needs [min, max] with 1 <= min <= max (the crop must fit)")  # fmt: skip
-    check(g.embed_dim % g.num_heads == 0, "igpt.embed_dim", "must be divisible by igpt.num_heads")
-    check(g.norm in ("rmsnorm", "layernorm"), "igpt.norm", "must be rmsnorm or layernorm")
-    check(
-        g.feature_layer is None or 0 <= g.feature_layer <= g.depth,
-        "igpt.feature_layer",
-        "must be in 0..depth",
-    )
-    check(g.temperature >= 0, "igpt.temperature", "must be >= 0")
-    check(g.top_k is None or g.top_k >= 1, "igpt.top_k", "must be >= 1")
-    if cfg.objective == "igpt":
-        check(g.palette is None or find_file(g.palette) is not None, "igpt.palette",
-              "no such file; fit one with tools/fit_palette.py")  # fmt: skip
-        check(
-            cfg.data.img_size in (None, g.resolution),
-            "data.img_size",
-            "iGPT uses igpt.resolution; leave unset",
-        )
 
 
 def world_size(cfg: DictConfig) -> int:
