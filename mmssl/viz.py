@@ -26,6 +26,20 @@ class Denormalize:
         return (images.float() * s + m).clamp(0, 1)
 
 
+def _save_figure(
+    fig, path: str | Path, title: str = "", title_size: int = 9, rect=(0, 0, 1, 1), dpi: int = 100
+) -> Path:
+    """Title, lay out, write (creating the folder) and close a matplotlib figure."""
+    if title:
+        fig.suptitle(title, fontsize=title_size)
+    fig.tight_layout(rect=rect)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def save_grid(columns: dict[str, Tensor], path: str | Path, title: str = "") -> Path:
     """One row per sample, one titled column per entry; images in [0, 1], (B, 3, H, W)."""
     names = list(columns)
@@ -36,14 +50,7 @@ def save_grid(columns: dict[str, Tensor], path: str | Path, title: str = "") -> 
         for row in range(rows):
             axes[row, col].imshow(columns[name][row].permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
             axes[row, col].axis("off")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path, title)
 
 
 class PictureCallback(L.Callback):
@@ -119,14 +126,7 @@ def save_embedding_plot(
         ax.set_yticks([])
     handles, names = axes[0, -1].get_legend_handles_labels()
     fig.legend(handles, names, loc="center right", markerscale=3, fontsize=8, title="label")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 0.94, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path, title, title_size=10, rect=(0, 0, 0.94, 1), dpi=110)  # legend at right
 
 
 def save_answer_grid(
@@ -142,11 +142,4 @@ def save_answer_grid(
     for ax, image, caption, ok in zip(axes.flat, images, captions, correct, strict=False):
         ax.imshow(image.permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
         ax.set_title(caption, fontsize=7, color="green" if ok else "red")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path, title)

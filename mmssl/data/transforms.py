@@ -84,6 +84,13 @@ def _to_normalized_tensor(mean: Sequence[float], std: Sequence[float]) -> list:
     return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean=list(mean), std=list(std))]
 
 
+def random_resized_crop(img_size: int, scale: Sequence[float], interpolation: str) -> T.RandomResizedCrop:
+    """The crop every pretraining view starts from: area ``scale``, aspect 3/4-4/3, antialiased resize."""
+    return T.RandomResizedCrop(
+        img_size, scale=tuple(scale), interpolation=T.InterpolationMode(interpolation), antialias=True
+    )
+
+
 def mae_view(
     img_size: int,
     scale: tuple[float, float] = (0.2, 1.0),
@@ -101,12 +108,7 @@ def mae_view(
     return ImageView(
         T.Compose(
             [
-                T.RandomResizedCrop(
-                    img_size,
-                    scale=tuple(scale),
-                    interpolation=T.InterpolationMode(interpolation),
-                    antialias=True,
-                ),
+                random_resized_crop(img_size, scale, interpolation),
                 T.RandomHorizontalFlip(hflip),
                 *_to_normalized_tensor(mean, std),
             ]
@@ -204,12 +206,7 @@ def clip_view(
     return ImageView(
         T.Compose(
             [
-                T.RandomResizedCrop(
-                    img_size,
-                    scale=tuple(scale),
-                    interpolation=T.InterpolationMode(interpolation),
-                    antialias=True,
-                ),
+                random_resized_crop(img_size, scale, interpolation),
                 *_to_normalized_tensor(mean, std),
             ]
         )
@@ -269,9 +266,7 @@ def simclr_view(
     """
     s = color_jitter
     ops = [
-        T.RandomResizedCrop(
-            img_size, scale=tuple(scale), interpolation=T.InterpolationMode(interpolation), antialias=True
-        ),
+        random_resized_crop(img_size, scale, interpolation),
         T.RandomHorizontalFlip(hflip),
         T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=color_p),
         T.RandomGrayscale(gray_p),

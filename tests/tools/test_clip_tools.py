@@ -4,29 +4,20 @@ on the checkpoint it wrote."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from tool_loader import ROOT, tool
 
-ROOT = Path(__file__).resolve().parents[2]
 TINY_CLIP = [
     "backbone.img_size=32", "backbone.patch_size=8", "backbone.depth=1", "backbone.embed_dim=64",
     "backbone.num_heads=2", "clip.embed_dim=32", "clip.text_cfg={context_length: 16, width: 32, heads: 2, layers: 1}",
     "data.batch_size=8", "data.num_workers=0", "data.shuffle_buffer=50", "data.val_shards=null",
     "trainer.max_steps=4", "trainer.log_every_n_steps=1",
 ]  # fmt: skip
-
-
-def tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -6,28 +6,19 @@ evaluation callbacks through the real pretraining CLI."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from tool_loader import ROOT, tool
 
-ROOT = Path(__file__).resolve().parents[2]
 TINY_MAE = [
     "backbone.depth=2", "backbone.embed_dim=64", "backbone.num_heads=4", "mae.decoder_embed_dim=32",
     "mae.decoder_depth=1", "mae.decoder_num_heads=4", "data.num_workers=0", "eval.knn_every_n_epochs=1",
     "eval.online_lr=1e-2",
 ]  # fmt: skip
-
-
-def tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ tools/pretrain.py (uneven shards), then tools/complete.py and tools/igpt_probe.p
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,24 +11,17 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
+from tool_loader import ROOT, tool
 
 from mmssl.data import demo
 from mmssl.data.shards import write_shards
 from mmssl.targets.palette import Palette
 
-ROOT = Path(__file__).resolve().parents[2]
 TINY_IGPT = [
     "igpt.resolution=8", "igpt.num_colors=8", "igpt.embed_dim=32", "igpt.depth=2", "igpt.num_heads=4",
     "igpt.num_completions=1", "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=50",
     "optim.warmup_steps=2", "trainer.log_every_n_steps=1", "trainer.picture_every_n_steps=1000",
 ]  # fmt: skip
-
-
-def tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
