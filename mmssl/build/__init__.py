@@ -17,6 +17,7 @@ import lightning.pytorch as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 from torch import nn
 
@@ -38,6 +39,7 @@ from mmssl.build.objectives import (
     load_encoder,
     objective_from_checkpoint,
 )
+from mmssl.build.precision import resolve_precision
 from mmssl.data.module import ShardDataModule, resolve_shards
 from mmssl.data.shards import SampleDecoder
 from mmssl.data.transforms import (
@@ -161,6 +163,8 @@ def eval_callbacks(cfg: DictConfig) -> list[L.Callback]:
 
 def build_trainer(cfg: DictConfig, p: Plan) -> L.Trainer:
     t, out = cfg.trainer, run_dir(cfg)
+    precision, why = resolve_precision(t.precision, t.accelerator)
+    rank_zero_only(print)(f"mmssl: precision {precision} ({why})")
     ckpt_dir = out / "checkpoints"
     callbacks = [
         ModelCheckpoint(
@@ -185,7 +189,7 @@ def build_trainer(cfg: DictConfig, p: Plan) -> L.Trainer:
         devices=t.devices,
         num_nodes=t.num_nodes,
         strategy=_strategy(cfg),
-        precision=t.precision,
+        precision=precision,
         max_steps=p.total_steps,
         max_epochs=math.ceil(p.total_steps / p.steps_per_epoch),
         accumulate_grad_batches=t.accumulate_grad_batches,

@@ -31,7 +31,7 @@ from mmssl.config.paths import find_file as find_file  # re-exported: C.find_fil
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed")  # auto: build/precision.py
 
 
 class ConfigError(ValueError):
@@ -95,7 +95,7 @@ class TrainerConfig:
     devices: Any = "auto"  # int or "auto"
     num_nodes: int = 1
     strategy: str = "auto"  # auto | ddp | ddp_spawn | fsdp
-    precision: str = "bf16-mixed"
+    precision: str = "auto"  # bf16-mixed where the GPU / CPU has native bf16, else 32-true
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None
     log_every_n_steps: int = 50
