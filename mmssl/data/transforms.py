@@ -104,16 +104,16 @@ def load_rgb(img: Image.Image, reduce: int = 1) -> tuple[Image.Image, float]:
     (PIL's ``draft``) skips most of the decoding work instead of resampling afterwards.
     """
     scale = 1.0
-    if reduce > 1 and img.format == "JPEG" and img.tile:  # a tile list: not decoded yet
-        width = img.width
-        drafted = img.draft(img.mode, (max(1, img.width // reduce), max(1, img.height // reduce)))
-        if drafted is not None:  # (mode, the whole original image as a box in decoded pixels)
-            scale = width / drafted[1][2]
     try:
+        if reduce > 1 and img.format == "JPEG" and img.tile:  # a tile list: not decoded yet
+            width = img.width
+            drafted = img.draft(img.mode, (max(1, img.width // reduce), max(1, img.height // reduce)))
+            if drafted is not None:  # (mode, the whole original image as a box in decoded pixels)
+                scale = width / drafted[1][2]
         img.load()
+        return to_rgb(img), scale
     except Exception as exn:  # PIL raises OSError, SyntaxError, ValueError... for bad bytes
         raise DecodeError(f"{type(exn).__name__}: {exn}") from exn
-    return to_rgb(img), scale
 
 
 class ScaledRandomResizedCrop:
