@@ -27,7 +27,9 @@ class LlavaConfig:
     # backbone (that section, random init) | PATH.ckpt (an mmssl run) | open_clip:MODEL | a LLaVA parts folder
     # (<run dir>/llava: the exact frozen encoder of an earlier stage)
     vision: str = "backbone"
-    vision_weights: str | None = None  # open_clip only: a local weights file (nothing is downloaded)
+    # open_clip only: a local weights file (nothing is downloaded). OpenAI's CLIPs (LLaVA's tower) need the
+    # -quickgelu model (open_clip:ViT-L-14-336-quickgelu): see objectives/clip.py create_open_clip, issue #771
+    vision_weights: str | None = None
     vision_layer: int = -2  # LLaVA-1.5 mm_vision_select_layer: the penultimate layer's patch tokens
     projector: str = "mlp2x_gelu"  # LLaVA-1.5 §3.1 (two-layer MLP); "linear" is LLaVA's (v1)
     projector_weights: str | None = None  # stage 2: stage 1's <run dir>/llava/projector.safetensors
@@ -43,7 +45,9 @@ class CLIPConfig:
 
     model: str = "ViT-B-32"  # open_clip architecture: text tower (+ image tower if image_tower=open_clip)
     image_tower: str = "open_clip"  # open_clip: the model's own | backbone: backbone.* + linear projection
-    pretrained: str | None = None  # local open_clip checkpoint of the whole model (a hub tag is refused)
+    # local open_clip checkpoint of the whole model (a hub tag is refused); OpenAI's weights need the -quickgelu
+    # model (ViT-B-32-quickgelu): the activation is not in a state dict (objectives/clip.py create_open_clip)
+    pretrained: str | None = None
     backbone_weights: str | None = None  # local timm state dict (.safetensors/.pt) for image_tower=backbone
     embed_dim: int | None = None  # joint embedding width; None: the open_clip model's (512 for ViT-B-32)
     text_cfg: dict[str, Any] = field(default_factory=dict)  # overrides of open_clip's CLIPTextCfg
