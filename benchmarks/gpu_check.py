@@ -5,6 +5,9 @@ H200; ``--quick`` about half). Never a test dependency; without a CUDA device it
     python benchmarks/gpu_check.py --quick         # fewer steps, smaller batches
     python benchmarks/gpu_check.py --rows mae,sdpa # a subset (names below)
 
+Run it from the repository root with mmssl installed (``pip install -e .``) or ``PYTHONPATH=.``. The exit code
+is 0 when every row ran, 1 when a row failed, 0 without CUDA.
+
 Rows (each guarded: a failure prints an error row and the table goes on):
 
 * ``mae``      MAE ViT-B/16 training step (forward, backward, AdamW), bf16 autocast: images/s and MFU
@@ -137,6 +140,7 @@ SDPA_OPS = {  # dispatcher op -> backend (torch.nn.attention.SDPBackend names)
     "aten::_scaled_dot_product_efficient_attention": "efficient",
     "aten::_scaled_dot_product_cudnn_attention": "cudnn",
     "aten::_scaled_dot_product_attention_math": "math",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "flash (CPU)",
 }
 
 
@@ -153,8 +157,10 @@ def row_sdpa(args, state):
         torch.cuda.synchronize()
     names = {e.key for e in prof.key_averages()}
     backends = sorted({b for op, b in SDPA_OPS.items() if op in names})
-    kernels = sorted(n for n in names if any(k in n.lower() for k in ("flash", "fmha", "attention", "sdpa")))
-    kernels = [k for k in kernels if not k.startswith("aten::")][:2]
+    gpu = {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+    kernels = sorted(n for n in gpu if any(k in n.lower() for k in ("flash", "fmha", "attention", "sdpa")))[
+        :2
+    ]
     return ", ".join(backends) or "none found", "kernels: " + ("; ".join(k[:60] for k in kernels) or "-")
 
 
