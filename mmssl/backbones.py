@@ -13,6 +13,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from mmssl.flops import blocks_flops, linear_flops
 from mmssl.ops import gather_tokens, sincos_2d
 
 
@@ -103,6 +104,15 @@ class ViTBackbone(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {f"model.{n}" for n in self.model.no_weight_decay()}
+
+    def forward_flops(self, num_kept: int | None = None) -> int:
+        """Forward FLOPs for one image (counted as in ``mmssl/flops.py``): the patch embedding of every patch,
+        then the blocks on the prefix tokens and ``num_kept`` patch tokens (all patches when None)."""
+        m = self.model
+        tokens = self.num_prefix_tokens + (self.num_patches if num_kept is None else num_kept)
+        proj = m.patch_embed.proj  # Conv2d(C, D, kernel=stride=patch): a linear map of each flattened patch
+        patch = proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
+        return linear_flops(self.num_patches, patch, self.embed_dim) + blocks_flops(tokens, m.blocks)
 
 
 class CNNBackbone(nn.Module):

@@ -49,13 +49,14 @@ class PretrainModule(L.LightningModule):
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return self.objective(batch)
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         out = self.objective(batch)
         n = batch_size(batch)
-        for key, value in scalars(out).items():
+        logged = scalars(out)
+        for key, value in logged.items():
             self.log(f"train/{key}", value, prog_bar=key == "loss", batch_size=n)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
-        return out["loss"]
+        return {**logged, "loss": out["loss"]}  # the scalars reach callbacks (throughput.py reads "tokens")
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums: dict[str, Tensor] = {}

@@ -45,6 +45,7 @@ from mmssl.data.transforms import (
 )
 from mmssl.eval.online import KNNMonitor, OnlineLinearProbe
 from mmssl.lit import LastCheckpoint, PretrainModule, RankReport, SaveParts
+from mmssl.throughput import ThroughputLogger
 from mmssl.viz import PictureCallback
 
 __all__ = [
@@ -105,8 +106,13 @@ def plan(cfg: DictConfig, datamodule: ShardDataModule) -> Plan:
 
 def build_module(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) -> PretrainModule:
     o = cfg.optim
+    objective = objective if objective is not None else build_objective(cfg)
+    if cfg.trainer.compile:
+        # nn.Module.compile compiles the call in place: torch.compile(module) would wrap it and prefix every
+        # state-dict key with "_orig_mod.", breaking checkpoints, export and evaluation
+        objective.compile()
     return PretrainModule(
-        objective if objective is not None else build_objective(cfg),
+        objective,
         lr=p.lr,
         total_steps=p.total_steps,
         warmup_steps=p.warmup_steps,
@@ -177,6 +183,7 @@ def build_trainer(cfg: DictConfig, p: Plan) -> L.Trainer:
         LastCheckpoint(ckpt_dir / "last.ckpt"),
         PictureCallback(out / "pictures", cfg.data.mean, cfg.data.std, every_n_steps=t.picture_every_n_steps),
         RankReport(out),
+        ThroughputLogger(),  # train/images_per_s, tokens_per_s, mfu
         SaveParts(out / cfg.objective),  # objectives with a save_parts hook (llava) write loadable parts
         *eval_callbacks(cfg),
     ]

@@ -105,6 +105,7 @@ class TrainerConfig:
     val_every_n_epochs: int = 1
     ddp_timeout_s: int = 1800
     sync_batchnorm: bool = False
+    compile: bool = False  # torch.compile the objective's forward (Module.compile: state-dict keys unchanged)
 
 
 @dataclass

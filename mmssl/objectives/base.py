@@ -11,6 +11,10 @@ An objective is a plain ``torch.nn.Module``:
 * Optional ``visualize(batch, denormalize) -> dict[str, Tensor]``: named (B, 3, H, W) images in [0, 1], drawn
   side by side into the run directory; ``denormalize`` maps the batch's normalised images to [0, 1].
 * Optional ``after_optimizer_step() -> None``: called after each optimizer step (e.g. clamping a temperature).
+* Optional ``"tokens"`` output: a 0-dim count of the tokens the batch fed the model (iGPT palette tokens, LLaVA
+  text tokens); the training system logs tokens/s from it (``mmssl/throughput.py``).
+* Optional ``flops_per_sample() -> int | None``: training FLOPs (forward + backward) per sample, counted as in
+  ``mmssl/flops.py``; the training system logs MFU from it on GPUs. None or absent: no MFU.
 * ``backbone``: the encoder being pretrained, a ``mmssl.backbones`` backbone (``embed_dim``, ``forward_pooled``,
   ``forward_tokens``; its timm model at ``.backbone.model``). Every objective that trains an image encoder
   exposes it under this name: evaluation (``eval/``: features, linear probe, kNN, online probes) and export

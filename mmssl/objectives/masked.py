@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from mmssl.backbones import ViTBackbone
+from mmssl.flops import TRAIN_PER_FORWARD, linear_flops
 from mmssl.losses import masked_mse
 from mmssl.ops import block_masking, random_masking
 
@@ -111,6 +112,24 @@ class MaskedModeling(nn.Module):
             batch_size, self.backbone.grid_size, num_masked, min_block, min_aspect=self.min_aspect
         )
         return mask.to(device)
+
+    def flops_per_sample(self) -> int | None:
+        """Training FLOPs per image (``mmssl/flops.py``): MAE counts the encoder on the visible patches (its
+        patch embedding on all of them) plus the decoder on every token; the mask-token path counts the encoder
+        on every patch plus a linear head. Targets (pixels, HOG) are not counted. None for other heads."""
+        L = self.backbone.num_patches
+        if self.head is None:
+            if not hasattr(self.decoder, "forward_flops"):
+                return None
+            visible = int(L * (1 - self.mask_ratio))  # as ops.random_masking
+            forward = self.backbone.forward_flops(visible) + self.decoder.forward_flops(visible)
+        elif isinstance(self.head, nn.Linear):
+            forward = self.backbone.forward_flops() + linear_flops(
+                L, self.head.in_features, self.head.out_features
+            )
+        else:
+            return None
+        return TRAIN_PER_FORWARD * forward
 
     def no_weight_decay(self) -> set[str]:
         if self.head is not None:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from mmssl import dist
 from mmssl.backbones import Backbone, CNNBackbone
+from mmssl.flops import TRAIN_PER_FORWARD, linears_flops
 from mmssl.heads import ProjectionHead
 from mmssl.losses import nt_xent_logits
 
@@ -77,6 +78,13 @@ class SimCLR(nn.Module):
         nearest = (z1 @ z2.T).argmax(dim=1)  # (n,)
         return {"view 1": denormalize(view1), "view 2": denormalize(view2),
                 "nearest view 2": denormalize(view2[nearest])}  # fmt: skip
+
+    def flops_per_sample(self) -> int | None:
+        """Training FLOPs per image (``mmssl/flops.py``): two views through the encoder and the projection MLP.
+        Known for ViT backbones only (None for CNNs)."""
+        if not hasattr(self.backbone, "forward_flops"):
+            return None
+        return TRAIN_PER_FORWARD * 2 * (self.backbone.forward_flops() + linears_flops(1, self.head))
 
     def no_weight_decay(self) -> set[str]:
         return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}

@@ -117,10 +117,12 @@ class LLaVA(nn.Module):
         target = tokens["labels"][:, 1:]
         supervised = target != IGNORE_INDEX
         hits = (out.logits[:, :-1].argmax(-1) == target) & supervised
+        image_positions = (tokens["input_ids"] == IMAGE_TOKEN_ID).sum()
         return {
             "loss": out.loss,
             "token_acc": hits.sum() / supervised.sum(),
             "answer_tokens": supervised.sum().float(),
+            "tokens": (tokens["attention_mask"].sum() - image_positions).float(),  # text tokens, no padding
         }
 
     @torch.no_grad()
