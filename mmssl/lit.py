@@ -37,14 +37,15 @@ class PretrainModule(L.LightningModule):
     Randomness: before every training batch the global torch generators (CPU and every accelerator, through
     ``torch.manual_seed``) are reseeded with ``step_seed(seed, global_rank, global_step, batch_idx)``. The
     random draws of a training step (MAE / MaskFeat masks, iGPT-BERT masks, drop-path) are therefore a pure
-    function of (seed, rank, step, micro-batch): each rank draws its own masks (facebookresearch/mae seeds
-    each rank with ``seed + rank``; one shared seed would make a 64-GPU run draw every mask 64 times), a
-    rerun draws the same ones, and a run resumed at any step continues exactly where the uninterrupted run
-    would be, with no generator state in the checkpoint. ``batch_idx`` separates the micro-batches of one
-    gradient-accumulation window, which share ``global_step``. Model initialisation happens before this, from
-    ``seed_everything(seed)`` on every rank, so all ranks start from the same weights. Python's ``random``
-    and numpy are left alone: nothing in a training step draws from their global state (``ops.block_masking``
-    seeds its own ``random.Random`` from torch). Data workers have their own seeds (``data/module.py``).
+    function of (seed, rank, step, micro-batch): each rank draws its own masks (facebookresearch/mae
+    ``main_pretrain.py`` seeds each rank with ``seed + rank``; one shared seed would make a 64-GPU run draw
+    every mask 64 times), a rerun draws the same ones, and a run resumed at any step continues exactly where
+    the uninterrupted run would be, with no generator state in the checkpoint. ``batch_idx`` separates the
+    micro-batches of one gradient-accumulation window, which share ``global_step``. Model initialisation
+    happens before this, from ``seed_everything(seed)`` on every rank, so all ranks start from the same
+    weights. Python's ``random`` and numpy are left alone: nothing in a training step draws from their global
+    state (``ops.block_masking`` seeds its own ``random.Random`` from torch). Data workers have their own
+    seeds (``data/module.py``).
     """
 
     def __init__(

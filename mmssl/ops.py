@@ -102,7 +102,7 @@ def block_masking(
     max_block = num_masked if max_block is None else max_block
     log_aspect = (math.log(min_aspect), -math.log(min_aspect))
     # One integer from the torch generator seeds Python's RNG: the per-block draws are scalar and many, and
-    # torch's per-call overhead would dominate; the mask still follows torch's seeding (lit.py's per-step seed).
+    # torch's per-call overhead would dominate; the mask still follows torch's seeding (lit.py's step seed).
     device = generator.device if generator is not None else None
     rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=generator, device=device)))
     masks = []

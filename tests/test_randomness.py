@@ -121,7 +121,7 @@ def masks(logs: Path) -> dict[tuple[int, int], str]:
 
 
 @pytest.mark.slow
-def test_ddp_ranks_draw_distinct_masks_reproducibly_and_resume_continues_them(tmp_path, demo_root):  # noqa: F811
+def test_ddp_ranks_draw_own_masks_reproducibly_and_resume_continues_them(tmp_path, demo_root):  # noqa: F811
     args = [*TINY, f"out_dir={tmp_path}", "data.batch_size=4", "data.val_shards=null",
             f"trainer.max_steps={STEPS}", "trainer.accelerator=cpu", "trainer.devices=2",
             "trainer.strategy=ddp", "trainer.ddp_timeout_s=60"]  # fmt: skip

@@ -82,9 +82,9 @@ class MaskedModeling(nn.Module):
         mask: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
-        """``noise`` (B, L) fixes random masking (as in the reference and transformers' ViTMAE); ``mask`` (B, L),
-        1 = masked, fixes the mask of the mask-token path. Drawn at random when None, from ``generator`` (on the
-        images' device) or else torch's global generator."""
+        """``noise`` (B, L) fixes random masking (as in the reference and transformers' ViTMAE); ``mask``
+        (B, L), 1 = masked, fixes the mask of the mask-token path. Drawn at random when None, from
+        ``generator`` (on the images' device) or else torch's global generator."""
         images = batch["image"]  # (B, 3, H, W)
         target = self.target(images)  # (B, L, D_t), fp32, no grad
         B, L = target.shape[:2]
