@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -18,13 +19,34 @@ def scalars(out: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach() for k, v in out.items() if isinstance(v, Tensor) and v.ndim == 0}
 
 
+def step_seed(seed: int, rank: int, step: int, batch_idx: int) -> int:
+    """A 63-bit seed for one training batch of one rank: a hash (BLAKE2b) of all four numbers, so neighbouring
+    ranks and steps get unrelated streams rather than overlapping ``seed + i`` ones."""
+    digest = hashlib.blake2b(repr((seed, rank, step, batch_idx)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 def batch_size(batch: dict) -> int:
     """Samples in a batch dict: the length of its first tensor (lists of captions may sit beside it)."""
     return len(next(v for v in batch.values() if isinstance(v, Tensor)))
 
 
 class PretrainModule(L.LightningModule):
-    """Optimizer, per-step warmup-cosine schedule, logging and failure checks around any objective."""
+    """Optimizer, per-step warmup-cosine schedule, logging and failure checks around any objective.
+
+    Randomness: before every training batch the global torch generators (CPU and every accelerator, through
+    ``torch.manual_seed``) are reseeded with ``step_seed(seed, global_rank, global_step, batch_idx)``. The
+    random draws of a training step (MAE / MaskFeat masks, iGPT-BERT masks, drop-path) are therefore a pure
+    function of (seed, rank, step, micro-batch): each rank draws its own masks (facebookresearch/mae
+    ``main_pretrain.py`` seeds each rank with ``seed + rank``; one shared seed would make a 64-GPU run draw
+    every mask 64 times), a rerun draws the same ones, and a run resumed at any step continues exactly where
+    the uninterrupted run would be, with no generator state in the checkpoint. ``batch_idx`` separates the
+    micro-batches of one gradient-accumulation window, which share ``global_step``. Model initialisation
+    happens before this, from ``seed_everything(seed)`` on every rank, so all ranks start from the same
+    weights. Python's ``random`` and numpy are left alone: nothing in a training step draws from their global
+    state (``ops.block_masking`` seeds its own ``random.Random`` from torch). Data workers have their own
+    seeds (``data/module.py``).
+    """
 
     def __init__(
         self,
@@ -39,6 +61,7 @@ class PretrainModule(L.LightningModule):
         eps: float = 1e-8,
         momentum: float = 0.9,
         min_lr: float = 0.0,
+        seed: int = 0,
         config: dict | None = None,
     ):
         super().__init__()
@@ -48,6 +71,9 @@ class PretrainModule(L.LightningModule):
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return self.objective(batch)
+
+    def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        torch.manual_seed(step_seed(self.hparams.seed, self.global_rank, self.global_step, batch_idx))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         out = self.objective(batch)

@@ -264,7 +264,7 @@ def test_visualize_pairs_each_view_with_its_nearest_second_view():
     objective = build_objective(C.load(None, TINY_RESNET)).eval()
     batch = two_views(3)
     batch["view2"] = batch["view1"].clone()  # identical views: the nearest second view is the image's own
-    columns = objective.visualize(batch, lambda x: x.sigmoid())
+    columns = objective.visualize(batch, lambda x: x.sigmoid(), torch.Generator())
     assert list(columns) == ["view 1", "view 2", "nearest view 2"]
     torch.testing.assert_close(columns["nearest view 2"], columns["view 1"])
     assert all(c.shape == (3, 3, 32, 32) for c in columns.values())

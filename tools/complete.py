@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     with torch.no_grad():
-        columns = objective.visualize({"image": batch["image"]}, Denormalize(mean, std), seed=a.seed)
+        generator = torch.Generator().manual_seed(a.seed)  # the objective and the images are on the CPU
+        columns = objective.visualize({"image": batch["image"]}, Denormalize(mean, std), generator)
     title = f"{a.ckpt}: T={a.temperature}, top-k={a.top_k}, seed {a.seed}"
     print(
         f"{len(batch['image'])} images x {a.num_completions} completions -> {save_grid(columns, a.out, title)}"

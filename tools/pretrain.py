@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
+    # The same seed on every rank, so every rank builds the same initial weights; from the first training step
+    # on, PretrainModule reseeds per (seed, rank, step) so each rank draws its own masks (lit.py).
     L.seed_everything(cfg.seed, workers=True)
     try:
         datamodule = build.build_datamodule(cfg)

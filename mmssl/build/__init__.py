@@ -122,6 +122,7 @@ def build_module(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) -
         eps=o.eps,
         momentum=o.momentum,
         min_lr=o.min_lr,
+        seed=cfg.seed,
         config=C.to_dict(cfg),
     )
 

@@ -8,8 +8,11 @@ An objective is a plain ``torch.nn.Module``:
   has labels; method-specific keys (``"view1"``/``"view2"``, ``"text"``) where a method needs them.
 * Optional ``no_weight_decay() -> set[str]``: parameter names (as in ``named_parameters()``) excluded from
   weight decay, on top of every 1-D parameter (norms, biases).
-* Optional ``visualize(batch, denormalize) -> dict[str, Tensor]``: named (B, 3, H, W) images in [0, 1], drawn
-  side by side into the run directory; ``denormalize`` maps the batch's normalised images to [0, 1].
+* Optional ``visualize(batch, denormalize, generator) -> dict[str, Tensor]``: named (B, 3, H, W) images in
+  [0, 1], drawn side by side into the run directory; ``denormalize`` maps the batch's normalised images to
+  [0, 1]. Every random draw (masks, samples) comes from ``generator``, a ``torch.Generator`` on the batch's
+  device: the same generator seed gives the same pictures, and pictures drawn during training neither
+  read nor move the global generators that the training step draws from.
 * Optional ``after_optimizer_step() -> None``: called after each optimizer step (e.g. clamping a temperature).
 * Optional ``"tokens"`` output: a 0-dim count of the tokens the batch fed the model (iGPT palette tokens, LLaVA
   text tokens); the training system logs tokens/s from it (``mmssl/throughput.py``).

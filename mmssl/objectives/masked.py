@@ -77,39 +77,55 @@ class MaskedModeling(nn.Module):
             )
 
     def forward(
-        self, batch: dict[str, Tensor], noise: Tensor | None = None, mask: Tensor | None = None
+        self,
+        batch: dict[str, Tensor],
+        noise: Tensor | None = None,
+        mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
-        """``noise`` (B, L) fixes random masking (as in the reference and transformers' ViTMAE); ``mask`` (B, L),
-        1 = masked, fixes the mask of the mask-token path. Drawn at random when None."""
+        """``noise`` (B, L) fixes random masking (as in the reference and transformers' ViTMAE); ``mask``
+        (B, L), 1 = masked, fixes the mask of the mask-token path. Drawn at random when None, from
+        ``generator`` (on the images' device) or else torch's global generator."""
         images = batch["image"]  # (B, 3, H, W)
         target = self.target(images)  # (B, L, D_t), fp32, no grad
         B, L = target.shape[:2]
         if self.head is None:
             if noise is None:
-                noise = torch.rand(B, L, device=images.device)
+                noise = torch.rand(B, L, device=images.device, generator=generator)
             ids_keep, ids_restore, mask = random_masking(noise, self.mask_ratio)
             latent = self.backbone.forward_tokens(images, keep=ids_keep)  # (B, prefix + L_keep, D)
             pred = self.decoder(latent, ids_restore)  # (B, L, D_t)
         else:
             if mask is None:
-                mask = self.draw_mask(B, images.device, noise)
+                mask = self.draw_mask(B, images.device, noise, generator)
             tokens = self.backbone.forward_tokens(images, mask=mask, mask_token=self.mask_token)
             pred = self.head(tokens[:, self.backbone.num_prefix_tokens :])  # (B, L, D_t)
         return {"loss": masked_mse(pred, target, mask), "pred": pred, "mask": mask}
 
-    def draw_mask(self, batch_size: int, device: torch.device, noise: Tensor | None = None) -> Tensor:
+    def draw_mask(
+        self,
+        batch_size: int,
+        device: torch.device,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         """(B, L) float mask, 1 = masked, for the mask-token path."""
         L = self.backbone.num_patches
         num_masked = round(L * self.mask_ratio)  # SlowFast imagenet.py: round(14 * 14 * 0.4) = 78
         if self.mask_policy == "random":
             if noise is None:
-                noise = torch.rand(batch_size, L, device=device)
+                noise = torch.rand(batch_size, L, device=device, generator=generator)
             return random_masking(noise, self.mask_ratio)[2]
         min_block = (
             self.min_block if self.min_block is not None else num_masked // 5
         )  # SlowFast: 78 // 5 = 15
         mask = block_masking(
-            batch_size, self.backbone.grid_size, num_masked, min_block, min_aspect=self.min_aspect
+            batch_size,
+            self.backbone.grid_size,
+            num_masked,
+            min_block,
+            min_aspect=self.min_aspect,
+            generator=generator,
         )
         return mask.to(device)
 
@@ -141,6 +157,8 @@ class MaskedModeling(nn.Module):
         return names | {n for n, _ in self.named_parameters() if n.endswith(("mask_token", "pos_embed"))}
 
     @torch.no_grad()
-    def visualize(self, batch: dict[str, Tensor], denormalize) -> dict[str, Tensor]:
-        out = self(batch)
+    def visualize(
+        self, batch: dict[str, Tensor], denormalize, generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        out = self(batch, generator=generator)  # masks from the caller's generator, never the global one
         return self.target.picture(batch["image"], out["pred"], out["mask"], denormalize)

@@ -69,9 +69,12 @@ class SimCLR(nn.Module):
         return {"loss": loss, "contrast_acc": acc}
 
     @torch.no_grad()
-    def visualize(self, batch: dict[str, Tensor], denormalize) -> dict[str, Tensor]:
+    def visualize(
+        self, batch: dict[str, Tensor], denormalize, generator: torch.Generator
+    ) -> dict[str, Tensor]:
         """Picture columns (viz.PictureCallback): each image's two views, and the view 2 of the batch whose
-        projection is nearest to its view 1, which is its own second view when the task is solved."""
+        projection is nearest to its view 1, which is its own second view when the task is solved. Draws
+        nothing at random (``generator`` is unused)."""
         view1, view2 = batch["view1"], batch["view2"]
         z = nn.functional.normalize(self.head(self.embed(torch.cat([view1, view2]))).float(), dim=1)
         z1, z2 = z.split(view1.shape[0])
