@@ -155,6 +155,9 @@ class ShardDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=False,
             pin_memory=self._pin_memory(),
+            # The workers' base seed (augmentations) comes from this generator, not the global one, so a run
+            # resumed at step s draws the augmentations an uninterrupted run would, not epoch 0's again.
+            generator=torch.Generator().manual_seed(wds.utils.make_seed(self.seed, step, rank)),
         )
 
     def val_dataloader(self) -> DataLoader | list:
