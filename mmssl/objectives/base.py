@@ -11,6 +11,11 @@ An objective is a plain ``torch.nn.Module``:
 * Optional ``visualize(batch, denormalize) -> dict[str, Tensor]``: named (B, 3, H, W) images in [0, 1], drawn
   side by side into the run directory; ``denormalize`` maps the batch's normalised images to [0, 1].
 * Optional ``after_optimizer_step() -> None``: called after each optimizer step (e.g. clamping a temperature).
+* Optional ``save_parts(directory, state_dict) -> None``: files other tools load without Lightning, written at
+  every checkpoint from ``state_dict`` (the checkpoint's gathered tensors, keys as in the objective's own
+  ``state_dict()``), never from the live parameters, which are shards under FSDP.
+* Optional ``_no_split_modules``: names of block classes, besides the timm / open_clip / transformers blocks
+  found on their own, that ``trainer.strategy=fsdp`` makes its sharding units (``build/fsdp.py``).
 * ``backbone``: the encoder being pretrained, a ``mmssl.backbones`` backbone (``embed_dim``, ``forward_pooled``,
   ``forward_tokens``; its timm model at ``.backbone.model``). Every objective that trains an image encoder
   exposes it under this name: evaluation (``eval/``: features, linear probe, kNN, online probes) and export
