@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import timm
 import torch
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -81,7 +82,10 @@ class ViTBackbone(nn.Module):
         prefix = self._prefix_tokens(patch_tokens.shape[0])
         x = patch_tokens if prefix is None else torch.cat([prefix, patch_tokens], dim=1)
         x = m.norm_pre(m.pos_drop(x))
-        x = m.blocks(x)
+        if m.grad_checkpointing and torch.is_grad_enabled():  # set_grad_checkpointing(), as forward_features
+            x = checkpoint_seq(m.blocks, x)  # recomputes each block's activations in the backward pass
+        else:
+            x = m.blocks(x)
         return m.norm(x)
 
     def forward_tokens(

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import lightning.pytorch as L
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 
-from mmssl.optim import create_optimizer, warmup_cosine_schedule
+from mmssl.optim import create_optimizer, param_groups, warmup_cosine_schedule
 
 
 def scalars(out: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -66,6 +68,8 @@ class PretrainModule(L.LightningModule):
     ):
         super().__init__()
         self.objective = objective
+        # Taken now, before any FSDP wrapping flattens the parameters (see optim.param_groups).
+        self._param_groups = param_groups(objective, optimizer, weight_decay)
         # The resolved run config travels inside every checkpoint (plain types: loads with weights_only=True).
         self.save_hyperparameters(ignore=["objective"])
 
@@ -105,7 +109,7 @@ class PretrainModule(L.LightningModule):
     def configure_optimizers(self):
         h = self.hparams
         opt = create_optimizer(
-            self.objective, h.optimizer, h.lr, h.weight_decay, tuple(h.betas), h.eps, h.momentum
+            self._param_groups, h.optimizer, h.lr, h.weight_decay, tuple(h.betas), h.eps, h.momentum
         )
         schedule = warmup_cosine_schedule(opt, h.warmup_steps, h.total_steps, h.min_lr)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -113,8 +117,11 @@ class PretrainModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         # After DDP's all-reduce every rank holds the same gradients, so every rank stops together here and
         # the optimizer never applies a NaN update (a NaN loss otherwise silently turns the weights into NaN).
-        grads = [p.grad for p in self.objective.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        if isinstance(self.trainer.model, FullyShardedDataParallel):  # each rank holds gradient shards
+            norm = self.trainer.model.clip_grad_norm_(math.inf)  # FSDP's norm over all shards; clips nothing
+        else:
+            grads = [p.grad for p in self.objective.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
         if not torch.isfinite(norm):
             raise FloatingPointError(
                 f"non-finite loss or gradient at step {self.global_step} (gradient norm {norm.item()}); "
@@ -122,6 +129,15 @@ class PretrainModule(L.LightningModule):
                 "set trainer.gradient_clip_val, or try trainer.precision=32-true."
             )
         self.log("train/grad_norm", norm)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        model = self.trainer.model
+        if gradient_clip_val and isinstance(model, FullyShardedDataParallel):
+            # Lightning's FSDP precision plugin refuses norm clipping: torch.nn.utils.clip_grad_norm_ would see
+            # this rank's shards only. FSDP's own clip_grad_norm_ takes the norm over all of them.
+            model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -169,9 +185,13 @@ class RankReport(L.Callback):
 
 
 class SaveParts(L.Callback):
-    """Calls the objective's optional ``save_parts(directory)`` hook on rank 0 whenever a full checkpoint is
-    saved (step checkpoints, ``last.ckpt`` at the end and on SIGTERM), once per step: files that other tools
-    load without Lightning (e.g. a LLaVA projector as safetensors)."""
+    """Calls the objective's optional ``save_parts(directory, state_dict)`` hook on rank 0 whenever a full
+    checkpoint is saved (step checkpoints, ``last.ckpt`` at the end and on SIGTERM), once per step: files that
+    other tools load without Lightning (e.g. a LLaVA projector as safetensors).
+
+    ``state_dict`` is the checkpoint's own (keys relative to the objective): on rank 0 it holds every tensor in
+    full under any strategy (FSDP gathers it, ``state_dict_type="full"``), where the live parameters under FSDP
+    are only this rank's shards."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -181,5 +201,7 @@ class SaveParts(L.Callback):
         save = getattr(pl_module.objective, "save_parts", None)
         if save is None or not trainer.is_global_zero or self.saved_step == trainer.global_step:
             return
-        save(self.directory)
+        prefix = "objective."
+        state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        save(self.directory, state)
         self.saved_step = trainer.global_step

@@ -70,13 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     # on, PretrainModule reseeds per (seed, rank, step) so each rank draws its own masks (lit.py).
     L.seed_everything(cfg.seed, workers=True)
     try:
+        C.validate_machine(cfg)  # e.g. trainer.strategy=fsdp without CUDA GPUs, before any model or data work
         datamodule = build.build_datamodule(cfg)
     except (C.ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     plan = build.plan(cfg, datamodule)
     module = build.build_module(cfg, plan)
-    trainer = build.build_trainer(cfg, plan)
+    trainer = build.build_trainer(cfg, plan, objective=module.objective)
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(C.active(cfg), out / "config.yaml")

@@ -16,7 +16,7 @@ from pathlib import Path
 import lightning.pytorch as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig
 from torch import nn
 
@@ -29,6 +29,7 @@ from mmssl.build.encoders import (  # re-exported: mmssl.build is the one entry 
     img_size,
     load_backbone,
 )
+from mmssl.build.fsdp import block_classes, fsdp_kwargs, fsdp_strategy
 from mmssl.build.objectives import (
     OBJECTIVES,
     TEXT,
@@ -49,10 +50,10 @@ from mmssl.throughput import ThroughputLogger
 from mmssl.viz import PictureCallback
 
 __all__ = [
-    "OBJECTIVES", "TEXT", "VIEWS", "Plan", "build_backbone", "build_datamodule", "build_module",
-    "build_objective", "build_tokenizer", "build_trainer", "checkpoint_config", "encoder_info", "encoder_of",
-    "eval_callbacks", "img_size", "load_backbone", "load_encoder", "objective_from_checkpoint", "plan",
-    "run_dir",
+    "OBJECTIVES", "TEXT", "VIEWS", "Plan", "block_classes", "build_backbone", "build_datamodule",
+    "build_module", "build_objective", "build_tokenizer", "build_trainer", "checkpoint_config", "encoder_info",
+    "encoder_of", "eval_callbacks", "fsdp_kwargs", "fsdp_strategy", "img_size", "load_backbone", "load_encoder",
+    "objective_from_checkpoint", "plan", "run_dir",
 ]  # fmt: skip
 
 
@@ -131,15 +132,19 @@ def run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.out_dir) / cfg.name
 
 
-def _strategy(cfg: DictConfig):
+def _strategy(cfg: DictConfig, objective: nn.Module | None):
     t = cfg.trainer
+    if t.strategy == "fsdp":
+        if objective is None:
+            raise TypeError(
+                "build_trainer: trainer.strategy=fsdp needs objective= (its blocks are the FSDP units)"
+            )
+        return fsdp_strategy(cfg, objective)
     timeout = timedelta(seconds=t.ddp_timeout_s)
     if t.strategy in ("ddp", "ddp_spawn", "ddp_fork") or (t.strategy == "auto" and C.world_size(cfg) > 1):
         start = {"ddp_spawn": "spawn", "ddp_fork": "fork"}.get(t.strategy, "popen")
         # broadcast_buffers=False: validation sees unequal batch counts per rank and must not synchronise
         return DDPStrategy(start_method=start, timeout=timeout, broadcast_buffers=False)
-    if t.strategy == "fsdp":
-        return FSDPStrategy(timeout=timeout)
     return t.strategy
 
 
@@ -166,9 +171,15 @@ def eval_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return callbacks
 
 
-def build_trainer(cfg: DictConfig, p: Plan) -> L.Trainer:
+def build_trainer(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) -> L.Trainer:
+    """``objective`` (the one being trained) is needed by trainer.strategy=fsdp: its blocks become the units."""
     t, out = cfg.trainer, run_dir(cfg)
     ckpt_dir = out / "checkpoints"
+    strategy = _strategy(cfg, objective)
+    # Pictures are drawn on rank 0 outside the training step, where FSDP holds only shards of the weights.
+    pictures = [] if t.strategy == "fsdp" else [
+        PictureCallback(out / "pictures", cfg.data.mean, cfg.data.std, every_n_steps=t.picture_every_n_steps)
+    ]  # fmt: skip
     callbacks = [
         ModelCheckpoint(
             dirpath=ckpt_dir,
@@ -182,7 +193,7 @@ def build_trainer(cfg: DictConfig, p: Plan) -> L.Trainer:
             enable_version_counter=False,  # last.ckpt is always the newest state, never last-v1.ckpt
         ),
         LastCheckpoint(ckpt_dir / "last.ckpt"),
-        PictureCallback(out / "pictures", cfg.data.mean, cfg.data.std, every_n_steps=t.picture_every_n_steps),
+        *pictures,
         RankReport(out),
         ThroughputLogger(),  # train/images_per_s, tokens_per_s, mfu
         SaveParts(out / cfg.objective),  # objectives with a save_parts hook (llava) write loadable parts
@@ -192,7 +203,7 @@ def build_trainer(cfg: DictConfig, p: Plan) -> L.Trainer:
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=_strategy(cfg),
+        strategy=strategy,
         precision=t.precision,
         max_steps=p.total_steps,
         max_epochs=math.ceil(p.total_steps / p.steps_per_epoch),

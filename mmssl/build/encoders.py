@@ -21,7 +21,7 @@ from mmssl.export import (
 
 def build_backbone(cfg: DictConfig) -> Backbone:
     b = cfg.backbone
-    return create_backbone(
+    backbone = create_backbone(
         b.name,
         img_size=b.img_size,
         patch_size=b.patch_size,
@@ -30,6 +30,12 @@ def build_backbone(cfg: DictConfig) -> Backbone:
         num_heads=b.num_heads,
         drop_path_rate=b.drop_path_rate or None,
     )
+    if b.grad_checkpointing:
+        try:  # timm's own switch; ViTBackbone.encode honours it too
+            backbone.model.set_grad_checkpointing(True)
+        except AssertionError as e:  # timm models without it assert "gradient checkpointing not supported"
+            raise C.ConfigError(f"config key 'backbone.grad_checkpointing': {b.name}: {e}") from None
+    return backbone
 
 
 def img_size(cfg: DictConfig) -> int:

@@ -32,6 +32,10 @@ from mmssl.config.paths import find_file as find_file  # re-exported: C.find_fil
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
+# torch.distributed.fsdp.ShardingStrategy names (what Lightning's FSDPStrategy(sharding_strategy=) takes)
+SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
+# Optimizers whose update uses each whole tensor's norm (LARS/LAMB trust ratio): FSDP hands them shards
+TRUST_RATIO_OPTIMIZERS = ("lars", "larc", "nlars", "nlarc", "lamb", "lambc")
 
 
 class ConfigError(ValueError):
@@ -53,6 +57,9 @@ class BackboneConfig:
     depth: int | None = None
     num_heads: int | None = None
     drop_path_rate: float = 0.0
+    # timm's set_grad_checkpointing: recompute each block's activations in the backward pass (memory for
+    # compute; ViT-L/H at large batches). Under trainer.strategy=fsdp use trainer.fsdp.activation_checkpointing.
+    grad_checkpointing: bool = False
 
 
 @dataclass
@@ -88,6 +95,17 @@ class DataConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """Used with ``trainer.strategy=fsdp`` only, ignored otherwise (Lightning's FSDPStrategy, wired in
+    ``build/fsdp.py``). Every transformer block of the objective is one FSDP unit; checkpoints always hold full
+    (gathered) state dicts."""
+
+    sharding_strategy: str = "FULL_SHARD"  # FULL_SHARD | SHARD_GRAD_OP | HYBRID_SHARD | NO_SHARD
+    activation_checkpointing: bool = False  # recompute the blocks' activations in the backward pass
+    cpu_offload: bool = False  # parameters and gradients wait in CPU memory between uses
+
+
+@dataclass
 class TrainerConfig:
     max_epochs: int = 800
     max_steps: int | None = None  # None: max_epochs x steps per epoch
@@ -106,6 +124,7 @@ class TrainerConfig:
     ddp_timeout_s: int = 1800
     sync_batchnorm: bool = False
     compile: bool = False  # torch.compile the objective's forward (Module.compile: state-dict keys unchanged)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
 
 @dataclass
@@ -303,6 +322,58 @@ def validate(cfg: DictConfig) -> None:
         check(not e.knn_every_n_epochs or bool(e[key]), f"eval.{key}", "required when knn_every_n_epochs > 0")
     check(e.knn_k >= 1 and e.knn_t > 0, "eval.knn_k", "needs knn_k >= 1 and knn_t > 0")
     validate_clip(cfg, check)
+    validate_fsdp(cfg, check)
+
+
+def validate_fsdp(cfg: DictConfig, check) -> None:
+    """``trainer.fsdp.*`` and what FSDP cannot run with (machine-independent: see :func:`validate_machine`)."""
+    t, f = cfg.trainer, cfg.trainer.fsdp
+    check(
+        f.sharding_strategy.upper() in SHARDING_STRATEGIES,
+        "trainer.fsdp.sharding_strategy",
+        f"must be one of {', '.join(SHARDING_STRATEGIES)}",
+    )
+    if t.strategy != "fsdp":  # a recipe's fsdp section stays valid when the command line picks ddp
+        return
+    check(
+        not cfg.backbone.grad_checkpointing,
+        "backbone.grad_checkpointing",
+        "with trainer.strategy=fsdp use trainer.fsdp.activation_checkpointing=true (it checkpoints inside the "
+        "FSDP units)",
+    )
+    check(
+        cfg.optim.name.lower() not in TRUST_RATIO_OPTIMIZERS,
+        "optim.name",
+        "LARS/LAMB scale each update by whole-tensor norms, but under trainer.strategy=fsdp every rank holds "
+        "shards; use adamw or sgd, or trainer.strategy=ddp",
+    )
+    for key in ("online_probe", "knn_every_n_epochs"):
+        check(
+            not cfg.eval[key],
+            f"eval.{key}",
+            "online evaluation calls the encoder outside the training step, where trainer.strategy=fsdp holds "
+            "only shards of its weights; evaluate the checkpoints instead (tools/linear_probe.py, tools/knn.py)",
+        )
+
+
+def validate_machine(cfg: DictConfig) -> None:
+    """Checks that depend on this machine rather than on the config, run before any model or data work of a
+    training run; not part of :func:`validate`, so that a checkpoint's config loads on any machine."""
+    t = cfg.trainer
+    if t.strategy != "fsdp":
+        return
+    import torch
+
+    if t.accelerator not in ("auto", "gpu", "cuda"):
+        why = f"trainer.accelerator={t.accelerator}"
+    elif not torch.cuda.is_available():
+        why = "this machine has no CUDA GPU"
+    else:
+        return
+    raise ConfigError(
+        f"config key 'trainer.strategy': fsdp needs CUDA GPUs (Lightning's FSDPStrategy runs on CUDA only), but "
+        f"{why}; use trainer.strategy=ddp (or auto) here"
+    )
 
 
 def validate_probe(cfg: DictConfig) -> None:

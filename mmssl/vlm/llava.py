@@ -146,8 +146,9 @@ class LLaVA(nn.Module):
         ids = self.prompt.prompt(question)
         return Encoded(ids, [IGNORE_INDEX] * len(ids))
 
-    def save_parts(self, directory: str | Path) -> None:
-        """The hook the training system calls at checkpoints and at the end (see ``vlm/parts.py``)."""
+    def save_parts(self, directory: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:
+        """The hook the training system calls at checkpoints and at the end (see ``vlm/parts.py``); it passes
+        the checkpoint's gathered ``state_dict`` (under FSDP the live parameters are shards)."""
         from mmssl.vlm.parts import save_parts  # parts builds LLaVA objects, so it imports this module
 
-        save_parts(self, directory)
+        save_parts(self, directory, state_dict)

@@ -45,12 +45,16 @@ class Projector(nn.Sequential):
         self.kind, self.in_dim, self.out_dim = kind, in_dim, out_dim
 
 
-def save_projector(projector: Projector, path: str | Path) -> Path:
-    """Write ``path`` (safetensors) atomically: a reader never sees half a file."""
+def save_projector(
+    projector: Projector, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Write ``path`` (safetensors) atomically: a reader never sees half a file. The tensors come from
+    ``state_dict`` when given (e.g. gathered from FSDP shards), else from ``projector``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in projector.state_dict().items()}
+    state = projector.state_dict() if state_dict is None else state_dict
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
     meta = {"kind": projector.kind, "in_dim": str(projector.in_dim), "out_dim": str(projector.out_dim)}
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)
