@@ -20,7 +20,6 @@ import math
 from pathlib import Path
 
 import open_clip
-import timm.models
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg, _build_text_tower
@@ -113,24 +112,6 @@ def clip_tokenizer(name: str, context_length: int | None = None):
     ``context_length`` None: the model's (77 for CLIP)."""
     _check_offline(name, open_clip.get_model_config(name.replace("/", "-")))
     return open_clip.get_tokenizer(name, context_length=context_length)
-
-
-def load_backbone_weights(backbone: Backbone, path: str | Path) -> None:
-    """A local timm state dict (``.safetensors`` as written by tools/export.py, or a ``.pt``/``.pth`` read with
-    ``weights_only=True``) into ``backbone.model``; every backbone weight must be present."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"clip.backbone_weights={str(path)!r}: not an existing local file; {OFFLINE}")
-    state = timm.models.load_state_dict(str(path), weights_only=True)
-    state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc.", "classifier."))}
-    try:
-        backbone.model.load_state_dict(state, strict=True)
-    except RuntimeError as exn:
-        detail = str(exn).splitlines()
-        raise ValueError(
-            f"clip.backbone_weights={str(path)!r} does not fit backbone.* ({type(backbone.model).__name__}): "
-            + " ".join(line.strip() for line in detail[1:4])
-        ) from None
 
 
 class CLIP(nn.Module):

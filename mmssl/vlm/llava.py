@@ -16,7 +16,6 @@ happens here, on the model side: the tokenizer belongs to the decoder, and data 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -143,9 +142,3 @@ class LLaVA(nn.Module):
     def _prompt_only(self, question: str) -> Encoded:
         ids = self.prompt.prompt(question)
         return Encoded(ids, [IGNORE_INDEX] * len(ids))
-
-    def save_parts(self, directory: str | Path) -> None:
-        """The hook the training system calls at checkpoints and at the end (see ``vlm/parts.py``)."""
-        from mmssl.vlm.parts import save_parts  # parts builds LLaVA objects, so it imports this module
-
-        save_parts(self, directory)
