@@ -115,8 +115,8 @@ def clip_tokenizer(name: str, context_length: int | None = None):
 
 
 class CLIP(nn.Module):
-    """The CLIP objective. Batch: ``image`` (B, 3, H, W) and ``text`` (B, L) int64 token ids (tokenised in
-    the data workers). Returns ``loss``, ``logit_scale`` (1/tau) and the normalised features (B, E).
+    """The CLIP objective. Batch: ``image`` (B, 3, H, W) and ``tokens`` (B, L) int64 caption token ids
+    (tokenised in the data workers). Returns ``loss``, ``logit_scale`` (1/tau) and the normalised features (B, E).
 
     ``image_tower`` is either a module mapping images to (B, E) (open_clip's ``model.visual``), kept as
     ``.image_tower``, or an mmssl backbone, kept as ``.backbone`` (the objective contract, so that online
@@ -158,10 +158,10 @@ class CLIP(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        tokens = batch["text"]
+        tokens = batch["tokens"]
         if not isinstance(tokens, Tensor) or tokens.ndim != 2:
             raise TypeError(
-                "CLIP needs batch['text'] as (B, L) token ids: tokenise captions in the data workers "
+                "CLIP needs batch['tokens'] as (B, L) token ids: tokenise captions in the data workers "
                 "(ShardDataModule(text_fn=CaptionTokens(tokenizer)))"
             )
         image_features = self.encode_image(batch["image"])

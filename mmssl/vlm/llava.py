@@ -9,8 +9,8 @@ text's input embeddings; the causal decoder is trained with next-token cross-ent
 1. feature alignment: only the projector trains (``train_decoder=False``), on captions (``plain``);
 2. instruction tuning: projector and decoder train (``train_decoder=True``), on conversations (``chat``).
 
-The vision encoder never trains. Batches are the data contract: ``image`` (B, 3, H, W) plus ``text`` (list of
-captions) for ``plain`` or ``json`` (list of dicts with LLaVA ``conversations``) for ``chat``. Tokenisation
+The vision encoder never trains. Batches are the data contract: ``image`` (B, 3, H, W) plus ``caption`` (list
+of captions) for ``plain`` or ``json`` (list of dicts with LLaVA ``conversations``) for ``chat``. Tokenisation
 happens here, on the model side: the tokenizer belongs to the decoder, and data stays model-free.
 """
 
@@ -89,11 +89,11 @@ class LLaVA(nn.Module):
         return splice_image_features(input_ids, text, image_tokens)
 
     def encode_batch(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        key = "text" if self.prompt.conversation == "plain" else "json"
+        key = "caption" if self.prompt.conversation == "plain" else "json"
         if key not in batch:
             raise KeyError(
                 f"llava.conversation={self.prompt.conversation!r} reads the batch key {key!r} "
-                f"({'captions: .txt' if key == 'text' else 'conversations: .json'} in the shards), "
+                f"({'captions: .txt' if key == 'caption' else 'conversations: .json'} in the shards), "
                 f"but the batch has only {sorted(batch)}"
             )
         encoded = [self.prompt.encode(sample) for sample in batch[key]]
