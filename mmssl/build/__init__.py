@@ -55,6 +55,7 @@ __all__ = [
 def build_datamodule(cfg: DictConfig) -> ShardDataModule:
     if not cfg.data.train_shards:
         raise C.ConfigError("config key 'data.train_shards': required (a shard pattern or demo:NAME/SPLIT)")
+    C.validate_training(cfg)  # what only training needs (an iGPT palette file), before any model or process
     spec = spec_of(cfg)
     train_view, val_view = spec.views(cfg)
     tokens = spec.text == "tokens"  # token ids made in the workers; samples without a caption are skipped

@@ -270,13 +270,6 @@ def _simclr_views(cfg: DictConfig):
 
 def _igpt_views(cfg: DictConfig):
     d, g = cfg.data, cfg.igpt
-    # Checked here rather than in config.validate: --print-config and checkpoint loading need no palette
-    # file, but a training run does, and this runs before any model is built or process spawned.
-    if not g.palette:
-        raise C.ConfigError(
-            "config key 'igpt.palette': required for training; fit one with tools/fit_palette.py "
-            "(e.g. --shards <train shards> --k 512 --out palette.safetensors) and pass igpt.palette=<file>"
-        )
     norm = {"interpolation": d.interpolation, "mean": tuple(d.mean), "std": tuple(d.std)}
     return igpt_view(g.resolution, tuple(g.resize_range), **norm), eval_view(
         g.resolution, crop_pct=1.0, **norm
