@@ -35,7 +35,7 @@ from mmssl.data.transforms import (
     mae_view,
     simclr_view,
 )
-from mmssl.heads import MAEDecoder, ProjectionHead, mae_init_
+from mmssl.heads import ProjectionHead
 from mmssl.objectives.clip import (
     CLIP,
     clip_tokenizer,
@@ -43,12 +43,11 @@ from mmssl.objectives.clip import (
     open_clip_text_tower,
 )
 from mmssl.objectives.igpt import ImageGPT
-from mmssl.objectives.masked import MaskedModeling
+from mmssl.objectives.masked import MaskedModeling, mae
 from mmssl.objectives.simclr import SimCLR
 from mmssl.sequence import SequenceTransformer
 from mmssl.targets.hog import HOGTarget
 from mmssl.targets.palette import Palette
-from mmssl.targets.pixels import PixelTarget
 from mmssl.vlm.decoders import load_decoder
 from mmssl.vlm.llava import LLaVA
 from mmssl.vlm.parts import MANIFEST, load_vision_tower, save_parts
@@ -58,21 +57,15 @@ from mmssl.vlm.vision import VisionTower, create_encoder
 
 
 def _mae(cfg: DictConfig) -> nn.Module:
-    backbone = build_backbone(cfg)
-    backbone.use_fixed_sincos_pos_embed()  # MAE §A.1
-    target = PixelTarget(backbone.patch_size, normalize=cfg.mae.norm_pix_loss)
-    decoder = MAEDecoder(
-        backbone.embed_dim,
-        backbone.grid_size,
-        target.out_dim,
-        num_prefix_tokens=backbone.num_prefix_tokens,
-        embed_dim=cfg.mae.decoder_embed_dim,
-        depth=cfg.mae.decoder_depth,
-        num_heads=cfg.mae.decoder_num_heads,
+    m = cfg.mae
+    return mae(
+        build_backbone(cfg),
+        mask_ratio=m.mask_ratio,
+        norm_pix_loss=m.norm_pix_loss,
+        decoder_embed_dim=m.decoder_embed_dim,
+        decoder_depth=m.decoder_depth,
+        decoder_num_heads=m.decoder_num_heads,
     )
-    objective = MaskedModeling(backbone, target, decoder, mask_ratio=cfg.mae.mask_ratio)
-    mae_init_(objective)
-    return objective
 
 
 def _timm_spec(cfg: DictConfig) -> dict:
