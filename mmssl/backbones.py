@@ -102,7 +102,9 @@ class ViTBackbone(nn.Module):
         return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
 
     def no_weight_decay(self) -> set[str]:
-        return {f"model.{n}" for n in self.model.no_weight_decay()}
+        # timm names dist_token / reg_token even for models without them; keep the parameters that exist
+        own = {n for n, _ in self.model.named_parameters()}
+        return {f"model.{n}" for n in self.model.no_weight_decay() if n in own}
 
 
 class CNNBackbone(nn.Module):

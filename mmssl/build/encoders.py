@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmssl import config as C
 from mmssl.backbones import Backbone, create_backbone
-from mmssl.checkpoints import CheckpointError, load_state_checked, read_checkpoint, strip_prefix
+from mmssl.checkpoints import CheckpointError, load_state_checked, strip_prefix
 
 
 def build_backbone(cfg: DictConfig) -> Backbone:
@@ -45,12 +45,12 @@ def checkpoint_config(
         raise CheckpointError(f"checkpoint {path}: its run config does not load here: {e}") from None
 
 
-def trained_encoder(path: str | Path, attr: str = "backbone") -> tuple[Backbone, dict]:
-    """Lightning checkpoint -> (its encoder with weights, in eval mode; info), for an objective that keeps its
-    encoder at ``.<attr>`` (state-dict keys ``objective.<attr>.model.*``); nothing else is built. ``info`` is
-    :func:`encoder_info` plus the run's ``config`` (a plain dict) and ``global_step``."""
-    ckpt = read_checkpoint(path)
-    cfg = checkpoint_config(path, ckpt)
+def trained_encoder(
+    path: str | Path, ckpt: dict, cfg: DictConfig, attr: str = "backbone"
+) -> tuple[Backbone, dict]:
+    """A read Lightning checkpoint and its run config -> (its encoder with weights, in eval mode; info), for an
+    objective that keeps its encoder at ``.<attr>`` (state-dict keys ``objective.<attr>.model.*``); nothing
+    else is built. ``info`` is :func:`encoder_info` plus the run's ``config`` (a plain dict) and ``global_step``."""
     prefix = f"objective.{attr}.model."
     state = strip_prefix(ckpt["state_dict"], prefix)
     if not state:

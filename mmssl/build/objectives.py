@@ -3,6 +3,7 @@ checkpoint fix-ups), and the objectives and encoders inside checkpoints, rebuilt
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -85,7 +86,7 @@ def _llava_vision(cfg: DictConfig) -> VisionTower:
         spec = {"source": "open_clip", "name": o.vision.removeprefix("open_clip:")}
         encoder = create_encoder(spec, o.vision_weights)
     elif o.vision.endswith(".ckpt"):  # an mmssl run's encoder (MAE, ...), via the shared checkpoint loader
-        backbone, info = trained_encoder(o.vision)
+        backbone, info = load_encoder(o.vision)
         encoder, spec = backbone.model, _timm_spec(OmegaConf.create(info["config"]))
     elif Path(o.vision, MANIFEST).is_file():
         vision = load_vision_tower(o.vision)
@@ -317,17 +318,28 @@ def build_tokenizer(cfg: DictConfig):
     return spec.tokenizer(cfg)
 
 
+def _read(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict, DictConfig, ObjectiveSpec]:
+    """(checkpoint, its run config, its objective's spec); the config's ``weight_files`` keys are reset to
+    null: the checkpoint's weights hold what those files provided, and they need not exist here."""
+    ckpt = read_checkpoint(path)
+    spec = OBJECTIVES.get(ckpt["hyper_parameters"]["config"].get("objective"))
+    cfg = checkpoint_config(path, ckpt, overrides, spec.weight_files if spec is not None else ())
+    return ckpt, cfg, spec_of(cfg)
+
+
 def objective_from_checkpoint(
-    path: str | Path, overrides: list[str] | tuple[str, ...] = (), random_init: bool = False, seed: int = 0
+    path: str | Path, overrides: Sequence[str] = (), random_init: bool = False, seed: int = 0
 ) -> tuple[nn.Module, DictConfig]:
     """(the objective of a pretraining checkpoint in eval mode, its run config): config and weights from the
     file, ``key=value`` ``overrides`` on top. ``random_init``: the same architecture at its own (seeded)
     initialisation, keeping only the checkpoint's ``data_buffers`` (an iGPT palette): the baseline of a probe."""
-    ckpt = read_checkpoint(path)
-    spec = OBJECTIVES.get(ckpt["hyper_parameters"]["config"].get("objective"))
-    reset = spec.weight_files if spec is not None else ()
-    cfg = checkpoint_config(path, ckpt, overrides, reset)
-    spec = spec_of(cfg)
+    ckpt, cfg, spec = _read(path, overrides)
+    return _rebuild(path, ckpt, cfg, spec, random_init, seed), cfg
+
+
+def _rebuild(
+    path, ckpt: dict, cfg: DictConfig, spec: ObjectiveSpec, random_init: bool, seed: int
+) -> nn.Module:
     torch.manual_seed(seed)
     objective = spec.build(cfg)
     state = {k.removeprefix("objective."): v for k, v in ckpt["state_dict"].items()}
@@ -337,7 +349,7 @@ def objective_from_checkpoint(
     load_state_checked(
         objective, state, f"checkpoint {path}", f"the {cfg.objective!r} objective of its config"
     )
-    return objective.eval(), cfg
+    return objective.eval()
 
 
 def load_encoder(path: str | Path, random_init: bool = False, seed: int = 0) -> tuple[Backbone, dict]:
@@ -352,15 +364,13 @@ def load_encoder(path: str | Path, random_init: bool = False, seed: int = 0) -> 
                 f"{path}: random_init needs a Lightning checkpoint (.ckpt), which holds the config"
             )
         return load_exported(path)
-    ckpt = read_checkpoint(path)
-    cfg = checkpoint_config(path, ckpt)
-    spec = spec_of(cfg)
+    ckpt, cfg, spec = _read(path)
     if spec.encoder is None:
         raise CheckpointError(
             f"checkpoint {path}: the {cfg.objective!r} objective trains no image encoder to evaluate or export"
         )
     if not random_init:
-        return trained_encoder(path, spec.encoder)
-    objective, cfg = objective_from_checkpoint(path, random_init=True, seed=seed)
+        return trained_encoder(path, ckpt, cfg, spec.encoder)
+    objective = _rebuild(path, ckpt, cfg, spec, random_init=True, seed=seed)
     info = {**encoder_info(cfg), "config": C.to_dict(cfg), "global_step": 0}
-    return getattr(objective, spec.encoder).eval(), info
+    return getattr(objective, spec.encoder), info
