@@ -322,7 +322,7 @@ def _read(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict, DictCo
     """(checkpoint, its run config, its objective's spec); the config's ``weight_files`` keys are reset to
     null: the checkpoint's weights hold what those files provided, and they need not exist here."""
     ckpt = read_checkpoint(path)
-    spec = OBJECTIVES.get(ckpt["hyper_parameters"]["config"].get("objective"))
+    spec = OBJECTIVES.get(ckpt["hyper_parameters"]["config"].get("objective", C.Config.objective))
     cfg = checkpoint_config(path, ckpt, overrides, spec.weight_files if spec is not None else ())
     return ckpt, cfg, spec_of(cfg)
 
