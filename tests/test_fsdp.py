@@ -301,9 +301,9 @@ def test_mae_under_fsdp_saves_full_checkpoints_that_load_anywhere_and_resume(tmp
     plain = build_objective(mae_cfg())
     state = {k.removeprefix("objective."): v for k, v in ckpt["state_dict"].items()}
     assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in plain.state_dict().items()}
-    loaded = build.objective_from_checkpoint(ckpt_dir / "last.ckpt")
+    loaded, _ = build.objective_from_checkpoint(ckpt_dir / "last.ckpt")
     torch.testing.assert_close(loaded.state_dict(), state)
-    _, backbone, _ = build.load_backbone(ckpt_dir / "last.ckpt")  # what export and evaluation read
+    backbone, _ = build.load_encoder(ckpt_dir / "last.ckpt")  # what export and evaluation read
     assert backbone.embed_dim == 32
 
     # the optimizer's groups were taken before FSDP flattened the weights: 2-D weights still decay

@@ -1,9 +1,10 @@
-"""The only place where a config becomes objects (DESIGN.md §1): plain name -> constructor tables.
+"""The only place where a config becomes objects (DESIGN.md §1): plain name -> spec tables.
 
-``objectives.py`` holds the tables (objectives, data views, caption tokenisers) and their constructors,
-``encoders.py`` a config's encoder and the encoders inside checkpoints; this module wires a run together
+``objectives.py`` holds the build table (one ``ObjectiveSpec`` per objective, ``spec.py``: builder, data
+views, text handling, encoder, checkpoint fix-ups) and rebuilds objectives and encoders from checkpoints;
+``encoders.py`` a config's backbone and the run config inside a checkpoint; this module wires a run together
 (data module, schedule, Lightning module, trainer) and is the one entry point: ``from mmssl import build``.
-Nothing in mmssl imports this package; tools do.
+Shared code asks an objective's spec, never its name. Nothing in mmssl imports this package; tools do.
 """
 
 from __future__ import annotations
@@ -23,44 +24,44 @@ from torch import nn
 from mmssl import config as C
 from mmssl.build.encoders import (  # re-exported: mmssl.build is the one entry point for tools
     build_backbone,
-    checkpoint_config,
     encoder_info,
-    encoder_of,
     img_size,
-    load_backbone,
 )
 from mmssl.build.fsdp import block_classes, fsdp_kwargs, fsdp_strategy
 from mmssl.build.objectives import (
     OBJECTIVES,
-    TEXT,
-    VIEWS,
     build_objective,
     build_tokenizer,
+    build_views,
     load_encoder,
     objective_from_checkpoint,
+    spec_of,
 )
+from mmssl.build.spec import ObjectiveSpec
+from mmssl.callbacks import LastCheckpoint, RankReport, SaveParts
 from mmssl.data.module import ShardDataModule, resolve_shards
 from mmssl.data.shards import SampleDecoder
-from mmssl.data.transforms import (
-    eval_view,
-)
+from mmssl.data.transforms import CaptionTokens, eval_view
 from mmssl.eval.online import KNNMonitor, OnlineLinearProbe
-from mmssl.lit import LastCheckpoint, PretrainModule, RankReport, SaveParts
+from mmssl.lit import PretrainModule
 from mmssl.throughput import ThroughputLogger
 from mmssl.viz import PictureCallback
 
 __all__ = [
-    "OBJECTIVES", "TEXT", "VIEWS", "Plan", "block_classes", "build_backbone", "build_datamodule",
-    "build_module", "build_objective", "build_tokenizer", "build_trainer", "checkpoint_config", "encoder_info",
-    "encoder_of", "eval_callbacks", "fsdp_kwargs", "fsdp_strategy", "img_size", "load_backbone", "load_encoder",
-    "objective_from_checkpoint", "plan", "run_dir",
+    "OBJECTIVES", "ObjectiveSpec", "Plan", "block_classes", "build_backbone", "build_datamodule", "build_module",
+    "build_objective", "build_tokenizer", "build_trainer", "build_views", "encoder_info", "eval_callbacks",
+    "fsdp_kwargs", "fsdp_strategy", "img_size", "load_encoder", "objective_from_checkpoint", "plan", "run_dir",
+    "spec_of",
 ]  # fmt: skip
 
 
 def build_datamodule(cfg: DictConfig) -> ShardDataModule:
     if not cfg.data.train_shards:
         raise C.ConfigError("config key 'data.train_shards': required (a shard pattern or demo:NAME/SPLIT)")
-    train_view, val_view = VIEWS[cfg.objective](cfg)
+    C.validate_training(cfg)  # what only training needs (an iGPT palette file), before any model or process
+    spec = spec_of(cfg)
+    train_view, val_view = spec.views(cfg)
+    tokens = spec.text == "tokens"  # token ids made in the workers; samples without a caption are skipped
     d = cfg.data
     return ShardDataModule(
         d.train_shards,
@@ -71,9 +72,9 @@ def build_datamodule(cfg: DictConfig) -> ShardDataModule:
         num_workers=d.num_workers,
         samples_per_epoch=d.samples_per_epoch,
         seed=cfg.seed,
-        decoder=SampleDecoder(max_image_pixels=d.max_image_pixels, require_text=cfg.objective in TEXT),
+        decoder=SampleDecoder(max_image_pixels=d.max_image_pixels, require_text=tokens),
         shuffle_buffer=d.shuffle_buffer,
-        text_fn=TEXT[cfg.objective](cfg) if cfg.objective in TEXT else None,
+        text_fn=CaptionTokens(spec.tokenizer(cfg)) if tokens else None,
     )
 
 
@@ -196,9 +197,11 @@ def build_trainer(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) 
         *pictures,
         RankReport(out),
         ThroughputLogger(),  # train/images_per_s, tokens_per_s, mfu
-        SaveParts(out / cfg.objective),  # objectives with a save_parts hook (llava) write loadable parts
         *eval_callbacks(cfg),
     ]
+    save_parts = spec_of(cfg).save_parts  # files other tools load without Lightning (LLaVA's parts)
+    if save_parts is not None:
+        callbacks.append(SaveParts(out / cfg.objective, save_parts))
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,

@@ -101,8 +101,8 @@ def _worker_id() -> int:
 
 
 class SampleDecoder:
-    """Raw webdataset sample -> ``{"image": PIL RGB, "label"?: int, "text"?: str, "json"?: object,
-    "__key__", "__url__"}``.
+    """Raw webdataset sample -> ``{"image": PIL RGB, "label"?: int, "caption"?: str, "json"?: object,
+    "__key__", "__url__"}`` (the batch keys of objectives/base.py).
 
     Returns ``None`` (sample dropped) for a corrupt or missing image, a decompression bomb, a bad label,
     non-UTF-8 text, a missing label when ``require_label``, or missing or blank text when ``require_text``
@@ -163,10 +163,10 @@ class SampleDecoder:
         if self.text_key is not None and self.text_key in sample:
             raw = sample[self.text_key]
             try:
-                out["text"] = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+                out["caption"] = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
             except UnicodeDecodeError:
                 return self._skip("non-UTF-8 text", url, key)
-            if self.require_text and not out["text"].strip():
+            if self.require_text and not out["caption"].strip():
                 return self._skip("empty text", url, key)
         elif self.require_text:
             return self._skip(f"missing text key '{self.text_key}'", url, key)

@@ -20,8 +20,10 @@ from torch import Tensor, nn
 
 from mmssl.backbones import ViTBackbone
 from mmssl.flops import TRAIN_PER_FORWARD, linear_flops
+from mmssl.heads import MAEDecoder, mae_init_
 from mmssl.losses import masked_mse
 from mmssl.ops import block_masking, random_masking
+from mmssl.targets.pixels import PixelTarget
 
 MASKS = ("random", "block")
 
@@ -162,3 +164,32 @@ class MaskedModeling(nn.Module):
     ) -> dict[str, Tensor]:
         out = self(batch, generator=generator)  # masks from the caller's generator, never the global one
         return self.target.picture(batch["image"], out["pred"], out["mask"], denormalize)
+
+
+def mae(
+    backbone: ViTBackbone,
+    *,
+    mask_ratio: float = 0.75,
+    norm_pix_loss: bool = True,
+    decoder_embed_dim: int = 512,
+    decoder_depth: int = 8,
+    decoder_num_heads: int = 16,
+) -> MaskedModeling:
+    """MAE as the paper builds it (models_mae.py ``MaskedAutoencoderViT``): the encoder's position embedding
+    replaced by fixed 2-D sin-cos values (§A.1), per-patch normalised pixel targets (§3), the light decoder
+    (§3, Table 1: 512-d, 8 blocks) and MAE's ``initialize_weights`` (``heads.mae_init_``) over the whole
+    model. Defaults are the paper's; ``configs/mae_*.yaml`` feed the same arguments from ``mae.*``."""
+    backbone.use_fixed_sincos_pos_embed()  # MAE §A.1
+    target = PixelTarget(backbone.patch_size, normalize=norm_pix_loss)
+    decoder = MAEDecoder(
+        backbone.embed_dim,
+        backbone.grid_size,
+        target.out_dim,
+        num_prefix_tokens=backbone.num_prefix_tokens,
+        embed_dim=decoder_embed_dim,
+        depth=decoder_depth,
+        num_heads=decoder_num_heads,
+    )
+    objective = MaskedModeling(backbone, target, decoder, mask_ratio=mask_ratio)
+    mae_init_(objective)
+    return objective

@@ -9,14 +9,13 @@ text's input embeddings; the causal decoder is trained with next-token cross-ent
 1. feature alignment: only the projector trains (``train_decoder=False``), on captions (``plain``);
 2. instruction tuning: projector and decoder train (``train_decoder=True``), on conversations (``chat``).
 
-The vision encoder never trains. Batches are the data contract: ``image`` (B, 3, H, W) plus ``text`` (list of
-captions) for ``plain`` or ``json`` (list of dicts with LLaVA ``conversations``) for ``chat``. Tokenisation
+The vision encoder never trains. Batches are the data contract: ``image`` (B, 3, H, W) plus ``caption`` (list
+of captions) for ``plain`` or ``json`` (list of dicts with LLaVA ``conversations``) for ``chat``. Tokenisation
 happens here, on the model side: the tokenizer belongs to the decoder, and data stays model-free.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -90,11 +89,11 @@ class LLaVA(nn.Module):
         return splice_image_features(input_ids, text, image_tokens)
 
     def encode_batch(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        key = "text" if self.prompt.conversation == "plain" else "json"
+        key = "caption" if self.prompt.conversation == "plain" else "json"
         if key not in batch:
             raise KeyError(
                 f"llava.conversation={self.prompt.conversation!r} reads the batch key {key!r} "
-                f"({'captions: .txt' if key == 'text' else 'conversations: .json'} in the shards), "
+                f"({'captions: .txt' if key == 'caption' else 'conversations: .json'} in the shards), "
                 f"but the batch has only {sorted(batch)}"
             )
         encoded = [self.prompt.encode(sample) for sample in batch[key]]
@@ -145,10 +144,3 @@ class LLaVA(nn.Module):
     def _prompt_only(self, question: str) -> Encoded:
         ids = self.prompt.prompt(question)
         return Encoded(ids, [IGNORE_INDEX] * len(ids))
-
-    def save_parts(self, directory: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:
-        """The hook the training system calls at checkpoints and at the end (see ``vlm/parts.py``); it passes
-        the checkpoint's gathered ``state_dict`` (under FSDP the live parameters are shards)."""
-        from mmssl.vlm.parts import save_parts  # parts builds LLaVA objects, so it imports this module
-
-        save_parts(self, directory, state_dict)
