@@ -142,7 +142,8 @@ def test_forward_backward_and_pictures(name, variant, decoder_dir):
         assert torch.isfinite(objective(val)["loss"])
     if hasattr(objective, "visualize"):
         image = val.get("image", val.get("view1"))
-        pictures = objective.visualize(val, Denormalize(cfg.data.mean, cfg.data.std))
+        generator = torch.Generator().manual_seed(0)  # pictures draw only from their own generator
+        pictures = objective.visualize(val, Denormalize(cfg.data.mean, cfg.data.std), generator)
         assert pictures
         for key, picture in pictures.items():  # (B, 3, H, W); H, W may be upscaled (HOG glyphs)
             assert picture.ndim == 4 and picture.shape[:2] == image.shape[:2], (key, picture.shape)
