@@ -301,6 +301,62 @@ def test_torchrun_two_processes_make_one_world_size_2_run(tmp_path):
     assert (tmp_path / "run" / launch.LOCK_NAME).read_text() == ""
 
 
+def children(pid: int) -> list[int]:
+    """Processes whose parent is pid (Linux /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def launcher_rank(pid: int) -> int:
+    env = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
+    return int(env["RANK"])
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_torchrun_rank_stops_every_rank_at_one_saved_step(tmp_path):
+    """Lightning 2.6's SIGTERM handler broadcast from inside the handler on the signalled rank only, which hung
+    this run (4 times in 5 before mmssl.lit.LastCheckpoint replaced the handler)."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    args = [*TINY, "trainer.devices=auto", "trainer.max_steps=300", "trainer.ckpt_every_n_steps=10",
+            "trainer.ddp_timeout_s=60", f"out_dir={tmp_path}", "name=run"]  # fmt: skip
+    cmd = [
+        str(torchrun),
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        "tools/pretrain.py",
+        "--cfg",
+        "mae_demo",
+        *args,
+    ]
+    env = {**clean_env(), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = tmp_path / "run" / "checkpoints" / "step0000010.ckpt"
+    deadline = time.monotonic() + 240
+    while not first.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert first.exists(), proc.communicate()[1][-3000:]
+    rank1 = next(pid for pid in children(proc.pid) if launcher_rank(pid) == 1)
+    os.kill(rank1, signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("hung after SIGTERM to rank 1: " + proc.communicate()[1][-3000:])
+    stops = re.findall(r"mmssl: SIGTERM at step (\d+): saved", err)
+    assert len(stops) == 2 and stops[0] == stops[1], err[-3000:]  # both ranks, one step
+    assert "exitcode: 143" in err  # torchrun itself reports its workers' failure with 1
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == int(stops[0]) >= 10
+
+
 FAKE_SRUN = """#!/bin/bash
 while [[ "$1" == -* ]]; do shift; done   # srun's own options
 echo $$ > "$FAKE_DIR/task.pid"
