@@ -66,7 +66,7 @@ def print_config(cfg) -> int:
         with contextlib.redirect_stdout(sys.stderr):  # whatever building prints stays out of the YAML
             total, trainable = count_parameters(build.build_objective(cfg))
         count = f"# {cfg.objective} objective: {total:,} parameters ({trainable:,} trainable)"
-    except Exception as e:  # noqa: BLE001 - a missing decoder or weights file must not stop the printing
+    except Exception as e:  # a missing decoder or weights file must not stop the printing
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         count = f"# parameters: not counted ({type(e).__name__}: {reason})"
     print(OmegaConf.to_yaml(C.active(cfg)), end="")
