@@ -15,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import lightning.pytorch as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
@@ -22,6 +23,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from mmssl import config as C
+from mmssl import launch
 from mmssl.build.encoders import (  # re-exported: mmssl.build is the one entry point for tools
     build_backbone,
     encoder_info,
@@ -221,4 +223,13 @@ def build_trainer(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) 
         logger=CSVLogger(out, name="logs"),  # logs/version_N: a resumed run keeps earlier metrics
         callbacks=callbacks,
         default_root_dir=out,
+        plugins=_cluster_plugins(),
     )
+
+
+def _cluster_plugins() -> list:
+    """Under srun, Lightning's SLURM auto-requeue (SIGUSR1: hpc_ckpt_N.ckpt + scontrol requeue, and a silent
+    resume from that file) is switched off: mmssl has one scheme, SIGTERM -> last.ckpt -> exit 143 ->
+    tools/slurm/pretrain.sbatch requeues -> --resume auto."""
+    found = launch.detect()
+    return [SLURMEnvironment(auto_requeue=False)] if found is not None and found.name == "SLURM" else []
