@@ -39,6 +39,7 @@ class PretrainModule(L.LightningModule):
         eps: float = 1e-8,
         momentum: float = 0.9,
         min_lr: float = 0.0,
+        warmup_start_lr: float = 0.0,
         config: dict | None = None,
     ):
         super().__init__()
@@ -80,7 +81,7 @@ class PretrainModule(L.LightningModule):
         opt = create_optimizer(
             self.objective, h.optimizer, h.lr, h.weight_decay, tuple(h.betas), h.eps, h.momentum
         )
-        schedule = warmup_cosine_schedule(opt, h.warmup_steps, h.total_steps, h.min_lr)
+        schedule = warmup_cosine_schedule(opt, h.warmup_steps, h.total_steps, h.min_lr, h.warmup_start_lr)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer) -> None:

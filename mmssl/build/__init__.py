@@ -116,6 +116,7 @@ def build_module(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) -
         eps=o.eps,
         momentum=o.momentum,
         min_lr=o.min_lr,
+        warmup_start_lr=o.warmup_start_lr,
         config=C.to_dict(cfg),
     )
 

@@ -180,6 +180,7 @@ def _maskfeat(cfg: DictConfig) -> nn.Module:
         mask_ratio=m.mask_ratio,
         min_block=m.min_block,
         min_aspect=m.min_aspect,
+        decay_mask_token=m.mask_token_weight_decay,
     )
 
 

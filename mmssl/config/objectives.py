@@ -61,6 +61,8 @@ class MaskFeatConfig:
     nbins: int = 9  # 9 unsigned orientation bins
     gradient: str = "sobel"  # sobel (SlowFast HOGLayerC) | central ([-1, 0, 1], skimage / Dalal-Triggs)
     gaussian_window: int = 0  # 0: none (SlowFast); 16: MMPretrain's HOGGenerator (std 8, tiled)
+    # SlowFast decays the mask token (no skip list under ZERO_DECAY_POS_CLS False); MMPretrain exempts it: false
+    mask_token_weight_decay: bool = True
 
 
 @dataclass
