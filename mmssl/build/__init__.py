@@ -30,6 +30,7 @@ from mmssl.build.encoders import (  # re-exported: mmssl.build is the one entry 
     load_backbone,
 )
 from mmssl.build.objectives import (
+    IMAGE_OPTIONAL,
     OBJECTIVES,
     TEXT,
     VIEWS,
@@ -69,7 +70,11 @@ def build_datamodule(cfg: DictConfig) -> ShardDataModule:
         num_workers=d.num_workers,
         samples_per_epoch=d.samples_per_epoch,
         seed=cfg.seed,
-        decoder=SampleDecoder(max_image_pixels=d.max_image_pixels, require_text=cfg.objective in TEXT),
+        decoder=SampleDecoder(
+            max_image_pixels=d.max_image_pixels,
+            require_text=cfg.objective in TEXT,
+            image_optional=IMAGE_OPTIONAL.get(cfg.objective, lambda _: False)(cfg),
+        ),
         shuffle_buffer=d.shuffle_buffer,
         text_fn=TEXT[cfg.objective](cfg) if cfg.objective in TEXT else None,
     )

@@ -133,6 +133,7 @@ def _llava(cfg: DictConfig) -> nn.Module:
         "interpolation": d.interpolation,
         "mean": list(d.mean),
         "std": list(d.std),
+        "image_aspect_ratio": o.image_aspect_ratio,
     }
     return LLaVA(vision, projector, decoder, prompt, train_decoder=o.train_decoder, image_processing=image)
 
@@ -257,7 +258,9 @@ def _mae_views(cfg: DictConfig):
 
 def _llava_views(cfg: DictConfig):
     d = cfg.data
-    view = llava_view(img_size(cfg), d.interpolation, tuple(d.mean), tuple(d.std))
+    view = llava_view(
+        img_size(cfg), d.interpolation, tuple(d.mean), tuple(d.std), cfg.llava.image_aspect_ratio
+    )
     return view, view
 
 
@@ -312,6 +315,14 @@ def build_tokenizer(cfg: DictConfig):
 # Objectives that read captions: name -> caption-to-tokens function run in the data workers.
 TEXT: dict[str, Callable[[DictConfig], Callable]] = {
     "clip": lambda cfg: CaptionTokens(build_tokenizer(cfg)),
+}
+
+
+# Objectives that train on samples without a picture: name -> whether this config does. LLaVA's chat stage
+# (the 665K mix holds text-only conversations, trained on without image tokens); a stage-1 caption needs its
+# picture.
+IMAGE_OPTIONAL: dict[str, Callable[[DictConfig], bool]] = {
+    "llava": lambda cfg: cfg.llava.conversation == "chat",
 }
 
 

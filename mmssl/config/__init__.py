@@ -246,6 +246,7 @@ def validate(cfg: DictConfig) -> None:
     llava = cfg.llava
     check(cfg.objective != "llava" or bool(llava.decoder), "llava.decoder", "required: a local model folder")
     check(llava.conversation in ("plain", "chat"), "llava.conversation", "must be plain or chat")
+    check(llava.image_aspect_ratio in ("pad", "crop"), "llava.image_aspect_ratio", "must be pad or crop")
     check(
         llava.projector == "linear" or re.fullmatch(r"mlp[1-9]\d*x_gelu", llava.projector) is not None,
         "llava.projector",

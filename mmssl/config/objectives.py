@@ -32,8 +32,13 @@ class LlavaConfig:
     projector: str = "mlp2x_gelu"  # LLaVA-1.5 §3.1 (two-layer MLP); "linear" is LLaVA's (v1)
     projector_weights: str | None = None  # stage 2: stage 1's <run dir>/llava/projector.safetensors
     train_decoder: bool = False  # stage 1 (feature alignment): projector only; stage 2: projector + decoder
-    conversation: str = "plain"  # plain: <image> caption (stage 1, .txt) | chat: Vicuna v1 turns (.json)
-    system: str | None = None  # chat system prompt; None: Vicuna v1's ("A chat between a curious human ...")
+    conversation: str = "plain"  # plain: <image> caption\n (stage 1, .txt) | chat: Vicuna v1 turns (.json)
+    system: str | None = (
+        None  # chat system prompt; None: conv_vicuna_v1's ("A chat between a curious user ...")
+    )
+    # pad: mean-colour padding to a square, then resize (finetune.sh --image_aspect_ratio pad) | crop: shortest
+    # side resized, centre crop (CLIPImageProcessor; the reference's default 'square', pretrain.sh)
+    image_aspect_ratio: str = "crop"
     max_length: int = 2048  # LLaVA-1.5 model_max_length
 
 
