@@ -62,6 +62,7 @@ class PretrainModule(L.LightningModule):
         momentum: float = 0.9,
         min_lr: float = 0.0,
         seed: int = 0,
+        warmup_start_lr: float = 0.0,
         config: dict | None = None,
     ):
         super().__init__()
@@ -109,7 +110,7 @@ class PretrainModule(L.LightningModule):
         opt = create_optimizer(
             self._param_groups, h.optimizer, h.lr, h.weight_decay, tuple(h.betas), h.eps, h.momentum
         )
-        schedule = warmup_cosine_schedule(opt, h.warmup_steps, h.total_steps, h.min_lr)
+        schedule = warmup_cosine_schedule(opt, h.warmup_steps, h.total_steps, h.min_lr, h.warmup_start_lr)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer) -> None:

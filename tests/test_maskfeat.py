@@ -118,9 +118,10 @@ def test_loss_is_mse_on_masked_patches_only():
     assert 0 < m.sum() < m.numel()
 
 
-def test_only_the_mask_token_is_exempt_from_weight_decay():
-    # gradients and frozen parameters: tests/test_contract.py (MaskFeat freezes nothing)
-    assert tiny().no_weight_decay() == {"mask_token"}
+def test_no_token_is_exempt_from_weight_decay():
+    # gradients and frozen parameters: tests/test_contract.py (MaskFeat freezes nothing); SlowFast decays every
+    # token (tests/test_optim.py)
+    assert tiny().no_weight_decay() == set()
 
 
 def test_bf16_autocast_keeps_the_target_in_fp32():

@@ -11,7 +11,7 @@ For each objective NAME it
    pretrained (the run's last.ckpt);
 3. extracts features of ``demo:digits/train`` (1257 real digits) and ``demo:digits/val`` (540) and runs the
    linear probe of ``configs/linprobe_digits.yaml`` (the MAE protocol at batch 256 with an lr grid; the best
-   lr is picked on val, as the papers' grids do) and weighted kNN (k=20, T=0.07 and k=200, T=0.1).
+   lr is picked on val, as the papers' grids do) and weighted kNN (``mmssl.eval.knn.SETTINGS``: k=20, T=0.07 and k=200, T=0.07).
 Objectives without a recipe, or whose pretraining fails on digits, get a row that says so.
 Prints a Markdown table; ``--tsne`` draws t-SNE maps of the val features for the README.
 """
@@ -110,17 +110,17 @@ def evaluate(ckpt: Path, random_init: bool, probe: dict, cache: Path, device: st
 
 
 def markdown(rows: list[dict]) -> str:
-    head = "| objective | encoder | linear probe top-1 | kNN k=20, T=0.07 | kNN k=200, T=0.1 |"
-    lines = [head, "|---|---|---|---|---|"]
+    knn_keys = [f"k{k}_T{t:g}" for k, t in SETTINGS]
+    head = "| objective | encoder | linear probe top-1 | " + " | ".join(
+        f"kNN k={k}, T={t:g}" for k, t in SETTINGS
+    )
+    lines = [head + " |", "|---|---|---|" + "---|" * len(SETTINGS)]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['objective']} | — | {r['error']} | | |")
+            lines.append(f"| {r['objective']} | — | {r['error']} |" + " |" * len(SETTINGS))
             continue
-        knn = r["knn"]
-        lines.append(
-            f"| {r['objective']} | {r['encoder']} | {r['linear_top1']:.1f} | {knn['k20_T0.07']:.1f} | "
-            f"{knn['k200_T0.1']:.1f} |"
-        )
+        knn = " | ".join(f"{r['knn'][key]:.1f}" for key in knn_keys)
+        lines.append(f"| {r['objective']} | {r['encoder']} | {r['linear_top1']:.1f} | {knn} |")
     return "\n".join(lines)
 
 

@@ -74,7 +74,11 @@ def build_datamodule(cfg: DictConfig) -> ShardDataModule:
         num_workers=d.num_workers,
         samples_per_epoch=d.samples_per_epoch,
         seed=cfg.seed,
-        decoder=SampleDecoder(max_image_pixels=d.max_image_pixels, require_text=tokens),
+        decoder=SampleDecoder(
+            max_image_pixels=d.max_image_pixels,
+            require_text=tokens,
+            image_optional=spec.image_optional is not None and spec.image_optional(cfg),
+        ),
         shuffle_buffer=d.shuffle_buffer,
         text_fn=CaptionTokens(spec.tokenizer(cfg)) if tokens else None,
     )
@@ -127,6 +131,7 @@ def build_module(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) -
         momentum=o.momentum,
         min_lr=o.min_lr,
         seed=cfg.seed,
+        warmup_start_lr=o.warmup_start_lr,
         config=C.to_dict(cfg),
     )
 

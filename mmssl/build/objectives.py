@@ -127,6 +127,7 @@ def _llava(cfg: DictConfig) -> nn.Module:
         "interpolation": d.interpolation,
         "mean": list(d.mean),
         "std": list(d.std),
+        "image_aspect_ratio": o.image_aspect_ratio,
     }
     return LLaVA(vision, projector, decoder, prompt, train_decoder=o.train_decoder, image_processing=image)
 
@@ -174,6 +175,7 @@ def _maskfeat(cfg: DictConfig) -> nn.Module:
         mask_ratio=m.mask_ratio,
         min_block=m.min_block,
         min_aspect=m.min_aspect,
+        decay_mask_token=m.mask_token_weight_decay,
     )
 
 
@@ -240,7 +242,9 @@ def _mae_views(cfg: DictConfig):
 
 def _llava_views(cfg: DictConfig):
     d = cfg.data
-    view = llava_view(img_size(cfg), d.interpolation, tuple(d.mean), tuple(d.std))
+    view = llava_view(
+        img_size(cfg), d.interpolation, tuple(d.mean), tuple(d.std), cfg.llava.image_aspect_ratio
+    )
     return view, view
 
 
@@ -279,7 +283,15 @@ def _clip_tokenizer(cfg: DictConfig):
 # builder and views above and one entry here, its config section (config/objectives.py) and its recipe.
 OBJECTIVES: dict[str, ObjectiveSpec] = {
     "mae": ObjectiveSpec(_mae, _mae_views),
-    "llava": ObjectiveSpec(_llava, _llava_views, text="strings", encoder=None, save_parts=save_parts),
+    "llava": ObjectiveSpec(
+        _llava,
+        _llava_views,
+        text="strings",
+        encoder=None,
+        save_parts=save_parts,
+        # LLaVA's chat stage trains on text-only conversations too (part of the 665K mix); a caption needs its picture
+        image_optional=lambda cfg: cfg.llava.conversation == "chat",
+    ),
     "clip": ObjectiveSpec(
         _clip,
         _clip_views,

@@ -40,6 +40,8 @@ class ObjectiveSpec:
       tools load without Lightning (LLaVA's projector and manifest), or None. ``state_dict`` is the
       checkpoint's gathered tensors (keys as in the objective's own ``state_dict()``): under FSDP the live
       parameters are shards.
+    * ``image_optional(cfg)``: whether this config trains on samples without a picture (LLaVA's chat stage: the
+      665K mix holds text-only conversations, trained on without image tokens); None: every sample needs one.
     """
 
     build: Callable[[DictConfig], nn.Module]
@@ -50,6 +52,7 @@ class ObjectiveSpec:
     weight_files: tuple[str, ...] = ()
     data_buffers: tuple[str, ...] = ()
     save_parts: Callable[[nn.Module, Path, dict], object] | None = None
+    image_optional: Callable[[DictConfig], bool] | None = None
 
     def __post_init__(self) -> None:
         if self.text not in TEXT_KINDS:

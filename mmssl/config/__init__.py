@@ -73,6 +73,8 @@ class OptimConfig:
     warmup_epochs: float = 40.0
     warmup_steps: int | None = None  # overrides warmup_epochs when set
     min_lr: float = 0.0
+    # absolute lr at step 0 of the warmup: 0 as MAE's util/lr_sched.py; SlowFast's MaskFeat: WARMUP_START_LR 1e-6
+    warmup_start_lr: float = 0.0
 
 
 @dataclass
@@ -269,6 +271,7 @@ def _check_core(cfg: DictConfig, check: Check) -> None:
     check(cfg.optim.lr is None or cfg.optim.lr > 0, "optim.lr", "must be > 0")
     check(len(cfg.optim.betas) == 2, "optim.betas", "must be two numbers")
     check(cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
+    check(cfg.optim.warmup_start_lr >= 0, "optim.warmup_start_lr", "must be >= 0")
     check(cfg.data.batch_size > 0, "data.batch_size", "must be > 0")
     check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     check(len(cfg.data.crop_scale) == 2, "data.crop_scale", "must be [min, max]")

@@ -47,9 +47,14 @@ class LlavaConfig:
     projector: str = "mlp2x_gelu"  # LLaVA-1.5 §3.1 (two-layer MLP); "linear" is LLaVA's (v1)
     projector_weights: str | None = None  # stage 2: stage 1's <run dir>/llava/projector.safetensors
     train_decoder: bool = False  # stage 1 (feature alignment): projector only; stage 2: projector + decoder
-    # plain: <image> caption (stage 1, .txt) | chat: Vicuna v1 turns (.json)
+    # plain: <image> caption\n (stage 1, .txt) | chat: Vicuna v1 turns (.json)
     conversation: str = choice("plain", ("plain", "chat"))
-    system: str | None = None  # chat system prompt; None: Vicuna v1's ("A chat between a curious human ...")
+    system: str | None = (
+        None  # chat system prompt; None: conv_vicuna_v1's ("A chat between a curious user ...")
+    )
+    # pad: mean-colour padding to a square, then resize (finetune.sh --image_aspect_ratio pad) | crop: shortest
+    # side resized, centre crop (CLIPImageProcessor; the reference's default 'square', pretrain.sh)
+    image_aspect_ratio: str = choice("crop", ("pad", "crop"))
     max_length: int = 2048  # LLaVA-1.5 model_max_length
 
     @staticmethod
@@ -116,6 +121,8 @@ class MaskFeatConfig:
     # sobel (SlowFast HOGLayerC) | central ([-1, 0, 1], skimage / Dalal-Triggs); targets/hog.py GRADIENTS
     gradient: str = choice("sobel", ("sobel", "central"))
     gaussian_window: int = 0  # 0: none (SlowFast); 16: MMPretrain's HOGGenerator (std 8, tiled)
+    # SlowFast decays the mask token (no skip list under ZERO_DECAY_POS_CLS False); MMPretrain exempts it: false
+    mask_token_weight_decay: bool = True
 
     @staticmethod
     def validate(c: DictConfig, cfg: DictConfig, check: Check, active: bool) -> None:

@@ -41,4 +41,5 @@ BATCH_KEYS: dict[str, str] = {
     "caption": "list[str] of B captions, when the shards have them (.txt)",
     "tokens": "(B, L) int64 caption token ids, made in the data workers by the objective's tokenizer",
     "json": "list of B decoded .json objects (LLaVA conversations)",
+    "has_image": "(B,) bool, when samples may lack a picture: False marks a placeholder image (text-only LLaVA)",
 }

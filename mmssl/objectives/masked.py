@@ -37,6 +37,9 @@ class MaskedModeling(nn.Module):
     truncates), ``min_block`` patches per block at least (None: a fifth of them, as SlowFast's image loader)
     and aspect ratios in [``min_aspect``, 1 / ``min_aspect``]; it needs the ``head`` path, since blocks mask a
     varying number of patches per image.
+
+    ``decay_mask_token=False`` exempts the mask token (the decoder's, for MAE) from weight decay, as MMPretrain's
+    MaskFeat config does; both reference codes decay it (see :meth:`no_weight_decay`).
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class MaskedModeling(nn.Module):
         mask: str = "random",
         min_block: int | None = None,
         min_aspect: float = 0.3,
+        decay_mask_token: bool = True,
     ):
         super().__init__()
         if not isinstance(backbone, ViTBackbone):
@@ -72,6 +76,7 @@ class MaskedModeling(nn.Module):
         self.head = head
         self.mask_ratio = mask_ratio
         self.mask_policy, self.min_block, self.min_aspect = mask, min_block, min_aspect
+        self.decay_mask_token = decay_mask_token
         if head is not None:
             # trunc_normal(0.02) as SlowFast masked.py and MMPretrain MaskFeatViT
             self.mask_token = nn.Parameter(
@@ -150,13 +155,18 @@ class MaskedModeling(nn.Module):
         return TRAIN_PER_FORWARD * forward
 
     def no_weight_decay(self) -> set[str]:
-        if self.head is not None:
-            # MaskFeat decays the position embedding and CLS token (SlowFast in1k_VIT_B_MaskFeat_PT.yaml:
-            # ZERO_DECAY_POS_CLS False; MMPretrain "to avoid loss stuck"); only the mask token and 1-D
-            # parameters (norms, biases: the optimizer's own rule) are exempt.
-            return {"mask_token"}
-        names = {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
-        return names | {n for n, _ in self.named_parameters() if n.endswith(("mask_token", "pos_embed"))}
+        """Nothing beyond the optimizer's own rule (1-D parameters and biases), as in both reference codes.
+
+        MAE: main_pretrain.py groups with timm 0.3.2's ``optim_factory.add_weight_decay(model, wd)`` and no skip
+        list, so the (1, 1, D) ``cls_token`` and decoder ``mask_token`` are decayed; the sin-cos position
+        embeddings are frozen and never reach the optimizer. MaskFeat: SlowFast's ``construct_optimizer`` skips
+        ``no_weight_decay()`` names, an empty list under in1k_VIT_B_MaskFeat_PT.yaml's ZERO_DECAY_POS_CLS False,
+        so the mask token, CLS token and learned position embedding are decayed (MMPretrain exempts the mask
+        token only: ``decay_mask_token=False``).
+        """
+        if self.decay_mask_token:
+            return set()
+        return {n for n, _ in self.named_parameters() if n.endswith("mask_token")}
 
     @torch.no_grad()
     def visualize(
