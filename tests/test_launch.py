@@ -107,9 +107,9 @@ def test_devices_follow_the_launcher_as_lightning_runs_it(
 
 
 def test_without_the_launcher_values_each_process_would_train_alone(tmp_path, env):
-    """The bug this module fixes: mae_demo's devices: 1 under torchrun gave two world-size-1 runs."""
+    """The bug this module fixes: devices: 1 under torchrun gave two world-size-1 runs (mae_demo said so)."""
     env(TORCHRUN_2)
-    cfg = tiny(f"out_dir={tmp_path}")  # devices: 1 from the recipe, not configured
+    cfg = tiny(f"out_dir={tmp_path}", "trainer.devices=1")  # as the recipe said, not configured
     trainer = build.build_trainer(cfg, build.Plan(1, 8, 1e-4, 10, 10, 0))
     assert trainer.world_size == 1 != launch.detect().world_size
     with pytest.raises(C.ConfigError, match=r"'trainer\.devices': 1, but torchrun started WORLD_SIZE=2"):
