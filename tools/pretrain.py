@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         return print_config(cfg)
     try:
-        C.validate_machine(cfg)  # e.g. trainer.strategy=fsdp without CUDA GPUs: before any folder, model or data
+        C.validate_machine(
+            cfg
+        )  # e.g. trainer.strategy=fsdp without CUDA GPUs: before any folder, model or data
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
