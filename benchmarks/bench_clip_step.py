@@ -84,7 +84,7 @@ def mmssl_step(objective, opt, batch, bf16: bool) -> None:
 
 def open_clip_step(model, opt, batch, loss_fn, bf16: bool) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        image, text, scale = model(batch["image"], batch["text"])
+        image, text, scale = model(batch["image"], batch["tokens"])
         loss = loss_fn(image, text, scale)
     loss.backward()
     opt.step()
@@ -122,7 +122,10 @@ def compare(size: str, args: argparse.Namespace) -> list[Ratio]:
     torch.manual_seed(0)
     cfg, ours, peer = build_pair(size, args.img)
     captions = [caption for _, _, caption, _, _ in shapes.samples("train", args.batch, 0)]
-    batch = {"image": torch.randn(args.batch, 3, args.img, args.img), "text": build_tokenizer(cfg)(captions)}
+    batch = {
+        "image": torch.randn(args.batch, 3, args.img, args.img),
+        "tokens": build_tokenizer(cfg)(captions),
+    }
     ours_opt = create_optimizer(ours, "adamw", 5e-4, 0.2, (0.9, 0.98), 1e-6)
     peer_opt, loss_fn = open_clip_optimizer(peer), open_clip.ClipLoss()
     params = sum(p.numel() for p in ours.parameters())
