@@ -13,7 +13,7 @@ from PIL import Image
 from scipy.stats import ks_2samp
 
 from mmssl.data.shards import SampleDecoder, expand_shards, train_pipeline, write_shards
-from mmssl.data.transforms import ScaledRandomResizedCrop, mae_view
+from mmssl.data.transforms import MAX_REDUCE, ScaledRandomResizedCrop, mae_view
 
 
 def photo_jpeg(side: int = 1536, quality: int = 90) -> bytes:
@@ -42,7 +42,7 @@ def test_boxes_are_torchvisions_for_the_same_random_numbers(big_jpeg):
         p = theirs.make_params([img])
         assert (top, left, h, w) == (p["top"], p["left"], p["height"], p["width"])
         assert img.tile, "measuring the box must not decode the image"
-        assert min(h, w) >= reduce * 224 and (reduce == 8 or min(h, w) < 2 * reduce * 224)
+        assert min(h, w) >= reduce * 224 and (reduce == MAX_REDUCE or min(h, w) < 2 * reduce * 224)
         reductions.add(reduce)
     assert reductions == {2, 4}  # a 1536x1152 photo at 224 px: half- and quarter-size decodes occur
 
@@ -67,9 +67,10 @@ def test_box_statistics_match_torchvision_get_params(big_jpeg):
 
 @pytest.mark.parametrize("tensor", [False, True], ids=["PIL resize", "torch uint8 resize"])
 def test_scaled_decode_gives_torchvisions_pixels_within_interpolation_tolerance(big_jpeg, tensor):
-    """A quarter- or eighth-size DCT decode then an antialiased bicubic resize (PIL's, or torch's uint8 one as
-    in mae_view), vs a full decode and torchvision's RandomResizedCrop: the same picture to a few grey levels
-    (measured: mean 0.6-0.9, 99th percentile 3-6 of 255 on this photo)."""
+    """A half- or quarter-size DCT decode then an antialiased bicubic resize (PIL's, then a uint8 tensor as in
+    mae_view), vs a full decode and torchvision's RandomResizedCrop: closer than torchvision's own bilinear and
+    bicubic crops are to each other (mean 1.2-2.1, 99th percentile 8-12 of 255 on this photo; measured here:
+    mean 0.4-0.8, 99th percentile 2-5)."""
     crop = ScaledRandomResizedCrop(112, (0.2, 1.0), tensor=tensor)
     reference = T.RandomResizedCrop(112, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC)
     full = Image.open(io.BytesIO(big_jpeg)).convert("RGB")
@@ -83,7 +84,7 @@ def test_scaled_decode_gives_torchvisions_pixels_within_interpolation_tolerance(
         torch.manual_seed(seed)
         want = np.asarray(reference(full), dtype=float)
         diff = np.abs(ours - want)
-        assert diff.mean() < 2.0 and np.percentile(diff, 99) < 12, (
+        assert diff.mean() < 1.2 and np.percentile(diff, 99) < 8, (
             seed,
             diff.mean(),
             np.percentile(diff, 99),
