@@ -100,7 +100,7 @@ def images_per_second(step, batch, steps: int) -> float:
     return batch["image"].shape[0] * steps / (time.perf_counter() - start)
 
 
-QUICK = ["--size", "tiny", "b32", "--batch", "16", "--steps", "1", "--rounds", "2"]
+QUICK = ["--size", "tiny", "b32", "--batch", "8", "--steps", "1", "--rounds", "2"]
 
 
 def measure(argv: list[str] | None = None) -> list[Ratio]:

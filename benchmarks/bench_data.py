@@ -4,7 +4,7 @@ with JPEG decoding alone as the ceiling.
 Two kinds of data, both made of real photographs (the ones bundled with scikit-image / scikit-learn, nothing
 is downloaded) saved as JPEG quality 90 (``realistic_jpegs``):
 
-* ImageNet-like: 500 x 375 (or 375 x 500), ImageNet's typical size, downscaled crops of one photo;
+* ImageNet-like: 500 x 375 (or 375 x 500), ImageNet's typical size, crops of one photo near its own scale;
 * web-like: long side 1024-2048 px, aspect 1:1 to 16:9, as in web-crawled image-text sets (mosaics of photo
   crops near their own scale: no bundled photo is that large, and an enlarged one decodes unrealistically fast).
 
@@ -51,12 +51,14 @@ def realistic_jpegs(kind: str, n: int, seed: int = 0) -> list[tuple[str, bytes]]
     """``n`` (source name, JPEG bytes) at quality 90, built from real photos without upsampling them much, so
     that the files hold a photo's detail (and cost a photo's decoding time), not a blurred enlargement:
 
-    * ImageNet-like: 500x375 (a quarter portrait), a crop of one source at least that large where the
-      source allows, downscaled;
+    * ImageNet-like: 500x375 (a quarter portrait), a crop of one colour source at 0.8-1.25x its own scale
+      (capped by the source's size; ~100 kB at quality 90, as ImageNet's JPEGs average ~110 kB);
     * web-like: long side 1024-2048 px, aspect 1:1 to 16:9, a mosaic of crops of several sources at
       0.8-1.25x their own scale (no bundled photo is that large).
     """
-    sources = {k: Image.fromarray(v).convert("RGB") for k, v in photo_sources().items()}
+    # colour photos only (ImageNet and web images are nearly all colour; a grey source saved as RGB JPEG has
+    # flat chroma and decodes unrealistically fast)
+    sources = {k: Image.fromarray(v) for k, v in photo_sources().items() if v.ndim == 3 and v.shape[2] == 3}
     names = sorted(sources)
     rng = np.random.default_rng(seed)
     out = []
@@ -69,8 +71,8 @@ def realistic_jpegs(kind: str, n: int, seed: int = 0) -> list[tuple[str, bytes]]
         if rng.random() < 0.25:  # a quarter portrait
             w, h = h, w
         name = names[i % len(names)]
-        if kind == "imagenet":
-            img = _crop_resized(sources[name], w, h, rng, min_fraction=1.0)
+        if kind == "imagenet":  # near the photo's own scale: a downscaled crop would be too smooth
+            img = _crop_resized(sources[name], w, h, rng, scale=rng.uniform(0.8, 1.25))
         else:
             img = Image.new("RGB", (w, h))
             tile = int(rng.integers(384, 641))  # mosaic cells of a few hundred pixels
