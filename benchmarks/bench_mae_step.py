@@ -64,7 +64,18 @@ def time_steps(model, loss_fn, images, steps: int, bf16: bool) -> float:
     return images.shape[0] * steps / (time.perf_counter() - start)
 
 
-QUICK = ["--size", "base", "--img", "224", "--batch", "8", "--steps", "1", "--rounds", "2"]  # ViT-B: the acceptance case
+QUICK = [
+    "--size",
+    "base",
+    "--img",
+    "224",
+    "--batch",
+    "8",
+    "--steps",
+    "1",
+    "--rounds",
+    "2",
+]  # ViT-B: the acceptance case
 
 
 def measure(argv: list[str] | None = None) -> list[Ratio]:
