@@ -1,17 +1,26 @@
-"""Export a pretrained encoder from a Lightning checkpoint for use with plain timm.
+"""Export a pretraining run into the formats other libraries load, and check each by loading it back.
 
     python tools/export.py runs/mae_demo/checkpoints/last.ckpt --out exported/mae_demo
+    python tools/export.py runs/llava_demo_stage2/llava --out exported/llava_demo     # a LLaVA parts folder
 
-writes ``exported/mae_demo.safetensors`` (timm's layout, backbone only), ``exported/mae_demo.json`` (sidecar:
-architecture, timm arguments, image size, mean/std, objective) and ``exported/mae_demo_hf/`` (a Hugging
-Face-style folder: config.json + model.safetensors). It then reloads both through timm and checks that they
-give exactly the same features as the checkpoint (exit 1 otherwise). Load them with::
+Formats (``--formats``, comma-separated; default: every one that applies to the run):
 
-    timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=".../mae_demo.safetensors",
-                      num_classes=0), **model_args)        # arch, model_args: from mae_demo.json
-    timm.create_model("local-dir:exported/mae_demo_hf", pretrained=True)
+  timm       PREFIX.safetensors + PREFIX.json: the encoder in timm's layout and a sidecar (architecture, timm
+             arguments, image size, mean/std, objective)
+  hf         PREFIX_hf/: timm's save_for_hf folder; loads with timm ("local-dir:PREFIX_hf"),
+             transformers.AutoModel / AutoImageProcessor / pipeline("image-feature-extraction")
+  vit        PREFIX_vit/: ViT encoders as a native transformers ViTModel (+ ViTImageProcessor)
+  vitmae     PREFIX_vitmae/: MAE (encoder and decoder) as transformers ViTMAEForPreTraining
+  open_clip  PREFIX_open_clip/: CLIP, both towers, as an open_clip checkpoint + model config:
+             open_clip.create_model_and_transforms("local-dir:PREFIX_open_clip"), or add_model_config on
+             its NAME.json and pretrained=".../open_clip_model.safetensors"
+  imagegpt   PREFIX_imagegpt/: autoregressive iGPT as ImageGPTForCausalImageModeling + ImageGPTImageProcessor
+             (the palette)
+  llava      PREFIX_llava/: LLaVA as LlavaForConditionalGeneration + LlavaProcessor (<image> token, chat template)
 
-Exit codes: 0 exported and verified, 1 the reloaded features differ, 2 bad input.
+Every written format is loaded back with its own library and compared with mmssl's outputs on the same inputs;
+the largest difference is printed. Exit codes: 0 exported and verified, 1 a reloaded format differs (timm and
+hf formats: any difference; others: more than 1e-5), 2 bad input or a format the run cannot express.
 """
 
 from __future__ import annotations
@@ -24,54 +33,218 @@ from pathlib import Path
 from mmssl import build
 from mmssl import config as C
 from mmssl.export import CheckpointError, export_backbone, round_trip_diff
+from mmssl.interop import Unsupported
+
+ENCODER = ("timm", "hf", "vit")
+OBJECTIVE = ("vitmae", "open_clip", "imagegpt", "llava")
+TOLERANCE = 1e-5  # float32 reorderings between implementations (fused vs split q/k/v, etc.)
+
+
+def objective_formats(objective) -> dict[str, str | None]:
+    """Objective-level format -> None when its exporter accepts this objective (asked by type, never by the
+    objective's name), else the exporter's reason."""
+    from mmssl.interop.hf_igpt import check_igpt
+    from mmssl.interop.hf_llava import check_llava
+    from mmssl.interop.hf_mae import check_mae
+    from mmssl.interop.openclip import check_clip
+
+    reasons: dict[str, str | None] = {}
+    for name, check in (("vitmae", check_mae), ("open_clip", check_clip), ("imagegpt", check_igpt),
+                        ("llava", check_llava)):  # fmt: skip
+        try:
+            check(objective)
+            reasons[name] = None
+        except Unsupported as e:
+            reasons[name] = str(e)
+    return reasons
+
+
+def export_encoder(cfg, backbone, ckpt, out: Path, formats: list[str], source: str) -> dict[str, float]:
+    info = build.encoder_info(cfg)
+    diffs: dict[str, float] = {}
+    if "timm" in formats or "hf" in formats:
+        sidecar = export_backbone(
+            backbone, out, img_size=info["img_size"], mean=info["mean"], std=info["std"],
+            interpolation=info["interpolation"], crop_pct=info["crop_pct"], objective=cfg.objective,
+            extra={"source": source, "global_step": int(ckpt.get("global_step", -1))}, hf_folder="hf" in formats,
+        )  # fmt: skip
+        args_text = "".join(f", {k}={v!r}" for k, v in sidecar["model_args"].items())
+        print(f"timm: {out}.safetensors + .json ({sidecar['architecture']})")
+        print(
+            f"  timm.create_model({sidecar['architecture']!r}, pretrained=True, "
+            f"pretrained_cfg_overlay=dict(file={str(out.with_suffix('.safetensors'))!r}){args_text})"
+        )
+        if "hf" in formats:
+            print(f"hf: {out}_hf/  timm.create_model('local-dir:{out}_hf', pretrained=True), "
+                  f"transformers.AutoModel.from_pretrained('{out}_hf')")  # fmt: skip
+        named = {
+            ("timm" if k == "safetensors" else "hf"): v for k, v in round_trip_diff(backbone, out).items()
+        }
+        diffs |= {k: v for k, v in named.items() if k in formats}  # not an older _hf folder left there
+        if "hf" in formats:
+            from mmssl.interop.hf_timm import round_trip as hf_round_trip
+
+            diffs["hf (transformers)"] = hf_round_trip(backbone, Path(f"{out}_hf"))
+    if "vit" in formats:
+        from mmssl.interop import hf_vit
+
+        folder = hf_vit.save_vit_model(
+            backbone.model,
+            f"{out}_vit",
+            mean=info["mean"],
+            std=info["std"],
+            interpolation=info["interpolation"],
+        )
+        print(f"vit: {folder}/  transformers.ViTModel.from_pretrained('{folder}')")
+        diffs["vit"] = hf_vit.round_trip(backbone.model, folder)
+    return diffs
+
+
+def _vitmae(cfg, objective, out: Path) -> float:
+    from mmssl.interop import hf_mae
+
+    d = cfg.data
+    folder = hf_mae.save_vit_mae(
+        objective, f"{out}_vitmae", mean=list(d.mean), std=list(d.std), interpolation=d.interpolation
+    )
+    print(f"vitmae: {folder}/  transformers.ViTMAEForPreTraining.from_pretrained('{folder}')")
+    return hf_mae.round_trip(objective, folder)
+
+
+def _open_clip(cfg, objective, out: Path) -> float:
+    from mmssl.interop import openclip
+
+    c, d = cfg.clip, cfg.data
+    model_cfg = openclip.tower_configs(
+        c.model, text_cfg=dict(c.text_cfg), vision_cfg=dict(c.vision_cfg), embed_dim=c.embed_dim,
+        image_size=build.img_size(cfg),
+    )  # fmt: skip
+    name = f"{out.name}-open_clip"
+    folder = openclip.save_open_clip(
+        objective, f"{out}_open_clip", model_cfg, name=name, mean=list(d.mean), std=list(d.std),
+        interpolation=d.interpolation,
+    )  # fmt: skip
+    print(f"open_clip: {folder}/  open_clip.create_model_and_transforms('local-dir:{folder}'), or "
+          f"open_clip.add_model_config('{folder}/{name}.json') and "
+          f"create_model_and_transforms('{name}', pretrained='{folder}/{openclip.WEIGHTS}')")  # fmt: skip
+    return openclip.round_trip(objective, folder)
+
+
+def _imagegpt(cfg, objective, out: Path) -> float:
+    from mmssl.interop import hf_igpt
+
+    folder = hf_igpt.save_imagegpt(objective, f"{out}_imagegpt", interpolation=cfg.data.interpolation)
+    print(f"imagegpt: {folder}/  transformers.ImageGPTForCausalImageModeling.from_pretrained('{folder}'), "
+          f"AutoImageProcessor.from_pretrained('{folder}')")  # fmt: skip
+    return hf_igpt.round_trip(objective, folder)
+
+
+def _llava(cfg, objective, out: Path) -> float:
+    from mmssl.interop import hf_llava
+
+    folder = hf_llava.save_llava(objective, f"{out}_llava")
+    print(f"llava: {folder}/  transformers.LlavaForConditionalGeneration.from_pretrained('{folder}'), "
+          f"AutoProcessor.from_pretrained('{folder}')")  # fmt: skip
+    return hf_llava.round_trip(objective, folder)
+
+
+WRITERS = {"vitmae": _vitmae, "open_clip": _open_clip, "imagegpt": _imagegpt, "llava": _llava}
+
+
+def export_objective(cfg, objective, out: Path, formats: list[str], strict: bool) -> dict[str, float]:
+    """Write and check each format; a format the objective cannot express fails when ``strict`` (asked for
+    by name), else it is skipped with the reason."""
+    diffs: dict[str, float] = {}
+    for name in formats:
+        try:
+            diffs[name] = WRITERS[name](cfg, objective, out)
+        except Unsupported as e:
+            if strict:
+                raise Unsupported(f"--formats {name}: {e}") from None
+            print(f"{name}: skipped ({e})")
+    return diffs
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("checkpoint", help="Lightning checkpoint written by tools/pretrain.py")
-    parser.add_argument("--out", help="output path without suffix (default: beside the checkpoint)")
-    parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face-style folder")
+    parser.add_argument(
+        "checkpoint", help="Lightning checkpoint written by tools/pretrain.py, or a llava/ folder"
+    )
+    parser.add_argument("--out", help="output prefix (default: beside the checkpoint)")
+    parser.add_argument(
+        "--formats", default="auto", help=f"comma-separated: {', '.join(ENCODER + OBJECTIVE)}"
+    )
+    parser.add_argument("--no-hf", action="store_true", help="skip the timm/transformers folder (hf)")
     args = parser.parse_args(argv)
+    source = Path(args.checkpoint)
+    requested = None if args.formats == "auto" else [f.strip() for f in args.formats.split(",") if f.strip()]
+    unknown = sorted(set(requested or ()) - set(ENCODER + OBJECTIVE))
+    if unknown:
+        print(
+            f"error: --formats: unknown {unknown}; choose from {', '.join(ENCODER + OBJECTIVE)}",
+            file=sys.stderr,
+        )
+        return 2
 
+    diffs: dict[str, float] = {}
     try:
-        cfg, backbone, ckpt = build.load_backbone(args.checkpoint)
-    except (CheckpointError, C.ConfigError, ValueError) as e:
+        if source.is_dir():  # a LLaVA parts folder (a run's llava/): the model without Lightning
+            from mmssl.vlm.parts import load_parts
+
+            if requested not in (None, ["llava"]):
+                raise Unsupported(f"{source}: a LLaVA parts folder exports as llava only")
+            out = Path(args.out) if args.out else source.with_name(f"{source.name}_export")
+            diffs = export_objective(None, load_parts(source), out, ["llava"], strict=True)
+        else:
+            diffs = _export_checkpoint(source, args, requested)
+    except (CheckpointError, C.ConfigError, Unsupported, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = (
-        Path(args.out)
-        if args.out
-        else Path(args.checkpoint).with_name(f"{cfg.name}_{cfg.objective}_backbone")
-    )
-    info = build.encoder_info(cfg)
-    sidecar = export_backbone(
-        backbone,
-        out,
-        img_size=info["img_size"],
-        mean=info["mean"],
-        std=info["std"],
-        interpolation=info["interpolation"],
-        crop_pct=info["crop_pct"],
-        objective=cfg.objective,
-        extra={"source": str(args.checkpoint), "global_step": int(ckpt.get("global_step", -1))},
-        hf_folder=not args.no_hf,
-    )
-    diffs = round_trip_diff(backbone, out)
-    args_text = "".join(f", {k}={v!r}" for k, v in sidecar["model_args"].items())
-    print(f"exported {cfg.objective} encoder ({sidecar['architecture']}) to {out}.safetensors + .json")
-    print(
-        f"  timm.create_model({sidecar['architecture']!r}, pretrained=True, "
-        f"pretrained_cfg_overlay=dict(file={str(out.with_suffix('.safetensors'))!r}){args_text})"
-    )
-    if not args.no_hf:
-        print(f"  timm.create_model('local-dir:{out}_hf', pretrained=True)")
-    print(f"round trip through timm, max |feature difference|: {json.dumps(diffs)}")
-    if any(d != 0.0 for d in diffs.values()):
-        print("error: the exported weights do not reproduce the checkpoint's features", file=sys.stderr)
+    print(f"round trip through each library, max |output difference|: {json.dumps(diffs)}")
+    exact = {k for k in diffs if k in ("timm", "hf")}
+    bad = [k for k, v in diffs.items() if (v != 0.0 if k in exact else not v <= TOLERANCE)]
+    if bad:
+        print(f"error: the exported {', '.join(bad)} do not reproduce mmssl's outputs", file=sys.stderr)
         return 1
     return 0
+
+
+def _export_checkpoint(path: Path, args, requested: list[str] | None) -> dict[str, float]:
+    from mmssl.export import read_checkpoint
+
+    ckpt = read_checkpoint(path)
+    cfg = build.checkpoint_config(path, ckpt)
+    out = Path(args.out) if args.out else path.with_name(f"{cfg.name}_{cfg.objective}")
+    has_encoder = any(k.startswith("objective.backbone.model.") for k in ckpt["state_dict"])
+    wanted_encoder = [f for f in ENCODER if f in (requested or ENCODER)]
+    if args.no_hf and "hf" in wanted_encoder:
+        wanted_encoder.remove("hf")
+    diffs: dict[str, float] = {}
+    if has_encoder and wanted_encoder:
+        _, backbone, _ = build.load_backbone(path)
+        if requested is None and "vit" in wanted_encoder:
+            from mmssl.interop.hf_vit import check_vit
+
+            try:
+                check_vit(backbone.model)
+            except Unsupported as e:
+                print(f"vit: skipped ({e})")
+                wanted_encoder.remove("vit")
+        diffs |= export_encoder(cfg, backbone, ckpt, out, wanted_encoder, str(path))
+    elif requested and set(requested) & set(ENCODER):
+        raise Unsupported(f"checkpoint {path}: its {cfg.objective!r} objective keeps no encoder at .backbone")
+    wanted_objective = [f for f in OBJECTIVE if f in (requested or OBJECTIVE)]
+    if wanted_objective:
+        objective = build.objective_from_checkpoint(path)
+        reasons = objective_formats(objective)
+        refused = {f: reasons[f] for f in wanted_objective if reasons[f] is not None}
+        if requested and refused:
+            raise Unsupported("; ".join(f"--formats {f}: {why}" for f, why in refused.items()))
+        accepted = [f for f in wanted_objective if f not in refused]
+        diffs |= export_objective(cfg, objective, out, accepted, strict=requested is not None)
+    return diffs
 
 
 if __name__ == "__main__":

@@ -1,12 +1,20 @@
 """Write an image folder or a .csv/.jsonl listing as webdataset shards plus ``manifest.json``.
 
     python tools/make_shards.py SRC OUT_DIR [--prefix train] [--maxcount 1000] [--no-shuffle] [--seed 0]
+    python tools/make_shards.py llava_v1_5_mix665k.json OUT_DIR --images /data/llava/images
+    python tools/make_shards.py blip_laion_cc_sbu_558k.json OUT_DIR --images /data/llava/558k --captions
 
 SRC is either
   * a folder with one subfolder per class (label = index in the sorted subfolder names, as torchvision's
     ``ImageFolder``; the names go to the manifest), or a folder of images without subfolders (no labels);
   * a ``.csv`` / ``.jsonl`` file with a column ``image`` (path relative to that file) and optional
-    ``label`` (int) and ``caption`` columns.
+    ``label`` (int) and ``caption`` columns;
+  * a LLaVA ``.json`` file: a list of ``{"id", "image", "conversations": [{"from": "human"|"gpt", "value"}...]}``
+    (the layout of LLaVA-1.5's ``llava_v1_5_mix665k.json`` and of its 558K pretraining captions
+    ``blip_laion_cc_sbu_558k.json``), images relative to ``--images`` (default: the file's folder). Each
+    sample keeps ``{"id", "conversations"}`` as its ``.json`` (what ``llava.conversation=chat`` trains on);
+    ``--captions`` also stores the first answer as the ``.txt`` caption (stage 1's ``plain`` layout reads it).
+    Samples without an image (the mix's text-only conversations) or with several are skipped and listed.
 
 JPEG, PNG and WebP bytes are stored unchanged under their own extension (the decoder reads all three, and
 re-encoding JPEG would lose quality); other formats (BMP, TIFF, GIF, ...) are re-encoded as lossless PNG.
@@ -33,7 +41,7 @@ from mmssl.data.shards import write_shards
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 KEEP = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-Record = tuple[str, int | None, str | None]  # (path, label, caption)
+Record = tuple[str, int | None, str | None, dict | None]  # (path, label, caption, LLaVA conversation)
 
 
 def _images_under(folder: Path) -> list[Path]:
@@ -43,8 +51,10 @@ def _images_under(folder: Path) -> list[Path]:
 def list_folder(src: Path) -> tuple[list[Record], dict]:
     classes = sorted(d.name for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
-        return [(str(p), None, None) for p in _images_under(src)], {}
-    records = [(str(p), label, None) for label, name in enumerate(classes) for p in _images_under(src / name)]
+        return [(str(p), None, None, None) for p in _images_under(src)], {}
+    records = [
+        (str(p), label, None, None) for label, name in enumerate(classes) for p in _images_under(src / name)
+    ]
     return records, {"classes": classes}
 
 
@@ -66,9 +76,37 @@ def list_table(src: Path) -> tuple[list[Record], dict]:
                 str(src.parent / row["image"]),
                 int(label) if label not in (None, "") else None,
                 str(caption) if caption not in (None, "") else None,
+                None,
             )
         )
     return records, {}
+
+
+def list_llava(src: Path, images: Path, captions: bool) -> tuple[list[Record], dict, list[dict]]:
+    """LLaVA's JSON -> records with the conversation as JSON text; (records, info, samples skipped here)."""
+    try:
+        rows = json.loads(src.read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{src}: not JSON ({e})") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise SystemExit(
+            f"{src}: expected a list of {{'id', 'image', 'conversations'}} objects (LLaVA's layout)"
+        )
+    records, skipped = [], []
+    for i, row in enumerate(rows):
+        name = str(row.get("id", i))
+        turns = row.get("conversations")
+        image = row.get("image")
+        if not isinstance(turns, list) or not turns:
+            skipped.append({"path": name, "reason": "no conversations"})
+        elif not isinstance(image, str) or not image:
+            why = "several images" if isinstance(image, list) else "no image (a text-only conversation)"
+            skipped.append({"path": name, "reason": why})
+        else:
+            answers = [t.get("value", "") for t in turns if isinstance(t, dict) and t.get("from") == "gpt"]
+            caption = answers[0] if captions and answers else None
+            records.append((str(images / image), None, caption, {"id": name, "conversations": turns}))
+    return records, {"images": str(images)}, skipped
 
 
 def load(record: Record) -> tuple[Record, str, bytes | str]:
@@ -103,25 +141,30 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes reading images")
+    parser.add_argument("--images", type=Path, help="LLaVA .json: the folder its image paths are relative to")
+    parser.add_argument(
+        "--captions", action="store_true", help="LLaVA .json: also store the first answer as the .txt caption"
+    )
     args = parser.parse_args(argv)
 
+    skipped: list[dict[str, str]] = []  # filled before write_shards writes the manifest that holds it
     if args.src.is_dir():
         records, info = list_folder(args.src)
     elif args.src.suffix in (".csv", ".jsonl"):
         records, info = list_table(args.src)
+    elif args.src.suffix == ".json":
+        records, info, skipped = list_llava(args.src, args.images or args.src.parent, args.captions)
     else:
-        raise SystemExit(f"{args.src}: expected a folder, a .csv or a .jsonl file")
+        raise SystemExit(f"{args.src}: expected a folder, a .csv, a .jsonl or a LLaVA .json file")
     if args.shuffle:
         random.Random(args.seed).shuffle(records)
-    # Filled while write_shards drains samples(), i.e. before it writes the manifest that holds it.
-    skipped: list[dict[str, str]] = []
     info.update(source=str(args.src), shuffled=args.shuffle, seed=args.seed, skipped=skipped)
 
     def samples():
         pool = Pool(args.workers) if args.workers > 1 else None
         loaded = pool.imap(load, records, chunksize=16) if pool else map(load, records)
         try:
-            for i, ((path, label, caption), ext, payload) in enumerate(loaded):
+            for i, ((path, label, caption, meta), ext, payload) in enumerate(loaded):
                 if not ext:
                     skipped.append({"path": path, "reason": payload})
                     continue
@@ -130,6 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
                     sample["cls"] = label
                 if caption is not None:
                     sample["txt"] = caption
+                if meta is not None:
+                    sample["json"] = meta  # webdataset writes it with json.dumps
                 yield sample
         finally:
             if pool:
@@ -143,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"wrote {split['samples']} samples in {split['shards']} shards to {args.out_dir} ({args.prefix}-*.tar)"
     )
     if skipped:
-        print(f"skipped {len(skipped)} unreadable files:", file=sys.stderr)
+        print(f"skipped {len(skipped)} samples (unreadable files, or nothing to train on):", file=sys.stderr)
         for item in skipped:
             print(f"  {item['path']}: {item['reason']}", file=sys.stderr)
     return manifest

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import lightning.pytorch as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from omegaconf import DictConfig
 from torch import nn
@@ -37,6 +36,7 @@ from mmssl.build.objectives import (
     build_tokenizer,
     load_encoder,
     objective_from_checkpoint,
+    objective_from_config,
 )
 from mmssl.data.module import ShardDataModule, resolve_shards
 from mmssl.data.shards import SampleDecoder
@@ -45,15 +45,22 @@ from mmssl.data.transforms import (
 )
 from mmssl.eval.online import KNNMonitor, OnlineLinearProbe
 from mmssl.lit import LastCheckpoint, PretrainModule, RankReport, SaveParts
+from mmssl.loggers import make_loggers
 from mmssl.throughput import ThroughputLogger
 from mmssl.viz import PictureCallback
 
 __all__ = [
     "OBJECTIVES", "TEXT", "VIEWS", "Plan", "build_backbone", "build_datamodule", "build_module",
     "build_objective", "build_tokenizer", "build_trainer", "checkpoint_config", "encoder_info", "encoder_of",
-    "eval_callbacks", "img_size", "load_backbone", "load_encoder", "objective_from_checkpoint", "plan",
+    "eval_callbacks", "img_size", "load_backbone", "load_encoder", "objective_from_checkpoint",
+    "objective_from_config", "plan",
     "run_dir",
 ]  # fmt: skip
+
+
+# PretrainModule.load_from_checkpoint(path) rebuilds the objective from the checkpoint's run config through this
+# factory: lit.py may not import build (DESIGN.md §3), so build hands it over when it is imported.
+PretrainModule.objective_factory = staticmethod(lambda config: objective_from_config(config)[1])
 
 
 def build_datamodule(cfg: DictConfig) -> ShardDataModule:
@@ -204,7 +211,8 @@ def build_trainer(cfg: DictConfig, p: Plan) -> L.Trainer:
         use_distributed_sampler=False,  # shards are split by the pipeline itself
         num_sanity_val_steps=0,
         sync_batchnorm=t.sync_batchnorm,
-        logger=CSVLogger(out, name="logs"),  # logs/version_N: a resumed run keeps earlier metrics
+        logger=make_loggers(t.loggers, out, cfg.name),  # logs/version_N: a resumed run keeps earlier metrics
+        enable_progress_bar=t.progress_bar,
         callbacks=callbacks,
         default_root_dir=out,
     )

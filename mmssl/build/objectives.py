@@ -318,6 +318,21 @@ def build_objective(cfg: DictConfig) -> nn.Module:
     return OBJECTIVES[cfg.objective](cfg)
 
 
+def objective_from_config(
+    config: dict, overrides: list[str] | tuple[str, ...] = (), source: str = "checkpoint"
+) -> tuple[DictConfig, nn.Module]:
+    """(config, freshly built objective) from a checkpoint's saved run config (``hyper_parameters.config``),
+    before its weights are loaded. Also ``PretrainModule.load_from_checkpoint``'s factory (lit.py)."""
+    values = OmegaConf.merge(config, OmegaConf.from_dotlist(list(overrides)))
+    if values.get("objective") == "igpt":
+        values.igpt.palette = None  # the palette is a buffer in the checkpoint; its file need not exist here
+    try:
+        cfg = C.from_dict(OmegaConf.to_container(values), source=f"config in {source}")
+    except C.ConfigError as e:
+        raise CheckpointError(f"{source}: its run config does not load here: {e}") from None
+    return cfg, build_objective(cfg)
+
+
 def objective_from_checkpoint(
     path: str | Path, overrides: list[str] | tuple[str, ...] = (), random_init: bool = False, seed: int = 0
 ) -> nn.Module:
@@ -325,15 +340,10 @@ def objective_from_checkpoint(
     ``random_init``: the same architecture at its own (seeded) initialisation, keeping only the checkpoint's
     buffers that are data rather than learned weights (an iGPT palette): the baseline of a probe."""
     ckpt = read_checkpoint(path)
-    values = OmegaConf.merge(ckpt["hyper_parameters"]["config"], OmegaConf.from_dotlist(list(overrides)))
-    if values.get("objective") == "igpt":
-        values.igpt.palette = None  # the palette is a buffer in the checkpoint; its file need not exist here
-    try:
-        cfg = C.from_dict(OmegaConf.to_container(values), source=f"config in {path}")
-    except C.ConfigError as e:
-        raise CheckpointError(f"checkpoint {path}: its run config does not load here: {e}") from None
     torch.manual_seed(seed)
-    objective = build_objective(cfg)
+    cfg, objective = objective_from_config(
+        ckpt["hyper_parameters"]["config"], overrides, f"checkpoint {path}"
+    )
     state = {k.removeprefix("objective."): v for k, v in ckpt["state_dict"].items()}
     if random_init:
         state = {**objective.state_dict(), **{k: v for k, v in state.items() if k.startswith("palette.")}}

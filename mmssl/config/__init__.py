@@ -7,6 +7,7 @@ the constructor argument names they feed (see ``mmssl/build/``).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 from dataclasses import dataclass, field, fields
@@ -32,6 +33,13 @@ from mmssl.config.paths import find_file as find_file  # re-exported: C.find_fil
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
+# trainer.loggers: name -> (packages, any one of which the logger needs; the pip extra installing it)
+LOGGERS: dict[str, tuple[tuple[str, ...], str]] = {
+    "csv": ((), ""),
+    "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
+    "wandb": (("wandb",), "wandb"),
+    "mlflow": (("mlflow",), "mlflow"),
+}
 
 
 class ConfigError(ValueError):
@@ -106,6 +114,9 @@ class TrainerConfig:
     ddp_timeout_s: int = 1800
     sync_batchnorm: bool = False
     compile: bool = False  # torch.compile the objective's forward (Module.compile: state-dict keys unchanged)
+    # experiment loggers, any of csv | tensorboard | wandb | mlflow (mmssl/loggers.py; the last three need extras)
+    loggers: list[str] = field(default_factory=lambda: ["csv"])
+    progress_bar: bool = True  # Lightning's progress bar (off for batch jobs whose logs are files)
 
 
 @dataclass
@@ -289,6 +300,7 @@ def validate(cfg: DictConfig) -> None:
     check(cfg.trainer.max_epochs > 0, "trainer.max_epochs", "must be > 0")
     check(cfg.trainer.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", "must be >= 1")
     check(cfg.trainer.ckpt_every_n_steps > 0, "trainer.ckpt_every_n_steps", "must be > 0")
+    check_loggers(cfg.trainer.loggers)
     validate_igpt(cfg, check)
     devices = cfg.trainer.devices
     check(
@@ -303,6 +315,19 @@ def validate(cfg: DictConfig) -> None:
         check(not e.knn_every_n_epochs or bool(e[key]), f"eval.{key}", "required when knn_every_n_epochs > 0")
     check(e.knn_k >= 1 and e.knn_t > 0, "eval.knn_k", "needs knn_k >= 1 and knn_t > 0")
     validate_clip(cfg, check)
+
+
+def check_loggers(names, key: str = "trainer.loggers") -> None:
+    """Unknown logger names and loggers whose package is missing fail before any model or data work."""
+    for name in names:
+        if name not in LOGGERS:
+            raise ConfigError(f"config key '{key}': unknown logger {name!r}; choose from {sorted(LOGGERS)}")
+        packages, extra = LOGGERS[name]
+        if packages and not any(importlib.util.find_spec(p) is not None for p in packages):
+            raise ConfigError(
+                f"config key '{key}': the {name} logger needs the {packages[0]} package, which is not "
+                f"installed: pip install 'mmssl[{extra}]' (or pip install {packages[0]})"
+            )
 
 
 def validate_probe(cfg: DictConfig) -> None:
