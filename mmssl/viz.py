@@ -107,7 +107,7 @@ class PictureCallback(L.Callback):
         pl_module.train(was_training)
         split = "held-out" if self.held_out else "train"
         path = save_grid(columns, self.out_dir / filename, f"step {trainer.global_step}, {split} images")
-        log_picture(trainer.loggers, path, "pictures", trainer.global_step)
+        log_picture(getattr(trainer, "loggers", ()), path, "pictures", trainer.global_step)
         return path
 
 

@@ -17,7 +17,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-TOP_SKIP = {".git", ".venv", "runs", "build", "dist", ".ci-data", ".pytest_cache", ".ruff_cache", "lightning_logs"}
+TOP_SKIP = {
+    ".git",
+    ".venv",
+    "runs",
+    "build",
+    "dist",
+    ".ci-data",
+    ".pytest_cache",
+    ".ruff_cache",
+    "lightning_logs",
+}
 
 
 def skip(directory: str, names: list[str]) -> set[str]:
