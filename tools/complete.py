@@ -16,10 +16,10 @@ import sys
 import torch
 
 from mmssl.build import objective_from_checkpoint
+from mmssl.checkpoints import CheckpointError
 from mmssl.data.module import resolve_shards
 from mmssl.data.shards import SampleDecoder, eval_pipeline
 from mmssl.data.transforms import eval_view
-from mmssl.export import CheckpointError
 from mmssl.viz import Denormalize, save_grid
 
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [f"igpt.temperature={a.temperature}", f"igpt.num_completions={a.num_completions}"]
     overrides.append(f"igpt.top_k={a.top_k if a.top_k is not None else 'null'}")
     try:
-        objective = objective_from_checkpoint(a.ckpt, overrides)
+        objective, _ = objective_from_checkpoint(a.ckpt, overrides)
         if not hasattr(objective, "complete"):
             raise CheckpointError(f"checkpoint {a.ckpt}: not an iGPT run ({type(objective).__name__})")
         side = int(objective.transformer.seq_len**0.5)

@@ -30,43 +30,29 @@ import json
 import sys
 from pathlib import Path
 
-from mmssl import build
-from mmssl import config as C
-from mmssl.export import CheckpointError, export_backbone, round_trip_diff
-from mmssl.interop import Unsupported
+# Heavy imports (torch, timm, transformers through mmssl) happen after argument parsing, so --help and usage
+# errors answer at once.
 
-ENCODER = ("timm", "hf", "vit")
-OBJECTIVE = ("vitmae", "open_clip", "imagegpt", "llava")
+ENCODER = ("timm", "hf", "vit")  # every objective whose spec names an encoder
+OBJECTIVE = (
+    "vitmae",
+    "open_clip",
+    "imagegpt",
+    "llava",
+)  # whole objectives, as their spec's ``exports`` lists
 TOLERANCE = 1e-5  # float32 reorderings between implementations (fused vs split q/k/v, etc.)
 
 
-def objective_formats(objective) -> dict[str, str | None]:
-    """Objective-level format -> None when its exporter accepts this objective (asked by type, never by the
-    objective's name), else the exporter's reason."""
-    from mmssl.interop.hf_igpt import check_igpt
-    from mmssl.interop.hf_llava import check_llava
-    from mmssl.interop.hf_mae import check_mae
-    from mmssl.interop.openclip import check_clip
+def export_encoder(backbone, info: dict, out: Path, formats: list[str], source: str) -> dict[str, float]:
+    """``info``: ``build.load_encoder``'s (image size, mean/std, interpolation, objective, global step)."""
+    from mmssl.export import export_backbone, round_trip_diff
 
-    reasons: dict[str, str | None] = {}
-    for name, check in (("vitmae", check_mae), ("open_clip", check_clip), ("imagegpt", check_igpt),
-                        ("llava", check_llava)):  # fmt: skip
-        try:
-            check(objective)
-            reasons[name] = None
-        except Unsupported as e:
-            reasons[name] = str(e)
-    return reasons
-
-
-def export_encoder(cfg, backbone, ckpt, out: Path, formats: list[str], source: str) -> dict[str, float]:
-    info = build.encoder_info(cfg)
     diffs: dict[str, float] = {}
     if "timm" in formats or "hf" in formats:
         sidecar = export_backbone(
             backbone, out, img_size=info["img_size"], mean=info["mean"], std=info["std"],
-            interpolation=info["interpolation"], crop_pct=info["crop_pct"], objective=cfg.objective,
-            extra={"source": source, "global_step": int(ckpt.get("global_step", -1))}, hf_folder="hf" in formats,
+            interpolation=info["interpolation"], crop_pct=info["crop_pct"], objective=info["objective"],
+            extra={"source": source, "global_step": info["global_step"]}, hf_folder="hf" in formats,
         )  # fmt: skip
         args_text = "".join(f", {k}={v!r}" for k, v in sidecar["model_args"].items())
         print(f"timm: {out}.safetensors + .json ({sidecar['architecture']})")
@@ -112,6 +98,7 @@ def _vitmae(cfg, objective, out: Path) -> float:
 
 
 def _open_clip(cfg, objective, out: Path) -> float:
+    from mmssl import build
     from mmssl.interop import openclip
 
     c, d = cfg.clip, cfg.data
@@ -154,6 +141,8 @@ WRITERS = {"vitmae": _vitmae, "open_clip": _open_clip, "imagegpt": _imagegpt, "l
 def export_objective(cfg, objective, out: Path, formats: list[str], strict: bool) -> dict[str, float]:
     """Write and check each format; a format the objective cannot express fails when ``strict`` (asked for
     by name), else it is skipped with the reason."""
+    from mmssl.interop import Unsupported
+
     diffs: dict[str, float] = {}
     for name in formats:
         try:
@@ -188,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
+    from mmssl import config as C
+    from mmssl.checkpoints import CheckpointError
+    from mmssl.interop import Unsupported
+
     diffs: dict[str, float] = {}
     try:
         if source.is_dir():  # a LLaVA parts folder (a run's llava/): the model without Lightning
@@ -212,38 +205,41 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _export_checkpoint(path: Path, args, requested: list[str] | None) -> dict[str, float]:
-    from mmssl.export import read_checkpoint
+    from mmssl import build
+    from mmssl.interop import Unsupported
 
-    ckpt = read_checkpoint(path)
-    cfg = build.checkpoint_config(path, ckpt)
+    objective, cfg = build.objective_from_checkpoint(path)
+    spec = build.spec_of(
+        cfg
+    )  # which formats apply: the spec's encoder and exports, never the objective's name
     out = Path(args.out) if args.out else path.with_name(f"{cfg.name}_{cfg.objective}")
-    has_encoder = any(k.startswith("objective.backbone.model.") for k in ckpt["state_dict"])
-    wanted_encoder = [f for f in ENCODER if f in (requested or ENCODER)]
-    if args.no_hf and "hf" in wanted_encoder:
-        wanted_encoder.remove("hf")
+    # a CLIP run with open_clip's image tower keeps no mmssl backbone at its spec's encoder attribute
+    encoder = spec.encoder is not None and any(
+        k.startswith(f"{spec.encoder}.model.") for k in objective.state_dict()
+    )
+    offered = [*(ENCODER if encoder else ()), *spec.exports]
+    refused = [f for f in requested or () if f not in offered]
+    if refused:
+        raise Unsupported(
+            f"--formats {','.join(refused)}: checkpoint {path} holds a {cfg.objective!r} objective, which exports "
+            f"as {', '.join(offered) or 'nothing'}"
+        )
+    wanted = [f for f in offered if f in (requested or offered) and not (args.no_hf and f == "hf")]
     diffs: dict[str, float] = {}
-    if has_encoder and wanted_encoder:
-        _, backbone, _ = build.load_backbone(path)
-        if requested is None and "vit" in wanted_encoder:
+    encoder_formats = [f for f in wanted if f in ENCODER]
+    if encoder_formats:
+        backbone, info = build.load_encoder(path)
+        if requested is None and "vit" in encoder_formats:
             from mmssl.interop.hf_vit import check_vit
 
             try:
                 check_vit(backbone.model)
             except Unsupported as e:
                 print(f"vit: skipped ({e})")
-                wanted_encoder.remove("vit")
-        diffs |= export_encoder(cfg, backbone, ckpt, out, wanted_encoder, str(path))
-    elif requested and set(requested) & set(ENCODER):
-        raise Unsupported(f"checkpoint {path}: its {cfg.objective!r} objective keeps no encoder at .backbone")
-    wanted_objective = [f for f in OBJECTIVE if f in (requested or OBJECTIVE)]
-    if wanted_objective:
-        objective = build.objective_from_checkpoint(path)
-        reasons = objective_formats(objective)
-        refused = {f: reasons[f] for f in wanted_objective if reasons[f] is not None}
-        if requested and refused:
-            raise Unsupported("; ".join(f"--formats {f}: {why}" for f, why in refused.items()))
-        accepted = [f for f in wanted_objective if f not in refused]
-        diffs |= export_objective(cfg, objective, out, accepted, strict=requested is not None)
+                encoder_formats.remove("vit")
+        diffs |= export_encoder(backbone, info, out, encoder_formats, str(path))
+    objective_formats = [f for f in wanted if f not in ENCODER]
+    diffs |= export_objective(cfg, objective, out, objective_formats, strict=requested is not None)
     return diffs
 
 

@@ -40,7 +40,7 @@ def test_transformers_loads_the_export_with_identical_ids_logits_and_completions
     hf = transformers.ImageGPTForCausalImageModeling.from_pretrained(folder).eval()
     processor = transformers.AutoImageProcessor.from_pretrained(folder)
     pictures = digits()
-    _, view = build.VIEWS["igpt"](cfg)
+    _, view = build.build_views(cfg)
     images = torch.stack([view(p)["image"] for p in pictures])
     ids = objective.tokens(images)  # (B, 256)
     assert torch.equal(processor(pictures, return_tensors="pt")["input_ids"], ids)

@@ -65,7 +65,7 @@ def test_open_clip_loads_the_export_with_identical_features(tower, tmp_path):
         assert type(model).__name__ == "CLIP"  # open_clip's standard layout, not CustomTextCLIP
     # the same preparation of a picture as mmssl's CLIP evaluation view
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8))
-    _, val_view = build.VIEWS["clip"](cfg)
+    _, val_view = build.build_views(cfg)
     ours = val_view(picture)["image"]
     theirs = preprocess(picture)
     assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
