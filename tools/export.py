@@ -30,16 +30,12 @@ import json
 import sys
 from pathlib import Path
 
+from mmssl.interop import Unsupported  # a plain exception class: imports nothing heavy
+
 # Heavy imports (torch, timm, transformers through mmssl) happen after argument parsing, so --help and usage
 # errors answer at once.
 
 ENCODER = ("timm", "hf", "vit")  # every objective whose spec names an encoder
-OBJECTIVE = (
-    "vitmae",
-    "open_clip",
-    "imagegpt",
-    "llava",
-)  # whole objectives, as their spec's ``exports`` lists
 TOLERANCE = 1e-5  # float32 reorderings between implementations (fused vs split q/k/v, etc.)
 
 
@@ -86,71 +82,22 @@ def export_encoder(backbone, info: dict, out: Path, formats: list[str], source: 
     return diffs
 
 
-def _vitmae(cfg, objective, out: Path) -> float:
-    from mmssl.interop import hf_mae
-
-    d = cfg.data
-    folder = hf_mae.save_vit_mae(
-        objective, f"{out}_vitmae", mean=list(d.mean), std=list(d.std), interpolation=d.interpolation
-    )
-    print(f"vitmae: {folder}/  transformers.ViTMAEForPreTraining.from_pretrained('{folder}')")
-    return hf_mae.round_trip(objective, folder)
-
-
-def _open_clip(cfg, objective, out: Path) -> float:
-    from mmssl import build
-    from mmssl.interop import openclip
-
-    c, d = cfg.clip, cfg.data
-    model_cfg = openclip.tower_configs(
-        c.model, text_cfg=dict(c.text_cfg), vision_cfg=dict(c.vision_cfg), embed_dim=c.embed_dim,
-        image_size=build.img_size(cfg),
-    )  # fmt: skip
-    name = f"{out.name}-open_clip"
-    folder = openclip.save_open_clip(
-        objective, f"{out}_open_clip", model_cfg, name=name, mean=list(d.mean), std=list(d.std),
-        interpolation=d.interpolation,
-    )  # fmt: skip
-    print(f"open_clip: {folder}/  open_clip.create_model_and_transforms('local-dir:{folder}'), or "
-          f"open_clip.add_model_config('{folder}/{name}.json') and "
-          f"create_model_and_transforms('{name}', pretrained='{folder}/{openclip.WEIGHTS}')")  # fmt: skip
-    return openclip.round_trip(objective, folder)
-
-
-def _imagegpt(cfg, objective, out: Path) -> float:
-    from mmssl.interop import hf_igpt
-
-    folder = hf_igpt.save_imagegpt(objective, f"{out}_imagegpt", interpolation=cfg.data.interpolation)
-    print(f"imagegpt: {folder}/  transformers.ImageGPTForCausalImageModeling.from_pretrained('{folder}'), "
-          f"AutoImageProcessor.from_pretrained('{folder}')")  # fmt: skip
-    return hf_igpt.round_trip(objective, folder)
-
-
-def _llava(cfg, objective, out: Path) -> float:
-    from mmssl.interop import hf_llava
-
-    folder = hf_llava.save_llava(objective, f"{out}_llava")
-    print(f"llava: {folder}/  transformers.LlavaForConditionalGeneration.from_pretrained('{folder}'), "
-          f"AutoProcessor.from_pretrained('{folder}')")  # fmt: skip
-    return hf_llava.round_trip(objective, folder)
-
-
-WRITERS = {"vitmae": _vitmae, "open_clip": _open_clip, "imagegpt": _imagegpt, "llava": _llava}
-
-
-def export_objective(cfg, objective, out: Path, formats: list[str], strict: bool) -> dict[str, float]:
-    """Write and check each format; a format the objective cannot express fails when ``strict`` (asked for
-    by name), else it is skipped with the reason."""
-    from mmssl.interop import Unsupported
-
+def export_objective(cfg, objective, spec, out: Path, formats: list[str], strict: bool) -> dict[str, float]:
+    """Write and check each of the spec's whole-objective formats (``spec.exports``) into ``OUT_<format>/``; a
+    format the objective's settings cannot express fails when ``strict`` (asked for by name), else it is
+    skipped with the reason."""
     diffs: dict[str, float] = {}
     for name in formats:
+        fmt = spec.exports[name]
         try:
-            diffs[name] = WRITERS[name](cfg, objective, out)
+            folder = fmt.save(cfg, objective, Path(f"{out}_{name}"))
         except Unsupported as e:
             if strict:
                 raise Unsupported(f"--formats {name}: {e}") from None
             print(f"{name}: skipped ({e})")
+            continue
+        print(f"{name}: {folder}/  {fmt.usage.format(folder=folder, name=folder.name)}")
+        diffs[name] = fmt.round_trip(objective, folder)
     return diffs
 
 
@@ -163,33 +110,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", help="output prefix (default: beside the checkpoint)")
     parser.add_argument(
-        "--formats", default="auto", help=f"comma-separated: {', '.join(ENCODER + OBJECTIVE)}"
+        "--formats",
+        default="auto",
+        help=f"comma-separated: {', '.join(ENCODER)} (an encoder) or the objective's own (see above)",
     )
     parser.add_argument("--no-hf", action="store_true", help="skip the timm/transformers folder (hf)")
     args = parser.parse_args(argv)
     source = Path(args.checkpoint)
     requested = None if args.formats == "auto" else [f.strip() for f in args.formats.split(",") if f.strip()]
-    unknown = sorted(set(requested or ()) - set(ENCODER + OBJECTIVE))
-    if unknown:
-        print(
-            f"error: --formats: unknown {unknown}; choose from {', '.join(ENCODER + OBJECTIVE)}",
-            file=sys.stderr,
-        )
-        return 2
+    if requested == []:
+        parser.error("--formats: give at least one format name (or auto)")
 
     from mmssl import config as C
     from mmssl.checkpoints import CheckpointError
-    from mmssl.interop import Unsupported
 
     diffs: dict[str, float] = {}
     try:
-        if source.is_dir():  # a LLaVA parts folder (a run's llava/): the model without Lightning
-            from mmssl.vlm.parts import load_parts
-
-            if requested not in (None, ["llava"]):
-                raise Unsupported(f"{source}: a LLaVA parts folder exports as llava only")
-            out = Path(args.out) if args.out else source.with_name(f"{source.name}_export")
-            diffs = export_objective(None, load_parts(source), out, ["llava"], strict=True)
+        if source.is_dir():
+            diffs = _export_parts(source, args, requested)
         else:
             diffs = _export_checkpoint(source, args, requested)
     except (CheckpointError, C.ConfigError, Unsupported, ValueError, FileNotFoundError) as e:
@@ -204,9 +142,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _check_requested(requested: list[str] | None, offered: list[str], what: str) -> None:
+    refused = [f for f in requested or () if f not in offered]
+    if refused:
+        raise Unsupported(
+            f"--formats {','.join(refused)}: {what} exports as {', '.join(offered) or 'nothing'}"
+        )
+
+
+def _export_parts(source: Path, args, requested: list[str] | None) -> dict[str, float]:
+    """A folder of saved parts (a LLaVA run's llava/): the model without Lightning, through the spec that
+    writes such folders (``ObjectiveSpec.load_parts``)."""
+    from mmssl import build
+
+    specs = [s for s in build.OBJECTIVES.values() if s.load_parts is not None]
+    if len(specs) != 1:
+        raise Unsupported(f"{source}: a folder, but {len(specs)} objectives load saved parts")
+    spec = specs[0]
+    _check_requested(requested, list(spec.exports), f"{source} (saved parts)")
+    out = Path(args.out) if args.out else source.with_name(f"{source.name}_export")
+    return export_objective(None, spec.load_parts(source), spec, out, requested or list(spec.exports), True)
+
+
 def _export_checkpoint(path: Path, args, requested: list[str] | None) -> dict[str, float]:
     from mmssl import build
-    from mmssl.interop import Unsupported
 
     objective, cfg = build.objective_from_checkpoint(path)
     spec = build.spec_of(
@@ -218,12 +177,7 @@ def _export_checkpoint(path: Path, args, requested: list[str] | None) -> dict[st
         k.startswith(f"{spec.encoder}.model.") for k in objective.state_dict()
     )
     offered = [*(ENCODER if encoder else ()), *spec.exports]
-    refused = [f for f in requested or () if f not in offered]
-    if refused:
-        raise Unsupported(
-            f"--formats {','.join(refused)}: checkpoint {path} holds a {cfg.objective!r} objective, which exports "
-            f"as {', '.join(offered) or 'nothing'}"
-        )
+    _check_requested(requested, offered, f"checkpoint {path} (objective {cfg.objective!r})")
     wanted = [f for f in offered if f in (requested or offered) and not (args.no_hf and f == "hf")]
     diffs: dict[str, float] = {}
     encoder_formats = [f for f in wanted if f in ENCODER]
@@ -239,7 +193,7 @@ def _export_checkpoint(path: Path, args, requested: list[str] | None) -> dict[st
                 encoder_formats.remove("vit")
         diffs |= export_encoder(backbone, info, out, encoder_formats, str(path))
     objective_formats = [f for f in wanted if f not in ENCODER]
-    diffs |= export_objective(cfg, objective, out, objective_formats, strict=requested is not None)
+    diffs |= export_objective(cfg, objective, spec, out, objective_formats, strict=requested is not None)
     return diffs
 
 

@@ -19,6 +19,7 @@ from mmssl.build.encoders import (
     img_size,
     trained_encoder,
 )
+from mmssl.build.exports import IMAGE_GPT, LLAVA, VIT_MAE, open_clip_format
 from mmssl.build.spec import ObjectiveSpec
 from mmssl.checkpoints import (
     CheckpointError,
@@ -51,7 +52,7 @@ from mmssl.targets.hog import HOGTarget
 from mmssl.targets.palette import Palette
 from mmssl.vlm.decoders import load_decoder
 from mmssl.vlm.llava import LLaVA
-from mmssl.vlm.parts import MANIFEST, load_vision_tower, save_parts
+from mmssl.vlm.parts import MANIFEST, load_parts, load_vision_tower, save_parts
 from mmssl.vlm.projector import Projector, load_projector
 from mmssl.vlm.prompt import PromptEncoder
 from mmssl.vlm.vision import VisionTower, create_encoder
@@ -156,6 +157,17 @@ def _clip(cfg: DictConfig) -> nn.Module:
             load_backbone_weights(backbone, c.backbone_weights, "clip.backbone_weights")
         image_tower = backbone  # + a linear projection into the text tower's joint space, in CLIP
     return CLIP(image_tower, text_tower, logit_scale=scale, max_logit_scale=c.max_logit_scale)
+
+
+def _open_clip_config(cfg: DictConfig) -> dict:
+    """The open_clip model config of a CLIP run (its export format, ``build/exports.py``)."""
+    from mmssl.interop.openclip import tower_configs
+
+    c = cfg.clip
+    return tower_configs(
+        c.model, text_cfg=dict(c.text_cfg), vision_cfg=dict(c.vision_cfg), embed_dim=c.embed_dim,
+        image_size=img_size(cfg),
+    )  # fmt: skip
 
 
 def _maskfeat(cfg: DictConfig) -> nn.Module:
@@ -282,7 +294,7 @@ def _clip_tokenizer(cfg: DictConfig):
 # The build table: one spec per objective (spec.py says what each field means). Adding an objective adds its
 # builder and views above and one entry here, its config section (config/objectives.py) and its recipe.
 OBJECTIVES: dict[str, ObjectiveSpec] = {
-    "mae": ObjectiveSpec(_mae, _mae_views, exports=("vitmae",)),
+    "mae": ObjectiveSpec(_mae, _mae_views, exports={"vitmae": VIT_MAE}),
     "llava": ObjectiveSpec(
         _llava,
         _llava_views,
@@ -291,7 +303,8 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
         save_parts=save_parts,
         # LLaVA's chat stage trains on text-only conversations too (part of the 665K mix); a caption needs its picture
         image_optional=lambda cfg: cfg.llava.conversation == "chat",
-        exports=("llava",),
+        exports={"llava": LLAVA},
+        load_parts=load_parts,
     ),
     "clip": ObjectiveSpec(
         _clip,
@@ -299,7 +312,7 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
         text="tokens",
         tokenizer=_clip_tokenizer,
         weight_files=("clip.pretrained", "clip.backbone_weights"),
-        exports=("open_clip",),
+        exports={"open_clip": open_clip_format(_open_clip_config)},
     ),
     # RandomResizedCrop(data.crop_scale: 0.5-1 for MaskFeat) + flip, as MAE's
     "maskfeat": ObjectiveSpec(_maskfeat, _mae_views),
@@ -311,7 +324,7 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
         encoder=None,
         weight_files=("igpt.palette",),
         data_buffers=("palette.",),
-        exports=("imagegpt",),
+        exports={"imagegpt": IMAGE_GPT},
     ),
 }
 
