@@ -16,6 +16,16 @@ from types import ModuleType
 from mmssl.config.paths import TOOLS_DIR
 
 
+_running: str | None = None  # the module name of the tool run_tool is running
+
+
+def is_program(module_name: str) -> bool:
+    """Whether a tool module is the program being run (``python tools/X.py``, ``mmssl X``, ``mmssl-X``) rather
+    than imported. Tools parse their arguments at the top when it is, so that ``--help`` and usage errors
+    answer before their heavy imports (torch, Lightning, transformers: seconds each)."""
+    return module_name in ("__main__", _running)
+
+
 def tools() -> list[str]:
     return sorted(p.stem for p in TOOLS_DIR.glob("*.py") if not p.stem.startswith("_"))
 
@@ -34,8 +44,10 @@ def load_tool(name: str) -> ModuleType:
 
 
 def run_tool(name: str, argv: list[str]) -> int:
+    global _running
+    sys.argv = [f"mmssl {name}", *argv]  # argparse's program name in usage lines (and is_program's arguments)
+    _running = f"mmssl.tools.{name.replace('-', '_')}"
     module = load_tool(name)
-    sys.argv = [f"mmssl {name}", *argv]  # argparse's program name in usage lines
     code = module.main(argv)
     return code if isinstance(code, int) else 0  # some tools return a report (make_shards: the manifest)
 

@@ -30,13 +30,36 @@ import json
 import sys
 from pathlib import Path
 
-from mmssl.interop import Unsupported  # a plain exception class: imports nothing heavy
-
-# Heavy imports (torch, timm, transformers through mmssl) happen after argument parsing, so --help and usage
-# errors answer at once.
+from mmssl.cli import is_program
 
 ENCODER = ("timm", "hf", "vit")  # every objective whose spec names an encoder
 TOLERANCE = 1e-5  # float32 reorderings between implementations (fused vs split q/k/v, etc.)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "checkpoint", help="Lightning checkpoint written by tools/pretrain.py, or a llava/ folder"
+    )
+    parser.add_argument("--out", help="output prefix (default: beside the checkpoint)")
+    parser.add_argument(
+        "--formats",
+        default="auto",
+        help=f"comma-separated: {', '.join(ENCODER)} (an encoder) or the objective's own (see above)",
+    )
+    parser.add_argument("--no-hf", action="store_true", help="skip the timm/transformers folder (hf)")
+    return parser
+
+
+if is_program(__name__):  # --help and usage errors answer before the heavy imports below
+    make_parser().parse_args()
+
+from mmssl.interop import Unsupported  # a plain exception class: imports nothing heavy  # noqa: E402
+
+# Heavy imports (torch, timm, transformers through mmssl) happen after argument parsing, so --help and usage
+# errors answer at once.
 
 
 def export_encoder(backbone, info: dict, out: Path, formats: list[str], source: str) -> dict[str, float]:
@@ -102,19 +125,7 @@ def export_objective(cfg, objective, spec, out: Path, formats: list[str], strict
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "checkpoint", help="Lightning checkpoint written by tools/pretrain.py, or a llava/ folder"
-    )
-    parser.add_argument("--out", help="output prefix (default: beside the checkpoint)")
-    parser.add_argument(
-        "--formats",
-        default="auto",
-        help=f"comma-separated: {', '.join(ENCODER)} (an encoder) or the objective's own (see above)",
-    )
-    parser.add_argument("--no-hf", action="store_true", help="skip the timm/transformers folder (hf)")
+    parser = make_parser()
     args = parser.parse_args(argv)
     source = Path(args.checkpoint)
     requested = None if args.formats == "auto" else [f.strip() for f in args.formats.split(",") if f.strip()]
@@ -167,15 +178,11 @@ def _export_parts(source: Path, args, requested: list[str] | None) -> dict[str, 
 def _export_checkpoint(path: Path, args, requested: list[str] | None) -> dict[str, float]:
     from mmssl import build
 
-    objective, cfg = build.objective_from_checkpoint(path)
-    spec = build.spec_of(
-        cfg
-    )  # which formats apply: the spec's encoder and exports, never the objective's name
+    ckpt, cfg, spec = build.read_run(path)  # which formats apply: the spec's, never the objective's name
     out = Path(args.out) if args.out else path.with_name(f"{cfg.name}_{cfg.objective}")
     # a CLIP run with open_clip's image tower keeps no mmssl backbone at its spec's encoder attribute
-    encoder = spec.encoder is not None and any(
-        k.startswith(f"{spec.encoder}.model.") for k in objective.state_dict()
-    )
+    prefix = f"objective.{spec.encoder}.model."
+    encoder = spec.encoder is not None and any(k.startswith(prefix) for k in ckpt["state_dict"])
     offered = [*(ENCODER if encoder else ()), *spec.exports]
     _check_requested(requested, offered, f"checkpoint {path} (objective {cfg.objective!r})")
     wanted = [f for f in offered if f in (requested or offered) and not (args.no_hf and f == "hf")]
@@ -193,7 +200,9 @@ def _export_checkpoint(path: Path, args, requested: list[str] | None) -> dict[st
                 encoder_formats.remove("vit")
         diffs |= export_encoder(backbone, info, out, encoder_formats, str(path))
     objective_formats = [f for f in wanted if f not in ENCODER]
-    diffs |= export_objective(cfg, objective, spec, out, objective_formats, strict=requested is not None)
+    if objective_formats:  # only these need the whole objective (an encoder export builds the encoder alone)
+        objective, cfg = build.objective_from_checkpoint(path)
+        diffs |= export_objective(cfg, objective, spec, out, objective_formats, strict=requested is not None)
     return diffs
 
 

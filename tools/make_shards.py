@@ -35,9 +35,33 @@ import sys
 from multiprocessing import Pool
 from pathlib import Path
 
-from PIL import Image
+from mmssl.cli import is_program
 
-from mmssl.data.shards import write_shards
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("src", type=Path, help="image folder (class subfolders) or .csv / .jsonl listing")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--prefix", default="train", help="shard names: PREFIX-000000.tar ...")
+    parser.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes reading images")
+    parser.add_argument("--images", type=Path, help="LLaVA .json: the folder its image paths are relative to")
+    parser.add_argument(
+        "--captions", action="store_true", help="LLaVA .json: also store the first answer as the .txt caption"
+    )
+    return parser
+
+
+if is_program(__name__):  # --help and usage errors answer before the heavy imports below
+    make_parser().parse_args()
+
+from PIL import Image  # noqa: E402
+
+from mmssl.data.shards import write_shards  # noqa: E402
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 KEEP = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -131,20 +155,7 @@ def load(record: Record) -> tuple[Record, str, bytes | str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("src", type=Path, help="image folder (class subfolders) or .csv / .jsonl listing")
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--prefix", default="train", help="shard names: PREFIX-000000.tar ...")
-    parser.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
-    parser.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes reading images")
-    parser.add_argument("--images", type=Path, help="LLaVA .json: the folder its image paths are relative to")
-    parser.add_argument(
-        "--captions", action="store_true", help="LLaVA .json: also store the first answer as the .txt caption"
-    )
+    parser = make_parser()
     args = parser.parse_args(argv)
 
     skipped: list[dict[str, str]] = []  # filled before write_shards writes the manifest that holds it

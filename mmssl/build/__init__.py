@@ -37,6 +37,7 @@ from mmssl.build.objectives import (
     load_encoder,
     objective_from_checkpoint,
     objective_from_config,
+    read_run,
     spec_of,
 )
 from mmssl.build.spec import ObjectiveSpec
@@ -54,7 +55,7 @@ __all__ = [
     "OBJECTIVES", "ObjectiveSpec", "Plan", "block_classes", "build_backbone", "build_datamodule", "build_module",
     "build_objective", "build_tokenizer", "build_trainer", "build_views", "encoder_info", "eval_callbacks",
     "fsdp_kwargs", "fsdp_strategy", "img_size", "load_encoder", "objective_from_checkpoint",
-    "objective_from_config", "plan", "run_dir", "spec_of",
+    "objective_from_config", "plan", "read_run", "run_dir", "spec_of",
 ]  # fmt: skip
 
 

@@ -350,7 +350,7 @@ def build_tokenizer(cfg: DictConfig):
     return spec.tokenizer(cfg)
 
 
-def _read(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict, DictConfig, ObjectiveSpec]:
+def read_run(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict, DictConfig, ObjectiveSpec]:
     """(checkpoint, its run config, its objective's spec); the config's ``weight_files`` keys are reset to
     null: the checkpoint's weights hold what those files provided, and they need not exist here."""
     ckpt = read_checkpoint(path)
@@ -376,7 +376,7 @@ def objective_from_checkpoint(
     """(the objective of a pretraining checkpoint in eval mode, its run config): config and weights from the
     file, ``key=value`` ``overrides`` on top. ``random_init``: the same architecture at its own (seeded)
     initialisation, keeping only the checkpoint's ``data_buffers`` (an iGPT palette): the baseline of a probe."""
-    ckpt, cfg, spec = _read(path, overrides)
+    ckpt, cfg, spec = read_run(path, overrides)
     return _rebuild(path, ckpt, cfg, spec, random_init, seed), cfg
 
 
@@ -407,7 +407,7 @@ def load_encoder(path: str | Path, random_init: bool = False, seed: int = 0) -> 
                 f"{path}: random_init needs a Lightning checkpoint (.ckpt), which holds the config"
             )
         return load_exported(path)
-    ckpt, cfg, spec = _read(path)
+    ckpt, cfg, spec = read_run(path)
     if spec.encoder is None:
         raise CheckpointError(
             f"checkpoint {path}: the {cfg.objective!r} objective trains no image encoder to evaluate or export"
