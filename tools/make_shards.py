@@ -14,7 +14,9 @@ SRC is either
     ``blip_laion_cc_sbu_558k.json``), images relative to ``--images`` (default: the file's folder). Each
     sample keeps ``{"id", "conversations"}`` as its ``.json`` (what ``llava.conversation=chat`` trains on);
     ``--captions`` also stores the first answer as the ``.txt`` caption (stage 1's ``plain`` layout reads it).
-    Samples without an image (the mix's text-only conversations) or with several are skipped and listed.
+    The mix's text-only conversations become samples with only a ``.json`` (``llava.conversation=chat`` trains
+    on them without image tokens, as LLaVA does); with ``--captions`` they are skipped, as are samples with
+    several images, and listed.
 
 JPEG, PNG and WebP bytes are stored unchanged under their own extension (the decoder reads all three, and
 re-encoding JPEG would lose quality); other formats (BMP, TIFF, GIF, ...) are re-encoded as lossless PNG.
@@ -66,6 +68,7 @@ from mmssl.data.shards import write_shards  # noqa: E402
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 KEEP = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 Record = tuple[str, int | None, str | None, dict | None]  # (path, label, caption, LLaVA conversation)
+TEXT_ONLY = ""  # a record's path when the sample has no picture (a LLaVA text-only conversation)
 
 
 def _images_under(folder: Path) -> list[Path]:
@@ -121,21 +124,28 @@ def list_llava(src: Path, images: Path, captions: bool) -> tuple[list[Record], d
         name = str(row.get("id", i))
         turns = row.get("conversations")
         image = row.get("image")
+        meta = {"id": name, "conversations": turns}
         if not isinstance(turns, list) or not turns:
             skipped.append({"path": name, "reason": "no conversations"})
-        elif not isinstance(image, str) or not image:
-            why = "several images" if isinstance(image, list) else "no image (a text-only conversation)"
-            skipped.append({"path": name, "reason": why})
+        elif isinstance(image, list):
+            skipped.append({"path": name, "reason": "several images"})
+        elif image is None or image == "":
+            if captions:  # stage 1 (plain) pairs a caption with its picture
+                skipped.append({"path": name, "reason": "no image (--captions needs a picture per caption)"})
+            else:  # the 665K mix's text-only conversations: llava.conversation=chat trains on them (no image)
+                records.append((TEXT_ONLY, None, None, meta))
         else:
             answers = [t.get("value", "") for t in turns if isinstance(t, dict) and t.get("from") == "gpt"]
             caption = answers[0] if captions and answers else None
-            records.append((str(images / image), None, caption, {"id": name, "conversations": turns}))
+            records.append((str(images / image), None, caption, meta))
     return records, {"images": str(images)}, skipped
 
 
 def load(record: Record) -> tuple[Record, str, bytes | str]:
     """-> (record, extension, bytes), or (record, "", reason) when the file cannot be read."""
     path = record[0]
+    if path == TEXT_ONLY:
+        return record, "json", b""  # nothing to read: the sample is its .json conversation
     try:
         data = Path(path).read_bytes()
         with Image.open(io.BytesIO(data)) as img:
@@ -179,7 +189,9 @@ def main(argv: list[str] | None = None) -> dict:
                 if not ext:
                     skipped.append({"path": path, "reason": payload})
                     continue
-                sample = {"__key__": f"{i:09d}", ext: payload}
+                sample = (
+                    {"__key__": f"{i:09d}"} if path == TEXT_ONLY else {"__key__": f"{i:09d}", ext: payload}
+                )
                 if label is not None:
                     sample["cls"] = label
                 if caption is not None:

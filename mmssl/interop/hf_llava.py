@@ -282,8 +282,10 @@ def image_processor(model: LLaVA):
     resample = {"bicubic": PILImageResampling.BICUBIC, "bilinear": PILImageResampling.BILINEAR}.get(
         info.get("interpolation", "bicubic"), PILImageResampling.BICUBIC
     )
+    # llava.image_aspect_ratio (data/transforms.py llava_view); parts saved before the key existed padded
+    pad = info.get("image_aspect_ratio", "pad") == "pad"
     return transformers.LlavaImageProcessor(
-        do_pad=True,  # pads with int(255 * mean) as LLaVA's expand2square (mmssl's PadToSquare rounds instead)
+        do_pad=pad,  # pad: with int(255 * mean), as LLaVA's expand2square; crop: shortest side + centre crop
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},
         resample=resample,

@@ -55,15 +55,13 @@ def test_llava_json_to_shards_to_both_stages_and_a_transformers_export(tmp_path,
     chat = make.main([str(tmp_path / "mix665k.json"), str(tmp_path / "mix"), "--images", str(images),
                       "--maxcount", "16", "--workers", "1"])  # fmt: skip
     split = chat["splits"]["train"]
-    assert split["samples"] == 40 and split["shards"] == 3
-    reasons = {s["path"]: s["reason"] for s in split["skipped"]}
-    assert reasons["sharegpt_1"].startswith("no image") and "nope.jpg" in next(
-        k for k in reasons if k != "sharegpt_1"
-    )
+    assert split["samples"] == 41 and split["shards"] == 3  # 40 pictures and the text-only conversation
+    assert [s["path"] for s in split["skipped"]] == [str(images / "coco/train2017/nope.jpg")]
     samples = read(tmp_path / "mix")
     by_id = {json.loads(s["json"])["id"]: s for s in samples.values()}
     assert json.loads(by_id[mix[5]["id"]]["json"])["conversations"] == mix[5]["conversations"]
-    assert all("jpg" in s and "txt" not in s for s in samples.values())
+    assert set(by_id["sharegpt_1"]) == {"__key__", "__url__", "json"}  # no picture: trained on as text only
+    assert all("jpg" in s and "txt" not in s for k, s in by_id.items() if k != "sharegpt_1")
 
     caps = make.main([str(tmp_path / "558k.json"), str(tmp_path / "cap"), "--images", str(images), "--captions",
                       "--maxcount", "16", "--workers", "1"])  # fmt: skip

@@ -24,7 +24,7 @@ transformers = pytest.importorskip("transformers")
 QUESTION = "What color is the shape?"
 
 
-def picture(seed: int, size=(40, 28)) -> Image.Image:  # not square: the processor pads, as mmssl's view
+def picture(seed: int, size=(40, 28)) -> Image.Image:  # not square: pads or crops, as mmssl's view
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size[::-1], 3), dtype=np.uint8))
 
 
@@ -37,7 +37,8 @@ def open_clip_llava() -> LLaVA:
     vision = VisionTower(visual, {"source": "open_clip", "name": "tiny"}, layer=-2)
     prompt = PromptEncoder(tokenizer(), vision.num_tokens, "chat", system="A chat.")
     return LLaVA(vision, Projector("mlp2x_gelu", vision.dim, 32), base.decoder, prompt,
-                 image_processing={"img_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3})  # fmt: skip
+                 image_processing={"img_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3,
+                                   "image_aspect_ratio": "crop"})  # fmt: skip
 
 
 MODELS = {
@@ -64,7 +65,8 @@ def test_transformers_llava_loads_the_export_with_mmssl_ids_logits_and_answers(w
     # the chat template + <image> expansion give mmssl's prompt ids, <image> positions aside
     info = model.image_processing
     view = llava_view(info.get("img_size", 32), mean=info.get("mean", (0.485, 0.456, 0.406)),
-                      std=info.get("std", (0.229, 0.224, 0.225)))  # fmt: skip
+                      std=info.get("std", (0.229, 0.224, 0.225)),
+                      image_aspect_ratio=info.get("image_aspect_ratio", "pad"))  # fmt: skip
     pictures = [picture(0), picture(1, (24, 36))]
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
     inputs = processor.apply_chat_template(
