@@ -15,7 +15,6 @@ from types import ModuleType
 
 from mmssl.config.paths import TOOLS_DIR
 
-
 _running: str | None = None  # the module name of the tool run_tool is running
 
 
