@@ -24,8 +24,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("encoder", help="Lightning .ckpt, exported .safetensors, or exported folder")
     parser.add_argument("--train", required=True, help="labelled memory bank: shards, image folder, demo:X/Y")
     parser.add_argument("--val", required=True, help="labelled queries")
-    parser.add_argument("--k", type=int, nargs="+", help="default: 20 200 (mmssl.eval.knn.SETTINGS)")
-    parser.add_argument("--t", type=float, nargs="+", help="one per --k (default: 0.07 0.07)")
+    parser.add_argument("--k", type=int, nargs="+", help="default: the k of mmssl.eval.knn.SETTINGS")
+    parser.add_argument(
+        "--t", type=float, nargs="+", help="one per --k (default: the T of mmssl.eval.knn.SETTINGS)"
+    )
     parser.add_argument("--pool", default="default", choices=("default", "cls", "avg"))
     parser.add_argument("--layer", type=int, default=-1)
     parser.add_argument("--img-size", type=int, default=None, help="default: the encoder's")
