@@ -22,35 +22,18 @@ import time
 import torch
 import torch.nn.functional as F
 from common import Ratio, add_precision_arg, machine_line, precisions
-from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
+from transformers import ImageGPTForCausalImageModeling
 
+from mmssl.interop.hf_igpt import to_imagegpt
 from mmssl.objectives.igpt import ImageGPT
 from mmssl.sequence import SequenceTransformer
 from mmssl.targets.palette import Palette
 
 
 def hf_twin(ours: SequenceTransformer, num_heads: int) -> ImageGPTForCausalImageModeling:
-    """HF ImageGPT with our weights (sos = the extra last token id; zero biases, as the reference has none)."""
-    k, L, d = ours.vocab_size, ours.seq_len, ours.embed_dim
-    cfg = ImageGPTConfig(vocab_size=k + 1, n_positions=L, n_embd=d, n_layer=ours.depth, n_head=num_heads,
-                         activation_function="quick_gelu", tie_word_embeddings=False)  # fmt: skip
-    hf = ImageGPTForCausalImageModeling(cfg)
-    sd = hf.state_dict()
-    sd["transformer.wte.weight"] = torch.cat([ours.tok_embed.weight, ours.sos[None]]).detach()
-    sd["transformer.wpe.weight"] = ours.pos_embed[0].detach()
-    sd["transformer.ln_f.weight"] = ours.norm.weight.detach()
-    sd["lm_head.weight"] = ours.head.weight.detach()  # untied from wte
-    for i, blk in enumerate(ours.blocks):
-        p = f"transformer.h.{i}."
-        sd[p + "ln_1.weight"], sd[p + "ln_2.weight"] = blk.norm1.weight.detach(), blk.norm2.weight.detach()
-        sd[p + "attn.c_attn.weight"] = blk.attn.qkv.weight.T.detach()
-        sd[p + "attn.c_proj.weight"] = blk.attn.proj.weight.T.detach()
-        sd[p + "mlp.c_fc.weight"] = blk.mlp.fc1.weight.T.detach()
-        sd[p + "mlp.c_proj.weight"] = blk.mlp.fc2.weight.T.detach()
-        for name in ("attn.c_attn.bias", "attn.c_proj.bias", "mlp.c_fc.bias", "mlp.c_proj.bias"):
-            sd[p + name].zero_()
-    hf.load_state_dict(sd)
-    return hf
+    """HF ImageGPT with our weights (mmssl/interop/hf_igpt.py: sos = the extra last token id, zero biases)."""
+    del num_heads  # read from the blocks
+    return to_imagegpt(ImageGPT(ours, Palette(torch.rand(ours.vocab_size, 3))))
 
 
 def timed(fn, device: str) -> float:

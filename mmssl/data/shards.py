@@ -43,6 +43,7 @@ from mmssl.data.transforms import ApplyView, DecodeError, to_rgb
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+SIZES = "sizes.json"  # open_clip's shard-size file (open_clip_train/data.py get_dataset_size)
 
 
 def _is_remote(url: str) -> bool:
@@ -78,8 +79,20 @@ def read_manifest(directory: str | Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def read_counts(directory: str | Path) -> dict[str, int]:
+    """Shard file name -> samples, from ``manifest.json`` (``write_shards``) or open_clip's ``sizes.json`` (a
+    flat ``{"shard-000000.tar": count}`` map written beside webdataset shards by img2dataset / open_clip tools);
+    where both list a shard, the manifest wins."""
+    sizes = Path(directory) / SIZES
+    counts = json.loads(sizes.read_text()) if sizes.is_file() else {}
+    if not isinstance(counts, dict):
+        raise ValueError(f"{sizes}: expected a {{shard file name: sample count}} object")
+    return {**counts, **read_manifest(directory).get("shards", {})}
+
+
 def count_samples(urls: list[str]) -> int | None:
-    """Total samples from the ``manifest.json`` files beside the shards; ``None`` if any shard is unlisted."""
+    """Total samples from the ``manifest.json`` or ``sizes.json`` files beside the shards (:func:`read_counts`);
+    ``None`` if any shard is unlisted."""
     manifests: dict[Path, dict] = {}
     total = 0
     for url in urls:
@@ -87,7 +100,7 @@ def count_samples(urls: list[str]) -> int | None:
             return None
         path = Path(url)
         if path.parent not in manifests:
-            manifests[path.parent] = read_manifest(path.parent).get("shards", {})
+            manifests[path.parent] = read_counts(path.parent)
         n = manifests[path.parent].get(path.name)
         if n is None:
             return None
