@@ -19,7 +19,7 @@ import torch
 from mmssl import build
 from mmssl.checkpoints import CheckpointError
 from mmssl.eval.features import fingerprint, split_features
-from mmssl.eval.knn import SETTINGS, knn_accuracy
+from mmssl.eval.knn import SETTINGS, bank_too_small, knn_accuracy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     (layer,) = bank.features
+    for k in args.k:
+        note = bank_too_small(k, len(bank.labels), "--k")
+        if note is not None:
+            print(f"{note} (--train)", file=sys.stderr)
     results = knn_accuracy(
         bank.features[layer],
         bank.labels,

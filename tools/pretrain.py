@@ -66,6 +66,8 @@ def print_config(cfg) -> int:
         with contextlib.redirect_stdout(sys.stderr):  # whatever building prints stays out of the YAML
             total, trainable = count_parameters(build.build_objective(cfg))
         count = f"# {cfg.objective} objective: {total:,} parameters ({trainable:,} trainable)"
+    except C.ConfigError:  # a value no run can use (e.g. backbone.img_size): refused as at the start of a run
+        raise
     except Exception as e:  # a missing decoder or weights file must not stop the printing
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         count = f"# parameters: not counted ({type(e).__name__}: {reason})"
@@ -103,7 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if args.print_config:
-        return print_config(cfg)
+        try:
+            return print_config(cfg)
+        except C.ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     try:
         C.validate_machine(
             cfg
@@ -142,7 +148,11 @@ def train(cfg, out: Path, ckpt: Path | None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     plan = build.plan(cfg, datamodule)
-    module = build.build_module(cfg, plan)
+    try:
+        module = build.build_module(cfg, plan)  # e.g. backbone.img_size not whole patches: before any step
+    except C.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     trainer = build.build_trainer(cfg, plan, objective=module.objective)
     if trainer.world_size != plan.world_size:  # the lr and schedule assume plan.world_size processes
         print(
