@@ -32,7 +32,9 @@ class MAEConfig:
     @staticmethod
     def validate(c: DictConfig, cfg: DictConfig, check: Check, active: bool) -> None:
         # 0 masks nothing: the loss (a mean over masked patches, losses.masked_mse) is 0/0 = NaN at step 0
-        check(0.0 < c.mask_ratio < 1.0, "mae.mask_ratio", "must be in (0, 1): the loss is over masked patches")
+        check(
+            0.0 < c.mask_ratio < 1.0, "mae.mask_ratio", "must be in (0, 1): the loss is over masked patches"
+        )
 
 
 @dataclass
