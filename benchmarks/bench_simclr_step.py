@@ -14,13 +14,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import timm
 import torch
-from lightly.loss import NTXentLoss
-from lightly.models.modules import SimCLRProjectionHead
 from torch import nn
+
+try:  # the peer: lightly is a dev extra, not an mmssl dependency
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import SimCLRProjectionHead
+except ImportError as e:
+    sys.exit(
+        f"bench_simclr_step.py: the peer needs lightly, one of mmssl's dev extras ({e}); install them with\n"
+        '    pip install -c constraints.txt -e ".[dev]"      (or: pip install lightly)'
+    )
 
 from mmssl import config as C
 from mmssl.build import build_objective

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -29,6 +31,28 @@ from mmssl import build, launch
 from mmssl import config as C
 
 EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a job killed by the signal
+
+# Known noise of Lightning 2.6 on torch 2.14, each harmless for mmssl's runs (issue 19): silenced by exact
+# message, so any other warning still shows.
+NOISY_WARNINGS = (
+    # Lightning's own _pytree.py builds torch's deprecated LeafSpec on every batch transfer (not our call)
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+    # the shard pipeline gives every worker its own equal share, so its __len__ is exact (data/module.py)
+    (UserWarning, r"Your `IterableDataset` has `__len__` defined"),
+)
+
+
+class _NoTips(logging.Filter):
+    """Drops Lightning's advertising ("💡 Tip: ... try installing litlogger / litmodels")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def quiet_lightning() -> None:
+    for category, message in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message, category)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTips())
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -98,6 +122,7 @@ def checkpoint_to_resume(resume: str | None, out: Path) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_lightning()
     try:
         cfg = launch.configure(C.load(args.cfg, args.overrides))
     except (C.ConfigError, FileNotFoundError) as e:
@@ -140,7 +165,7 @@ def train(cfg, out: Path, ckpt: Path | None) -> int:
     last = out / "checkpoints" / "last.ckpt"
     # The same seed on every rank, so every rank builds the same initial weights; from the first training step
     # on, PretrainModule reseeds per (seed, rank, step) so each rank draws its own masks (lit.py).
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in config.yaml
     try:
         C.validate_machine(cfg)  # e.g. trainer.strategy=fsdp without CUDA GPUs, before any model or data work
         datamodule = build.build_datamodule(cfg)
@@ -177,7 +202,28 @@ def train(cfg, out: Path, ckpt: Path | None) -> int:
             file=sys.stderr,
         )
         return EXIT_SIGTERM
+    if trainer.is_global_zero:
+        print(closing_summary(cfg, out, trainer))
     return 0
+
+
+def closing_summary(cfg, out: Path, trainer: L.Trainer) -> str:
+    """Where a finished run's results went (printed last, so it is what a user sees)."""
+    ckpts = out / "checkpoints"
+    steps = sorted(p.name for p in ckpts.glob("step*.ckpt"))
+    lines = [f"mmssl: finished at step {trainer.global_step}; results in {out}/"]
+    lines.append(f"  checkpoint  {ckpts / 'last.ckpt'}" + (f" (and {', '.join(steps)})" if steps else ""))
+    lines.append(f"  config      {out / 'config.yaml'}")
+    if trainer.logger is not None and trainer.logger.log_dir:
+        lines.append(f"  metrics     {Path(trainer.logger.log_dir) / 'metrics.csv'}")
+    pictures = sorted((out / "pictures").glob("*.png"))
+    if pictures:
+        last = "final.png" if (out / "pictures" / "final.png").is_file() else pictures[-1].name
+        files = f"{len(pictures)} file" + "s" * (len(pictures) > 1)
+        lines.append(f"  pictures    {out / 'pictures'}/ ({files}, the last: {last})")
+    if build.spec_of(cfg).save_parts is not None:  # files other tools load without Lightning (build_trainer)
+        lines.append(f"  parts       {out / cfg.objective}/")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

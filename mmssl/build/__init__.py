@@ -233,6 +233,7 @@ def build_trainer(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) 
         limit_val_batches=None if cfg.data.val_shards else 0,
         use_distributed_sampler=False,  # shards are split by the pipeline itself
         num_sanity_val_steps=0,
+        enable_model_summary=False,  # tools/pretrain.py prints the parameter count in its opening line
         sync_batchnorm=t.sync_batchnorm,
         logger=CSVLogger(out, name="logs"),  # logs/version_N: a resumed run keeps earlier metrics
         callbacks=callbacks,
