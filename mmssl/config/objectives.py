@@ -214,5 +214,5 @@ class IGPTConfig:
     def validate_training(c: DictConfig, cfg: DictConfig, check: Check) -> None:
         # Only here: --print-config and checkpoint loading need no palette file, but a training run does.
         check(bool(c.palette), "igpt.palette",
-              "required for training; fit one with tools/fit_palette.py (e.g. --shards <train shards> --k 512 "
-              "--out palette.safetensors) and pass igpt.palette=<file>")  # fmt: skip
+              "required for training; fit one with tools/fit_palette.py (e.g. --shards <train shards> --k 512, "
+              "which writes runs/palettes/k512_32px.safetensors) and pass igpt.palette=<file>")  # fmt: skip
