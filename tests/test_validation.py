@@ -153,3 +153,35 @@ def test_every_pretraining_recipe_prints_as_yaml_without_its_files(capsys):
         assert rc == 0, (recipe, err)
         printed = yaml.safe_load(out)  # the whole output, comments included, is YAML
         assert printed["name"] == C.load(recipe).name and printed["objective"] == C.load(recipe).objective
+
+
+def test_a_finished_run_says_where_its_results_went(tmp_path):
+    out = tmp_path / "run"
+    for name in (
+        "checkpoints/last.ckpt",
+        "checkpoints/step0000200.ckpt",
+        "pictures/final.png",
+        "config.yaml",
+    ):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).touch()
+    trainer = SimpleNamespace(
+        global_step=372, logger=SimpleNamespace(log_dir=str(out / "logs" / "version_0"))
+    )
+    text = pretrain.closing_summary(C.load("mae_demo"), out, trainer)
+    assert (
+        "step 372" in text and str(out / "checkpoints" / "last.ckpt") in text and "step0000200.ckpt" in text
+    )
+    assert str(out / "logs" / "version_0" / "metrics.csv") in text and "final.png" in text
+    assert "parts" not in text  # MAE saves no separate parts; LLaVA does (its spec's save_parts)
+    assert f"parts       {out / 'llava'}/" in pretrain.closing_summary(
+        C.load("llava_demo_stage1"), out, trainer
+    )
+
+
+def test_a_recipe_prints_without_its_palette_file_and_a_run_needs_it(capsys, tmp_path):
+    missing = [f"igpt.palette={tmp_path / 'absent.safetensors'}"]
+    assert pretrain.main(["--cfg", "igpt_demo", *missing, "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["igpt"]["palette"].endswith("absent.safetensors")
+    with pytest.raises(C.ConfigError, match=r"'igpt\.palette': no such file"):
+        build.build_datamodule(C.load("igpt_demo", missing))

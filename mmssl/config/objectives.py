@@ -202,8 +202,6 @@ class IGPTConfig:
         check(c.temperature >= 0, "igpt.temperature", "must be >= 0")
         check(c.top_k is None or c.top_k >= 1, "igpt.top_k", "must be >= 1")
         if active:
-            check(c.palette is None or find_file(c.palette) is not None, "igpt.palette",
-                  "no such file; fit one with tools/fit_palette.py")  # fmt: skip
             check(
                 cfg.data.img_size in (None, c.resolution),
                 "data.img_size",
@@ -216,3 +214,8 @@ class IGPTConfig:
         check(bool(c.palette), "igpt.palette",
               "required for training; fit one with tools/fit_palette.py (e.g. --shards <train shards> --k 512, "
               "which writes runs/palettes/k512_32px.safetensors) and pass igpt.palette=<file>")  # fmt: skip
+        check(
+            find_file(c.palette) is not None,
+            "igpt.palette",
+            "no such file; fit one with tools/fit_palette.py",
+        )
