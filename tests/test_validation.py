@@ -185,3 +185,20 @@ def test_a_recipe_prints_without_its_palette_file_and_a_run_needs_it(capsys, tmp
     assert yaml.safe_load(capsys.readouterr().out)["igpt"]["palette"].endswith("absent.safetensors")
     with pytest.raises(C.ConfigError, match=r"'igpt\.palette': no such file"):
         build.build_datamodule(C.load("igpt_demo", missing))
+
+
+def test_a_training_run_refuses_before_its_first_step(tmp_path, capsys):
+    """The run path (not --print-config): the objective is built before Lightning starts, so the refusal is the
+    same clean exit 2 and no checkpoint is written."""
+    argv = [
+        "--cfg",
+        "mae_demo",
+        "backbone.img_size=60",
+        "backbone.patch_size=8",
+        f"out_dir={tmp_path}",
+        "name=r",
+    ]
+    assert pretrain.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "'backbone.img_size'" in err and "Traceback" not in err, err
+    assert not (tmp_path / "r" / "checkpoints").exists()
