@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import timm
@@ -22,14 +23,14 @@ import torch
 from common import Ratio, add_precision_arg, machine_line, precisions
 from torch import nn
 
-try:
+try:  # the peer: lightly is a dev extra, not an mmssl dependency
     from lightly.loss import NTXentLoss
     from lightly.models.modules import SimCLRProjectionHead
-except ImportError as exn:  # a dev extra, not a dependency of mmssl
-    raise ImportError(
-        "bench_simclr_step.py compares against lightly, which is not installed: pip install -e '.[dev]' "
-        "(or pip install lightly)"
-    ) from exn
+except ImportError as e:
+    sys.exit(
+        f"bench_simclr_step.py: the peer needs lightly, one of mmssl's dev extras ({e}); install them with\n"
+        '    pip install -c constraints.txt -e ".[dev]"      (or: pip install lightly)'
+    )
 
 from mmssl import config as C
 from mmssl.build import build_objective

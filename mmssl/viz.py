@@ -105,8 +105,13 @@ class PictureCallback(L.Callback):
         with trainer.precision_plugin.forward_context():
             columns = visualize(batch, self.denormalize, generator)
         pl_module.train(was_training)
-        split = "held-out" if self.held_out else "train"
-        path = save_grid(columns, self.out_dir / filename, f"step {trainer.global_step}, {split} images")
+        if self.held_out:
+            split = "held-out images"
+        elif trainer.limit_val_batches == 0:  # build_trainer: no data.val_shards
+            split = "training images (data.val_shards not set)"
+        else:  # validation first runs at the end of an epoch; pictures switch to its images from then on
+            split = "training images (held-out from the first validation)"
+        path = save_grid(columns, self.out_dir / filename, f"step {trainer.global_step}, {split}")
         log_picture(getattr(trainer, "loggers", ()), path, "pictures", trainer.global_step)
         return path
 

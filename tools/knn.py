@@ -51,7 +51,7 @@ import torch  # noqa: E402
 from mmssl import build  # noqa: E402
 from mmssl.checkpoints import CheckpointError  # noqa: E402
 from mmssl.eval.features import fingerprint, split_features  # noqa: E402
-from mmssl.eval.knn import SETTINGS, knn_accuracy  # noqa: E402
+from mmssl.eval.knn import SETTINGS, bank_too_small, knn_accuracy  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     (layer,) = bank.features
+    for k in args.k:
+        note = bank_too_small(k, len(bank.labels), "--k")
+        if note is not None:
+            print(f"{note} (--train)", file=sys.stderr)
     results = knn_accuracy(
         bank.features[layer],
         bank.labels,

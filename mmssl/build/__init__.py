@@ -9,6 +9,7 @@ Shared code asks an objective's spec, never its name. Nothing in mmssl imports t
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from datetime import timedelta
@@ -45,13 +46,16 @@ from mmssl.build.precision import resolve_precision
 from mmssl.build.spec import ObjectiveSpec
 from mmssl.callbacks import LastCheckpoint, RankReport, SaveParts
 from mmssl.data.module import ShardDataModule, resolve_shards
-from mmssl.data.shards import SampleDecoder
+from mmssl.data.shards import SampleDecoder, count_samples
 from mmssl.data.transforms import CaptionTokens, eval_view
+from mmssl.eval.knn import bank_too_small
 from mmssl.eval.online import KNNMonitor, OnlineLinearProbe
 from mmssl.lit import PretrainModule
 from mmssl.loggers import make_loggers
 from mmssl.throughput import ThroughputLogger
 from mmssl.viz import PictureCallback
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "OBJECTIVES", "ObjectiveSpec", "Plan", "block_classes", "build_backbone", "build_datamodule", "build_module",
@@ -114,7 +118,8 @@ class Plan:
 def plan(cfg: DictConfig, datamodule: ShardDataModule) -> Plan:
     world = C.world_size(cfg)
     per_epoch = datamodule.steps_per_epoch(world, cfg.trainer.accumulate_grad_batches)
-    total = cfg.trainer.max_steps or cfg.trainer.max_epochs * per_epoch
+    steps = cfg.trainer.max_steps  # None: whole epochs (config.validate refuses 0 and negatives)
+    total = steps if steps is not None else cfg.trainer.max_epochs * per_epoch
     warmup = cfg.optim.warmup_steps
     if warmup is None:
         warmup = round(cfg.optim.warmup_epochs * per_epoch)
@@ -172,10 +177,14 @@ def eval_callbacks(cfg: DictConfig) -> list[L.Callback]:
     if e.online_probe:
         callbacks.append(OnlineLinearProbe(e.num_classes, lr=e.online_lr))
     if e.knn_every_n_epochs:
+        bank = resolve_shards(e.knn_train_shards, "eval.knn_train_shards")
+        note = bank_too_small(e.knn_k, count_samples(bank) or math.inf, "eval.knn_k")  # manifest count
+        if note is not None:
+            log.warning("%s (eval.knn_train_shards)", note)
         view = eval_view(img_size(cfg), interpolation=d.interpolation, mean=tuple(d.mean), std=tuple(d.std))
         callbacks.append(
             KNNMonitor(
-                resolve_shards(e.knn_train_shards, "eval.knn_train_shards"),
+                bank,
                 resolve_shards(e.knn_val_shards, "eval.knn_val_shards"),
                 view,
                 every_n_epochs=e.knn_every_n_epochs,
@@ -235,6 +244,7 @@ def build_trainer(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) 
         limit_val_batches=None if cfg.data.val_shards else 0,
         use_distributed_sampler=False,  # shards are split by the pipeline itself
         num_sanity_val_steps=0,
+        enable_model_summary=False,  # tools/pretrain.py prints the parameter count in its opening line
         sync_batchnorm=t.sync_batchnorm,
         logger=make_loggers(t.loggers, out, cfg.name),  # logs/version_N: a resumed run keeps earlier metrics
         enable_progress_bar=t.progress_bar,

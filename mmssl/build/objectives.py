@@ -58,16 +58,27 @@ from mmssl.vlm.prompt import PromptEncoder
 from mmssl.vlm.vision import VisionTower, create_encoder
 
 
+def _mask_key(key: str, make):
+    """``make()``, with MaskedModeling's mask-ratio refusal (a ValueError) as a ConfigError naming ``key``."""
+    try:
+        return make()
+    except ValueError as e:
+        if not str(e).startswith("mask_ratio="):
+            raise
+        raise C.ConfigError(f"config key '{key}': {e} (backbone.img_size / patch size)") from None
+
+
 def _mae(cfg: DictConfig) -> nn.Module:
     m = cfg.mae
-    return mae(
-        build_backbone(cfg),
+    backbone = build_backbone(cfg)
+    return _mask_key("mae.mask_ratio", lambda: mae(
+        backbone,
         mask_ratio=m.mask_ratio,
         norm_pix_loss=m.norm_pix_loss,
         decoder_embed_dim=m.decoder_embed_dim,
         decoder_depth=m.decoder_depth,
         decoder_num_heads=m.decoder_num_heads,
-    )
+    ))  # fmt: skip
 
 
 def _timm_spec(cfg: DictConfig) -> dict:
@@ -180,7 +191,7 @@ def _maskfeat(cfg: DictConfig) -> nn.Module:
         gradient=m.gradient,
         gaussian_window=m.gaussian_window,
     )
-    return MaskedModeling(  # the default linear head on every patch token
+    return _mask_key("maskfeat.mask_ratio", lambda: MaskedModeling(  # the default linear head on every patch token
         backbone,
         target,
         mask="block",
@@ -188,7 +199,7 @@ def _maskfeat(cfg: DictConfig) -> nn.Module:
         min_block=m.min_block,
         min_aspect=m.min_aspect,
         decay_mask_token=m.mask_token_weight_decay,
-    )
+    ))  # fmt: skip
 
 
 def _simclr(cfg: DictConfig) -> nn.Module:

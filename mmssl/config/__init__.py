@@ -116,7 +116,9 @@ class FSDPConfig:
 @dataclass
 class TrainerConfig:
     max_epochs: int = 800
-    max_steps: int | None = None  # None: max_epochs x steps per epoch
+    # optimizer steps of the whole run (the lr schedule ends there); None: max_epochs x steps per epoch. Not
+    # Lightning's max_steps: its -1 ("unlimited") has no meaning here, since warmup-cosine needs an end
+    max_steps: int | None = None
     accelerator: str = "auto"
     devices: Any = "auto"  # int or "auto"
     num_nodes: int = 1
@@ -240,7 +242,9 @@ def load(
     merged = OmegaConf.structured(schema)
     if cfg:
         path = resolve_path(cfg)
-        merged = _merge(merged, OmegaConf.load(path), f"config file {path}")
+        delta = OmegaConf.load(path)
+        _check_tool(delta, schema, path)
+        merged = _merge(merged, delta, f"config file {path}")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.base_lr=3e-4")
@@ -250,6 +254,27 @@ def load(
     elif schema is LinearProbeConfig:
         validate_probe(merged)
     return merged
+
+
+def _tools() -> dict[type, str]:
+    """Each config schema and the tool that reads its recipes (``configs/`` holds both kinds)."""
+    return {Config: "tools/pretrain.py", LinearProbeConfig: "tools/linear_probe.py"}
+
+
+def _check_tool(delta: Any, schema: type, path: Path) -> None:
+    """A recipe of another tool (``linprobe_*.yaml`` given to pretrain.py, say) is refused, naming its tool."""
+    if not isinstance(delta, DictConfig):
+        return
+    keys = set(delta.keys())
+    if keys <= {f.name for f in fields(schema)}:
+        return
+    for other, tool in _tools().items():
+        if other is not schema and keys <= {f.name for f in fields(other)}:
+            raise ConfigError(
+                f"config file {path}: a recipe for {tool}, not for {_tools()[schema]} (keys "
+                f"{', '.join(sorted(keys - {f.name for f in fields(schema)}))}); use "
+                f"python {tool} --cfg {path.stem} (add --print-config to print it)"
+            )
 
 
 def from_dict(values: dict, source: str = "checkpoint config") -> DictConfig:
@@ -294,6 +319,14 @@ def _check_core(cfg: DictConfig, check: Check) -> None:
     check(len(cfg.data.mean) == 3 and len(cfg.data.std) == 3, "data.mean", "mean and std need 3 values")
     check(cfg.trainer.precision in PRECISIONS, "trainer.precision", f"must be one of {PRECISIONS}")
     check(cfg.trainer.max_epochs > 0, "trainer.max_epochs", "must be > 0")
+    check(
+        cfg.trainer.max_steps is None or cfg.trainer.max_steps > 0,
+        "trainer.max_steps",
+        "must be > 0, or null for trainer.max_epochs x steps per epoch (Lightning's -1, 'unlimited', has no "
+        "meaning here: the lr schedule needs an end)",
+    )
+    spe = cfg.data.samples_per_epoch
+    check(spe is None or spe >= 1, "data.samples_per_epoch", "must be >= 1, or null to read the manifest")
     check(cfg.trainer.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", "must be >= 1")
     check(cfg.trainer.ckpt_every_n_steps > 0, "trainer.ckpt_every_n_steps", "must be > 0")
     check_loggers(cfg.trainer.loggers)

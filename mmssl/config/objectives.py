@@ -31,7 +31,10 @@ class MAEConfig:
 
     @staticmethod
     def validate(c: DictConfig, cfg: DictConfig, check: Check, active: bool) -> None:
-        check(0.0 <= c.mask_ratio < 1.0, "mae.mask_ratio", "must be in [0, 1)")
+        # 0 masks nothing: the loss (a mean over masked patches, losses.masked_mse) is 0/0 = NaN at step 0
+        check(
+            0.0 < c.mask_ratio < 1.0, "mae.mask_ratio", "must be in (0, 1): the loss is over masked patches"
+        )
 
 
 @dataclass
@@ -150,6 +153,13 @@ class SimCLRConfig:
         check(c.temperature > 0, "simclr.temperature", "must be > 0")
         check(c.proj_num_layers >= 1, "simclr.proj_num_layers", "must be >= 1")
         check(0 <= c.blur_p <= 1, "simclr.blur_p", "must be in [0, 1]")
+        # NT-Xent (SimCLR §2.1): each of the 2N views has 2N - 2 negatives in its rank's batch, plus the other
+        # ranks' 2N(world - 1) when gathered. With N = 1 and no gathering the positive is the only other view:
+        # the loss is exactly 0 and nothing trains. Asked of every rank, since the world size under
+        # trainer.devices=auto is unknown here and BatchNorm in the head needs more than one image anyway.
+        check(not active or cfg.data.batch_size >= 2, "data.batch_size",
+              "SimCLR needs >= 2 images per rank: with 1, a view's only partner is its positive, so there are no "
+              "negatives, the loss is 0 and nothing trains")  # fmt: skip
 
 
 @dataclass
@@ -192,8 +202,6 @@ class IGPTConfig:
         check(c.temperature >= 0, "igpt.temperature", "must be >= 0")
         check(c.top_k is None or c.top_k >= 1, "igpt.top_k", "must be >= 1")
         if active:
-            check(c.palette is None or find_file(c.palette) is not None, "igpt.palette",
-                  "no such file; fit one with tools/fit_palette.py")  # fmt: skip
             check(
                 cfg.data.img_size in (None, c.resolution),
                 "data.img_size",
@@ -204,5 +212,10 @@ class IGPTConfig:
     def validate_training(c: DictConfig, cfg: DictConfig, check: Check) -> None:
         # Only here: --print-config and checkpoint loading need no palette file, but a training run does.
         check(bool(c.palette), "igpt.palette",
-              "required for training; fit one with tools/fit_palette.py (e.g. --shards <train shards> --k 512 "
-              "--out palette.safetensors) and pass igpt.palette=<file>")  # fmt: skip
+              "required for training; fit one with tools/fit_palette.py (e.g. --shards <train shards> --k 512, "
+              "which writes runs/palettes/k512_32px.safetensors) and pass igpt.palette=<file>")  # fmt: skip
+        check(
+            find_file(c.palette) is not None,
+            "igpt.palette",
+            "no such file; fit one with tools/fit_palette.py",
+        )

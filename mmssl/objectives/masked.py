@@ -66,6 +66,15 @@ class MaskedModeling(nn.Module):
             raise ValueError(
                 "MaskedModeling: block masks hide a varying number of patches; use head=, not decoder="
             )
+        L = backbone.num_patches
+        # the loss is a mean over masked patches (0 masked: 0/0 = NaN) and MAE's encoder needs a visible one
+        masked = round(L * mask_ratio) if mask == "block" else L - int(L * (1 - mask_ratio))
+        visible = L - masked if decoder is None else int(L * (1 - mask_ratio))
+        if masked < 1 or (decoder is not None and visible < 1):
+            raise ValueError(
+                f"mask_ratio={mask_ratio} masks {masked} of the {L} patches and leaves {visible} visible; "
+                "needs at least one masked patch" + ("" if decoder is None else " and one visible")
+            )
         if decoder is None and head is None:
             head = nn.Linear(backbone.embed_dim, target.out_dim)
             nn.init.trunc_normal_(head.weight, std=0.02)
