@@ -42,6 +42,8 @@ class ObjectiveSpec:
       parameters are shards.
     * ``image_optional(cfg)``: whether this config trains on samples without a picture (LLaVA's chat stage: the
       665K mix holds text-only conversations, trained on without image tokens); None: every sample needs one.
+    * ``resolve(cfg) -> ObjectiveSpec``: for an entry whose text handling, weight files... depend on its config
+      (a composition: its parts'); ``build.spec_of(cfg)`` returns the resolved spec. None: this spec as it is.
     """
 
     build: Callable[[DictConfig], nn.Module]
@@ -53,6 +55,7 @@ class ObjectiveSpec:
     data_buffers: tuple[str, ...] = ()
     save_parts: Callable[[nn.Module, Path, dict], object] | None = None
     image_optional: Callable[[DictConfig], bool] | None = None
+    resolve: Callable[[DictConfig], ObjectiveSpec] | None = None
 
     def __post_init__(self) -> None:
         if self.text not in TEXT_KINDS:
