@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from omegaconf import DictConfig
 
@@ -246,18 +246,20 @@ class SigLIPConfig:
 
     init_logit_scale: float = 10.0  # §3 / Algorithm 1: t' = log 10, the scale t = exp(t') starts at 10
     init_logit_bias: float = -10.0  # §3: b = -10, so training starts near the prior of many negatives
+    TOWERS: ClassVar[str] = "clip"  # the section whose towers, views and tokenizer SigLIP uses
 
     @staticmethod
     def uses(c: DictConfig) -> list[str]:
-        return ["clip"]
+        return [SigLIPConfig.TOWERS]
 
     @staticmethod
     def validate(c: DictConfig, cfg: DictConfig, check: Check, active: bool) -> None:
         check(c.init_logit_scale > 0, "siglip.init_logit_scale", "must be > 0")
+        towers = SigLIPConfig.TOWERS
         check(
-            c.init_logit_scale <= cfg.clip.max_logit_scale,
+            c.init_logit_scale <= cfg[towers].max_logit_scale,
             "siglip.init_logit_scale",
-            "must be <= clip.max_logit_scale (the clamp after every step)",
+            f"must be <= {towers}.max_logit_scale (the clamp after every step)",
         )
 
 
