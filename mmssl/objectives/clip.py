@@ -221,6 +221,11 @@ class CLIP(nn.Module):
     evaluation and tools/export.py find it) followed by ``.image_proj``: its pooled features (CLS token or
     average) -> a linear projection without bias into the joint space of width ``text_tower.output_dim``,
     initialised N(0, width^-1/2) like open_clip's ViT ``proj``.
+
+    ``image_mask_ratio`` r > 0 (a ViT backbone only) is FLIP (Li et al. 2023): in training the backbone encodes a
+    random (1 - r) of the patch tokens (``ops.random_masking``, MAE's), pooled as the model pools (CLS or average).
+    ``logit_bias`` and ``loss(image, text, scale, bias, gather=)`` replace the softmax loss (SigLIP:
+    ``objectives/siglip.py``).
     """
 
     def __init__(
