@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from mmssl import config as C
@@ -198,7 +199,8 @@ def _maskfeat(cfg: DictConfig) -> nn.Module:
         gradient=m.gradient,
         gaussian_window=m.gaussian_window,
     )
-    # pixel: the patch as the network sees it (normalised by the dataset statistics), MaskFeat Table 1
+    # pixel: the patch's colours as the network sees them (dataset-normalised, no per-patch normalisation), our
+    # reading of MaskFeat's pixel-colour target (§4.1, Table 1)
     made = {"hog": hog, "pixel": PixelTarget(backbone.patch_size, normalize=False)}
     targets = {name: made[name] for name in m.targets}
     target = targets[m.targets[0]] if len(targets) == 1 else MultiTarget(targets)
@@ -394,11 +396,10 @@ def _read(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict, DictCo
     """(checkpoint, its run config, its objective's spec); the config's ``weight_files`` keys are reset to
     null: the checkpoint's weights hold what those files provided, and they need not exist here."""
     ckpt = read_checkpoint(path)
-    raw = OmegaConf.merge(OmegaConf.structured(C.Config), ckpt["hyper_parameters"]["config"])  # not validated
-    spec = OBJECTIVES.get(raw.objective)
-    try:
-        reset = spec_of(raw).weight_files if spec is not None else ()
-    except (C.ConfigError, KeyError):
+    try:  # the spec of the config as saved, not yet validated (a composition's weight files are its parts')
+        raw = OmegaConf.merge(OmegaConf.structured(C.Config), ckpt["hyper_parameters"]["config"])
+        reset = spec_of(raw).weight_files
+    except (OmegaConfBaseException, C.ConfigError, KeyError):
         reset = ()  # the config check below names what is wrong
     cfg = checkpoint_config(path, ckpt, overrides, reset)
     return ckpt, cfg, spec_of(cfg)

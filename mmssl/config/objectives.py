@@ -268,7 +268,9 @@ class ComposeConfig:
     """Several objectives on one shared encoder (objectives/compose.py), e.g. SLIP: ``{clip: 1.0, simclr: 0.5}``.
     Each part reads its own section; the data views are the union of the parts' views."""
 
-    objectives: dict[str, float] = field(default_factory=dict)  # objective name -> loss weight
+    # objective name -> loss weight. The first part's backbone (its initialisation, its loaded weights such as
+    # clip.backbone_weights, its frozen parameters) is the one all parts share: name that part first.
+    objectives: dict[str, float] = field(default_factory=dict)
 
     @staticmethod
     def uses(c: DictConfig) -> list[str]:
