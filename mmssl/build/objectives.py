@@ -8,10 +8,12 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from mmssl import config as C
 from mmssl.backbones import Backbone
+from mmssl.build.compose import compose_objective, compose_spec, compose_views
 from mmssl.build.encoders import (
     build_backbone,
     checkpoint_config,
@@ -46,10 +48,13 @@ from mmssl.objectives.clip import (
 )
 from mmssl.objectives.igpt import ImageGPT
 from mmssl.objectives.masked import MaskedModeling, mae
+from mmssl.objectives.siglip import siglip
 from mmssl.objectives.simclr import SimCLR
 from mmssl.sequence import SequenceTransformer
 from mmssl.targets.hog import HOGTarget
+from mmssl.targets.multi import MultiTarget
 from mmssl.targets.palette import Palette
+from mmssl.targets.pixels import PixelTarget
 from mmssl.vlm.decoders import load_decoder
 from mmssl.vlm.llava import LLaVA
 from mmssl.vlm.parts import MANIFEST, load_parts, load_vision_tower, save_parts
@@ -144,7 +149,8 @@ def _llava(cfg: DictConfig) -> nn.Module:
     return LLaVA(vision, projector, decoder, prompt, train_decoder=o.train_decoder, image_processing=image)
 
 
-def _clip(cfg: DictConfig) -> nn.Module:
+def _clip_towers(cfg: DictConfig) -> tuple[nn.Module, nn.Module, float]:
+    """(image tower, text tower, initial logit scale) from the ``clip`` section (CLIP's, SigLIP's)."""
     c = cfg.clip
     text_cfg, vision_cfg = OmegaConf.to_container(c.text_cfg), OmegaConf.to_container(c.vision_cfg)
     scale = 1 / c.init_temperature
@@ -167,7 +173,32 @@ def _clip(cfg: DictConfig) -> nn.Module:
         if c.backbone_weights:
             load_backbone_weights(backbone, c.backbone_weights, "clip.backbone_weights")
         image_tower = backbone  # + a linear projection into the text tower's joint space, in CLIP
-    return CLIP(image_tower, text_tower, logit_scale=scale, max_logit_scale=c.max_logit_scale)
+    return image_tower, text_tower, scale
+
+
+def _clip(cfg: DictConfig) -> nn.Module:
+    c = cfg.clip
+    image_tower, text_tower, scale = _clip_towers(cfg)
+    return CLIP(
+        image_tower,
+        text_tower,
+        logit_scale=scale,
+        max_logit_scale=c.max_logit_scale,
+        image_mask_ratio=c.image_mask_ratio,
+    )
+
+
+def _siglip(cfg: DictConfig) -> nn.Module:
+    c, s = cfg.clip, cfg.siglip
+    image_tower, text_tower, _ = _clip_towers(cfg)  # a pretrained CLIP's softmax temperature is not SigLIP's
+    return siglip(
+        image_tower,
+        text_tower,
+        logit_scale=s.init_logit_scale,
+        logit_bias=s.init_logit_bias,
+        max_logit_scale=c.max_logit_scale,
+        image_mask_ratio=c.image_mask_ratio,
+    )
 
 
 def _open_clip_config(cfg: DictConfig) -> dict:
@@ -184,13 +215,18 @@ def _open_clip_config(cfg: DictConfig) -> dict:
 def _maskfeat(cfg: DictConfig) -> nn.Module:
     m = cfg.maskfeat
     backbone = build_backbone(cfg)  # learned position embedding, timm's trunc-normal init (as SlowFast's ViT)
-    target = HOGTarget(
+    hog = HOGTarget(
         backbone.patch_size,
         cell_size=m.cell_size,
         nbins=m.nbins,
         gradient=m.gradient,
         gaussian_window=m.gaussian_window,
     )
+    # pixel: the patch's colours as the network sees them (dataset-normalised, no per-patch normalisation), our
+    # reading of MaskFeat's pixel-colour target (§4.1, Table 1)
+    made = {"hog": hog, "pixel": PixelTarget(backbone.patch_size, normalize=False)}
+    targets = {name: made[name] for name in m.targets}
+    target = targets[m.targets[0]] if len(targets) == 1 else MultiTarget(targets)
     return _mask_key("maskfeat.mask_ratio", lambda: MaskedModeling(  # the default linear head on every patch token
         backbone,
         target,
@@ -209,6 +245,7 @@ def _simclr(cfg: DictConfig) -> nn.Module:
         s.proj_hidden_dim or backbone.embed_dim,  # SimCLR §2.1: the hidden layer as wide as h
         s.proj_out_dim,
         num_layers=s.proj_num_layers,
+        last_bn=s.proj_last_bn,
     )
     return SimCLR(
         backbone,
@@ -282,8 +319,10 @@ def _clip_views(cfg: DictConfig):
 def _simclr_views(cfg: DictConfig):
     # Validation draws the same two random views of held-out images, so val/loss is the same quantity.
     d, s = cfg.data, cfg.simclr
+    scale = tuple(s.crop_scale if s.crop_scale is not None else d.crop_scale)
+    hflip = s.hflip if s.hflip is not None else d.hflip
     view = simclr_view(
-        img_size(cfg), tuple(d.crop_scale), d.interpolation, d.hflip, color_jitter=s.color_jitter,
+        img_size(cfg), scale, d.interpolation, hflip, color_jitter=s.color_jitter,
         blur_p=s.blur_p, mean=tuple(d.mean), std=tuple(d.std),
     )  # fmt: skip
     return view, view
@@ -300,6 +339,18 @@ def _igpt_views(cfg: DictConfig):
 def _clip_tokenizer(cfg: DictConfig):
     """open_clip's tokenizer at the text tower's context length (``clip.text_cfg.context_length`` or the model's)."""
     return clip_tokenizer(cfg.clip.model, cfg.clip.text_cfg.get("context_length"))
+
+
+def _compose(cfg: DictConfig) -> nn.Module:
+    return compose_objective(cfg, cfg.compose.objectives, OBJECTIVES, "compose.objectives")
+
+
+def _compose_views(cfg: DictConfig):
+    return compose_views(cfg, cfg.compose.objectives, OBJECTIVES, "compose.objectives")
+
+
+def _compose_spec(cfg: DictConfig) -> ObjectiveSpec:
+    return compose_spec(cfg.compose.objectives, OBJECTIVES, "compose.objectives", _compose, _compose_views)
 
 
 # The build table: one spec per objective (spec.py says what each field means). Adding an objective adds its
@@ -337,11 +388,22 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
         data_buffers=("palette.",),
         exports={"imagegpt": IMAGE_GPT},
     ),
+    # CLIP's towers, views and tokenizer (the clip section) with the sigmoid loss
+    "siglip": ObjectiveSpec(
+        _siglip,
+        _clip_views,
+        text="tokens",
+        tokenizer=_clip_tokenizer,
+        weight_files=("clip.pretrained", "clip.backbone_weights"),
+    ),
+    # several objectives on one encoder (SLIP: clip + simclr); text, weight files... are the parts'
+    "compose": ObjectiveSpec(_compose, _compose_views, resolve=_compose_spec),
 }
 
 
 def spec_of(cfg: DictConfig) -> ObjectiveSpec:
-    return OBJECTIVES[cfg.objective]
+    spec = OBJECTIVES[cfg.objective]
+    return spec if spec.resolve is None else spec.resolve(cfg)
 
 
 def build_objective(cfg: DictConfig) -> nn.Module:
@@ -365,8 +427,12 @@ def read_run(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict, Dic
     """(checkpoint, its run config, its objective's spec); the config's ``weight_files`` keys are reset to
     null: the checkpoint's weights hold what those files provided, and they need not exist here."""
     ckpt = read_checkpoint(path)
-    spec = OBJECTIVES.get(ckpt["hyper_parameters"]["config"].get("objective", C.Config.objective))
-    cfg = checkpoint_config(path, ckpt, overrides, spec.weight_files if spec is not None else ())
+    try:  # the spec of the config as saved, not yet validated (a composition's weight files are its parts')
+        raw = OmegaConf.merge(OmegaConf.structured(C.Config), ckpt["hyper_parameters"]["config"])
+        reset = spec_of(raw).weight_files
+    except (OmegaConfBaseException, C.ConfigError, KeyError):
+        reset = ()  # the config check below names what is wrong
+    cfg = checkpoint_config(path, ckpt, overrides, reset)
     return ckpt, cfg, spec_of(cfg)
 
 

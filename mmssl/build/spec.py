@@ -49,6 +49,8 @@ class ObjectiveSpec:
       format cannot express (``interop.Unsupported``).
     * ``load_parts(folder) -> nn.Module``: the inverse of ``save_parts`` (the objective, without Lightning,
       from a folder it wrote), so that ``tools/export.py`` exports such a folder too; or None.
+    * ``resolve(cfg) -> ObjectiveSpec``: for an entry whose text handling, weight files... depend on its config
+      (a composition: its parts'); ``build.spec_of(cfg)`` returns the resolved spec. None: this spec as it is.
     """
 
     build: Callable[[DictConfig], nn.Module]
@@ -62,6 +64,7 @@ class ObjectiveSpec:
     image_optional: Callable[[DictConfig], bool] | None = None
     exports: Mapping[str, ExportFormat] = field(default_factory=dict)
     load_parts: Callable[[Path], nn.Module] | None = None
+    resolve: Callable[[DictConfig], ObjectiveSpec] | None = None
 
     def __post_init__(self) -> None:
         if self.text not in TEXT_KINDS:

@@ -19,10 +19,12 @@ from omegaconf.errors import OmegaConfBaseException
 from mmssl.config.checks import Check
 from mmssl.config.objectives import (  # per-objective sections, each with its own checks
     CLIPConfig,
+    ComposeConfig,
     IGPTConfig,
     LlavaConfig,
     MAEConfig,
     MaskFeatConfig,
+    SigLIPConfig,
     SimCLRConfig,
 )
 from mmssl.config.paths import CONFIG_DIR
@@ -172,6 +174,8 @@ class Config:
     maskfeat: MaskFeatConfig = objective_section(MaskFeatConfig)
     simclr: SimCLRConfig = objective_section(SimCLRConfig)
     igpt: IGPTConfig = objective_section(IGPTConfig)
+    siglip: SigLIPConfig = objective_section(SigLIPConfig)
+    compose: ComposeConfig = objective_section(ComposeConfig)
 
 
 @dataclass
@@ -214,8 +218,25 @@ def objective_names() -> list[str]:
 
 
 def active_objectives(cfg: DictConfig) -> list[str]:
-    """The objective sections a run uses (their checks apply in full; --print-config shows only these)."""
-    return [cfg.objective]
+    """The objective sections a run uses (their checks apply in full; --print-config shows only these): the
+    ``objective`` and, through each section's optional ``uses(section) -> names``, the sections it builds on
+    (a composition's parts, the CLIP towers of SigLIP), recursively."""
+    classes = {f.name: f.default_factory for f in fields(Config) if f.metadata.get("objective")}
+    used: list[str] = []
+    todo = [("objective", cfg.objective)]
+    while todo:
+        key, name = todo.pop(0)
+        if name not in classes:
+            raise ConfigError(f"config key '{key}': {name!r} is not an objective; known: {sorted(classes)}")
+        if name in used:
+            continue
+        used.append(name)
+        uses = getattr(classes[name], "uses", None)
+        for part in uses(cfg[name]) if uses is not None else ():
+            if part == name:
+                raise ConfigError(f"config key '{name}': an objective cannot use itself ({name!r})")
+            todo.append((name, part))
+    return used
 
 
 def resolve_path(name: str) -> Path:

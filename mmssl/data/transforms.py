@@ -367,6 +367,30 @@ class TwoViews:
         return f"TwoViews({self.transform})"
 
 
+class UnionView:
+    """Several views of the same picture in one dict (a composition's parts, e.g. SLIP: CLIP's ``image`` and
+    SimCLR's ``view1``/``view2``); two views that make the same key are refused (picklable)."""
+
+    def __init__(self, views: Sequence[Callable]) -> None:
+        self.views = list(views)
+
+    def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for view in self.views:
+            made = view(img)
+            clash = sorted(set(made) & set(out))
+            if clash:
+                raise ValueError(
+                    f"views of a composition both make batch key(s) {clash}: compose objectives whose views "
+                    f"make different keys ({view})"
+                )
+            out.update(made)
+        return out
+
+    def __repr__(self) -> str:
+        return f"UnionView({self.views})"
+
+
 def simclr_blur_kernel(img_size: int) -> int:
     """Reference ``random_blur``: kernel_size = side // 10, made odd as 2 * (kernel_size // 2) + 1."""
     return 2 * (img_size // 10 // 2) + 1

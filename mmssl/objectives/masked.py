@@ -116,7 +116,12 @@ class MaskedModeling(nn.Module):
                 mask = self.draw_mask(B, images.device, noise, generator)
             tokens = self.backbone.forward_tokens(images, mask=mask, mask_token=self.mask_token)
             pred = self.head(tokens[:, self.backbone.num_prefix_tokens :])  # (B, L, D_t)
-        return {"loss": masked_mse(pred, target, mask), "pred": pred, "mask": mask}
+        losses = getattr(self.target, "losses", None)  # several targets (targets/multi.py): losses summed
+        if losses is None:
+            return {"loss": masked_mse(pred, target, mask), "pred": pred, "mask": mask}
+        parts = losses(pred, target, mask)
+        logged = {f"{name}/loss": value.detach() for name, value in parts.items()}
+        return {"loss": sum(parts.values()), **logged, "pred": pred, "mask": mask}
 
     def draw_mask(
         self,
