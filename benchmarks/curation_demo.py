@@ -77,9 +77,9 @@ def noisy_copy(spec: str, out: Path, split: str, seed: int) -> None:
     (out / "labels.json").write_text(json.dumps(labels))
 
 
-def verify_copy(spec: str, out: Path, seed: int) -> None:
-    """Stage-2 data: half of the conversations start with the Ask-VLM question about the picture's own caption
-    or (half of those) another picture's of a different class, answered "yes" / "no"."""
+def verify_copy(spec: str, out: Path, seed: int, share: float) -> None:
+    """Stage-2 data: a ``share`` of the conversations start with the Ask-VLM question about the picture's own
+    caption or (half of those) another picture's of a different class, answered "yes" / "no"."""
     if (out / "manifest.json").is_file():
         return
     samples = list(raw(spec))
@@ -87,7 +87,7 @@ def verify_copy(spec: str, out: Path, seed: int) -> None:
     rows = []
     for s in samples:
         meta = json.loads(s["json"])
-        if rng.random() < 0.5:
+        if rng.random() < share:
             match = rng.random() < 0.5
             j = int(rng.integers(len(samples)))
             while not match and samples[j]["cls"] == s["cls"]:
@@ -105,7 +105,9 @@ def verify_copy(spec: str, out: Path, seed: int) -> None:
 
 def spec(folder: Path, split: str) -> str:
     n = json.loads((folder / "manifest.json").read_text())["splits"][split]["shards"]
-    return str(folder / f"{split}-{{000000..{n - 1:06d}}}.tar") if n > 1 else str(folder / f"{split}-000000.tar")
+    return (
+        str(folder / f"{split}-{{000000..{n - 1:06d}}}.tar") if n > 1 else str(folder / f"{split}-000000.tar")
+    )
 
 
 def pretrain(out: Path, name: str, *overrides: str) -> Path:
@@ -152,9 +154,67 @@ def zero_shot(ckpt: Path, shards: str, name: str) -> dict:
     }
 
 
+def attribute_retrieval(ckpt: Path, shards: str) -> dict:
+    """Recall@k both ways where any caption of a picture with the same colour, shape, size and position counts
+    (the set repeats attribute combinations and says them in four templates, so exact-caption recall is a
+    coin toss among equivalent captions)."""
+    import torch
+
+    from mmssl import build
+    from mmssl.data.shards import SampleDecoder, eval_pipeline
+    from mmssl.eval.zero_shot import retrieval_recall
+
+    model = build.objective_from_checkpoint(ckpt)
+    cfg = build.checkpoint_config(ckpt, torch.load(ckpt, map_location="cpu", weights_only=True))
+    pipeline = eval_pipeline(resolve_shards(shards, "shards"), build.VIEWS["clip"](cfg)[1], 256, rank=0, world_size=1,
+                             decoder=SampleDecoder(require_text=True), text_fn=build.TEXT["clip"](cfg))  # fmt: skip
+    images, texts, attrs = [], [], []
+    with torch.no_grad():
+        for batch in pipeline:
+            images.append(model.encode_image(batch["image"]))
+            texts.append(model.encode_text(batch["text"]))
+            attrs += [(m["color"], m["shape"], m["size"], m["position"]) for m in batch["json"]]
+    same = torch.tensor([[a == b for b in attrs] for a in attrs])  # (N, N)
+    recall = retrieval_recall(torch.cat(images), torch.cat(texts), positives=same, ks=(1, 5))
+    return {k.replace("image_to_text", "i2t").replace("text_to_image", "t2i"): v for k, v in recall.items()}
+
+
+def last_val_loss(run_dir: Path) -> float:
+    import csv
+
+    metrics = sorted(run_dir.glob("logs/version_*/metrics.csv"))[-1]
+    return float([r for r in csv.DictReader(open(metrics)) if r.get("val/loss")][-1]["val/loss"])
+
+
+def evaluate(ckpt: Path) -> dict:
+    out = ckpt.parent / "curation_eval.json"
+    if not out.is_file():
+        result = {"val_loss": last_val_loss(ckpt.parents[1])}
+        for name, shards in (("heldout", "demo:shapes/heldout"), ("val", "demo:shapes/val")):
+            zs = zero_shot(ckpt, shards, name)
+            result[f"{name}_zero_shot"] = zs["zero_shot_top1_all"]
+            if name == "heldout":
+                result["heldout_zero_shot_present"] = zs["zero_shot_top1"]
+            for k, v in attribute_retrieval(ckpt, shards).items():
+                result[f"{name}_{k}"] = v
+        out.write_text(json.dumps(result, indent=1))
+    return json.loads(out.read_text())
+
+
+def mean_std(runs: list[dict]) -> dict:
+    return {k: [float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs]))] for k in runs[0]}
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "curation_demo")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds per CLIP model"
+    )
+    parser.add_argument("--verify-share", type=float, default=1.0, help="stage-2 pictures asked the question")
+    parser.add_argument("--stage2-epochs", type=int, default=3)
     parser.add_argument("--skip-llava", action="store_true")
     parser.add_argument("--skip-retrain", action="store_true")
     args = parser.parse_args()
@@ -165,7 +225,10 @@ def main() -> int:
     noisy_train, noisy_val = spec(data / "noisy_train", "train"), spec(data / "noisy_val", "val")
     labels = {**json.loads((data / "noisy_train" / "labels.json").read_text()),
               **json.loads((data / "noisy_val" / "labels.json").read_text())}  # fmt: skip
-    results: dict = {"swapped": SWAP, "keep": KEEP, "steps": STEPS, "clip_score": {}, "models": {}}
+    results: dict = {"swapped": SWAP, "keep": KEEP, "steps": STEPS, "seeds": args.seeds, "clip_score": {}}
+
+    def name(model: str, seed: int) -> str:
+        return model if seed == 0 else f"{model}_s{seed}"
 
     clean = pretrain(out, "clip_clean", "--cfg", "clip_demo")
     noisy = pretrain(out, "clip_noisy", "--cfg", "clip_demo", f"data.train_shards={noisy_train}")
@@ -175,36 +238,53 @@ def main() -> int:
             results["clip_score"][f"{model} on noisy {split}"] = separation(rows, labels, "clip")
 
     if not args.skip_retrain:
-        filtered = out / "filtered"
-        run("tools/filter_shards.py", noisy_train, "--scores", str(out / "scores" / "clip_noisy_train"),
-            "--score", "clip", "--top-fraction", str(KEEP), "--out", str(filtered))  # fmt: skip (resumes)
+        filtered = out / "filtered"  # by clip_noisy's own scores: no clean model involved
+        run(
+            "tools/filter_shards.py",
+            noisy_train,
+            "--scores",
+            str(out / "scores" / "clip_noisy_train"),
+            "--score",
+            "clip",
+            "--top-fraction",
+            str(KEEP),
+            "--out",
+            str(filtered),
+        )  # fmt: skip (resumes)
         report = json.loads((filtered / "filter_report.json").read_text())
-        kept_keys = {json.loads(line)["key"] for line in (filtered / "decisions.jsonl").read_text().splitlines()
-                     if json.loads(line)["reason"] == "kept"}  # fmt: skip
-        results["filter"] = {
-            "counts": report["counts"],
-            "kept_mismatched": sum(not labels[k] for k in kept_keys),
-            "kept": len(kept_keys),
+        decisions = [json.loads(line) for line in (filtered / "decisions.jsonl").read_text().splitlines()]
+        kept_keys = {d["key"] for d in decisions if d["reason"] == "kept"}
+        results["filter"] = {"counts": report["counts"], "kept": len(kept_keys),
+                             "kept_mismatched": sum(not labels[k] for k in kept_keys)}  # fmt: skip
+        shards = {
+            "clip_noisy": noisy_train,
+            "clip_filtered": f"{filtered}/*.tar",
+            "clip_clean": "demo:shapes/train",
         }
-        refit = pretrain(out, "clip_filtered", "--cfg", "clip_demo", f"data.train_shards={filtered}/*.tar")
-        for model, ckpt in (("clip_noisy", noisy), ("clip_filtered", refit), ("clip_clean", clean)):
-            results["models"][model] = {
-                "heldout": zero_shot(ckpt, "demo:shapes/heldout", "heldout"),
-                "val": zero_shot(ckpt, "demo:shapes/val", "val"),
-            }
+        runs: dict[str, list[dict]] = {}
+        for seed in args.seeds:
+            for model, train in shards.items():
+                ckpt = pretrain(out, name(model, seed), "--cfg", "clip_demo", f"data.train_shards={train}",
+                                f"seed={seed}")  # fmt: skip
+                runs.setdefault(model, []).append(evaluate(ckpt))
+        results["models"] = {m: {"mean_std": mean_std(r), "runs": r} for m, r in runs.items()}
 
     if not args.skip_llava:
-        verify = data / "verify_train"
-        verify_copy("demo:shapes/train", verify, seed=2)
-        decoder = out / "tiny_llama"
+        share, epochs = args.verify_share, args.stage2_epochs
+        verify = data / f"verify_train_{share:g}"
+        verify_copy("demo:shapes/train", verify, seed=2, share=share)
+        decoder = out / "tiny_llama"  # its vocabulary: the shapes texts plus the question's words, yes and no
         if not (decoder / "config.json").is_file():
             run("tools/make_decoder.py", "--texts", spec(verify, "train"), "--out", str(decoder))
         s1 = out / "llava_s1" / "llava"
         pretrain(out, "llava_s1", "--cfg", "llava_demo_stage1", f"llava.decoder={decoder}")
-        pretrain(out, "llava_s2", "--cfg", "llava_demo_stage2", f"llava.decoder={decoder}", f"llava.vision={s1}",
-                 f"llava.projector_weights={s1 / 'projector.safetensors'}", f"data.train_shards={spec(verify, 'train')}")  # fmt: skip
-        rows = score(noisy_val, out / "scores" / "vlm_val", "vlm", str(out / "llava_s2" / "llava"))
-        results["ask_vlm"] = {"llava_s2 on noisy val": separation(rows, labels, "vlm", threshold=0.5)}
+        s2 = f"llava_s2_v{share:g}_e{epochs}"
+        pretrain(out, s2, "--cfg", "llava_demo_stage2", f"llava.decoder={decoder}", f"llava.vision={s1}",
+                 f"llava.projector_weights={s1 / 'projector.safetensors'}", f"data.train_shards={spec(verify, 'train')}",
+                 f"trainer.max_epochs={epochs}")  # fmt: skip
+        rows = score(noisy_val, out / "scores" / f"vlm_val_{s2}", "vlm", str(out / s2 / "llava"))
+        results["ask_vlm"] = {f"{s2} on noisy val": separation(rows, labels, "vlm", threshold=0.5),
+                              "verify_share": share, "stage2_epochs": epochs}  # fmt: skip
 
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results, indent=1))

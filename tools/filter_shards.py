@@ -38,9 +38,13 @@ NOT_SCORED = "not scored"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("shards", help="the shard spec that was scored")
-    parser.add_argument("--scores", nargs="+", required=True, metavar="DIR", help="tools/score_shards.py folders")
+    parser.add_argument(
+        "--scores", nargs="+", required=True, metavar="DIR", help="tools/score_shards.py folders"
+    )
     parser.add_argument("--out", required=True, help="folder for the filtered shards (resumed if it exists)")
     parser.add_argument("--score", help="the row field to filter and rank by (clip, vlm, p_yes, ...)")
     parser.add_argument("--min-score", type=float, help="keep samples with score >= this")
@@ -67,24 +71,32 @@ def load_rows(urls: list[str], dirs: list[str], embeddings_dir: str | None):
         for name, url in zip(names, urls, strict=True):
             summary = scores.summaries.get(name)
             if summary is None:
-                raise ValueError(f"{directory} has no scores for shard {url}: run tools/score_shards.py to the end")
+                raise ValueError(
+                    f"{directory} has no scores for shard {url}: run tools/score_shards.py to the end"
+                )
             if summary["fingerprint"] != fingerprint(url):
                 raise ValueError(f"{directory}: the scores of {name} were made from another version of {url}")
         wanted = set(names)
         index = {(r["shard"], r["key"]): i for i, r in enumerate(scores.rows) if r["shard"] in wanted}
         if directory == embeddings_dir:
             if scores.embeddings is None:
-                raise ValueError(f"--embeddings {directory}: its scorer saved no embeddings (use clip or embed)")
+                raise ValueError(
+                    f"--embeddings {directory}: its scorer saved no embeddings (use clip or embed)"
+                )
             emb_index, emb_all = index, scores.embeddings
         if directory in dirs:
             rows = {k: scores.rows[i] for k, i in index.items()}
             merged = rows if merged is None else {k: {**v, **rows[k]} for k, v in merged.items() if k in rows}
     order = {n: i for i, n in enumerate(names)}
-    keys = sorted(merged, key=lambda k: order[k[0]])  # shard order; rows keep their order within a shard (stable)
+    keys = sorted(
+        merged, key=lambda k: order[k[0]]
+    )  # shard order; rows keep their order within a shard (stable)
     if embeddings_dir:
         missing = [k for k in keys if k not in emb_index]
         if missing:
-            raise ValueError(f"--embeddings {embeddings_dir}: no embedding for {len(missing)} rows (e.g. {missing[0]})")
+            raise ValueError(
+                f"--embeddings {embeddings_dir}: no embedding for {len(missing)} rows (e.g. {missing[0]})"
+            )
         emb = emb_all[torch.tensor([emb_index[k] for k in keys], dtype=torch.long)]
     return [merged[k] for k in keys], emb
 
@@ -92,7 +104,9 @@ def load_rows(urls: list[str], dirs: list[str], embeddings_dir: str | None):
 def settings_of(args: argparse.Namespace, urls: list[str]) -> dict:
     keys = ("score", "min_score", "top_fraction", "exact", "phash_distance", "embeddings", "cosine")
     out = {k: getattr(args, k) for k in keys}
-    out.update(scores=[str(Path(d).resolve()) for d in args.scores], shards=[str(Path(u).resolve()) for u in urls])
+    out.update(
+        scores=[str(Path(d).resolve()) for d in args.scores], shards=[str(Path(u).resolve()) for u in urls]
+    )
     if out["embeddings"]:
         out["embeddings"] = str(Path(out["embeddings"]).resolve())
     return out

@@ -47,12 +47,16 @@ KINDS = ("clip", "vlm", "embed", "hash")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("shards", help="shard spec: pattern, '::'-joined list or demo:NAME/SPLIT")
     parser.add_argument("--scorer", nargs="+", required=True, metavar="KIND [PATH]", help=f"one of {KINDS}")
     parser.add_argument("--out", required=True, help="folder for the score files (resumed if it exists)")
     parser.add_argument("--prompt", default=scoring.DEFAULT_PROMPT, help="vlm: question with {caption}")
-    parser.add_argument("--answers", nargs=2, default=("yes", "no"), metavar=("YES", "NO"), help="vlm answers")
+    parser.add_argument(
+        "--answers", nargs=2, default=("yes", "no"), metavar=("YES", "NO"), help="vlm answers"
+    )
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process")
     parser.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)))
@@ -71,7 +75,9 @@ def _clip(path: str, device: str):
     """A checkpoint whose objective embeds captions; its evaluation view and training caption tokeniser."""
     cfg = build.checkpoint_config(path, read_checkpoint(path))
     if cfg.objective not in build.TEXT:
-        raise ValueError(f"a {cfg.objective!r} checkpoint: the clip scorer needs one that embeds captions (clip)")
+        raise ValueError(
+            f"a {cfg.objective!r} checkpoint: the clip scorer needs one that embeds captions (clip)"
+        )
     objective = build.objective_from_checkpoint(path).to(device)
     _, view = build.VIEWS[cfg.objective](cfg)
     return scoring.ClipScore(objective), view, build.TEXT[cfg.objective](cfg), cfg.data.max_image_pixels
@@ -91,7 +97,11 @@ def _vlm(path: str, args: argparse.Namespace):
 def _embed(path: str, device: str):
     backbone, info = build.load_encoder(path)
     view = eval_view(
-        info["img_size"], info.get("crop_pct", 0.875), info["interpolation"], tuple(info["mean"]), tuple(info["std"])
+        info["img_size"],
+        info.get("crop_pct", 0.875),
+        info["interpolation"],
+        tuple(info["mean"]),
+        tuple(info["std"]),
     )
     return scoring.ImageEmbedding(backbone.to(device)), view
 

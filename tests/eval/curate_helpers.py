@@ -3,18 +3,22 @@ CLIP trained for a few plain-PyTorch steps and saved in tools/pretrain.py's chec
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
 import torch
+import webdataset as wds
+from PIL import Image
 
 from mmssl import build
 from mmssl import config as C
-from mmssl.data import shapes
+from mmssl.data import demo, shapes
 from mmssl.data.demo import encode
 from mmssl.data.shards import SampleDecoder, write_shards
 from mmssl.data.transforms import ApplyView
 
+ROOT = Path(__file__).resolve().parents[2]
 TINY_CLIP = [
     "backbone.img_size=32", "backbone.patch_size=8", "backbone.depth=1", "backbone.embed_dim=64",
     "backbone.num_heads=2", "clip.embed_dim=32", "clip.text_cfg={context_length: 16, width: 32, heads: 2, layers: 1}",
@@ -31,7 +35,7 @@ def shapes_shards(
     rng = np.random.default_rng(seed)
     swapped = set(rng.choice(n, size=round(swap * n), replace=False).tolist())
     matches, samples = {}, []
-    for i, (key, img, caption, cls, meta) in enumerate(rows):
+    for i, (key, img, caption, cls, _) in enumerate(rows):
         if i in swapped:
             j = int(rng.integers(n))
             while rows[j][3] == cls:
@@ -49,17 +53,18 @@ def tiny_clip_checkpoint(path: Path, shards: str, steps: int, seed: int = 0) -> 
     cfg = C.load("clip_demo", [*TINY_CLIP, f"data.train_shards={shards}"])
     torch.manual_seed(seed)
     objective = build.build_objective(cfg)
+    if steps:
+        _train(objective, cfg, shards, steps, seed)
+    return save_checkpoint(objective, cfg, path)
+
+
+def _train(objective: torch.nn.Module, cfg, shards: str, steps: int, seed: int) -> None:
     view, _ = build.VIEWS["clip"](cfg)
     prepare = ApplyView(view, build.TEXT["clip"](cfg))
     decoder = SampleDecoder(require_text=True)
     urls = build.resolve_shards(shards, "shards")
-    import webdataset as wds
-
-    samples = [
-        prepare(s)
-        for s in map(decoder, wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
-        if s is not None
-    ]
+    pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
+    samples = [prepare(s) for s in map(decoder, pipeline) if s is not None]
     opt = torch.optim.AdamW(objective.parameters(), lr=3e-3, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     objective.train()
@@ -71,6 +76,30 @@ def tiny_clip_checkpoint(path: Path, shards: str, steps: int, seed: int = 0) -> 
         loss.backward()
         opt.step()
         objective.after_optimizer_step()
+    objective.eval()
+
+
+def photo_tiles(size: int = 96) -> list[Image.Image]:
+    """Distinct pictures: the four corner tiles of every bundled photo scaled to a 256 px short side."""
+    tiles = []
+    for _, pixels in sorted(demo.photo_sources().items()):
+        img = Image.fromarray(pixels).convert("RGB")
+        scale = 256 / min(img.size)
+        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
+        tiles += [img.crop((x, y, x + size, y + size)) for x, y in ((0, 0), (128, 0), (0, 128), (128, 128))]
+    return tiles
+
+
+def save_checkpoint(objective: torch.nn.Module, cfg, path: Path) -> Path:
+    """The layout tools/pretrain.py writes: ``objective.*`` weights and the run config."""
     state = {f"objective.{k}": v for k, v in objective.state_dict().items()}
     torch.save({"state_dict": state, "hyper_parameters": {"config": C.to_dict(cfg)}}, path)
     return path
+
+
+def tool(name: str):
+    """A script in tools/ as a module, so a test calls its ``main(argv)`` in process."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -46,7 +46,9 @@ def test_a_long_caption_is_cut_and_the_question_kept_whole():
     model.prompt.max_length = len(empty) + 3  # room for three caption words
     ids = scorer.prompt_ids("a small red circle at the top left " * 5)
     assert len(ids) == model.prompt.max_length
-    tail = len(model.prompt.tokens('" describe the picture? Answer yes or no.')) + len(model.prompt.tokens("ASSISTANT:"))
+    tail = len(model.prompt.tokens('" describe the picture? Answer yes or no.')) + len(
+        model.prompt.tokens("ASSISTANT:")
+    )
     assert ids[-tail:] == empty[-tail:]  # the question and the answer cue survive
     assert scorer.prompt_ids("a small red") == ids  # the caption's first three words
     scores = scorer({"image": torch.randn(1, 3, 32, 32), "text": ["a small red circle at the top left " * 5]})
@@ -61,5 +63,7 @@ def test_refuses_a_captioning_model_and_answers_outside_the_vocabulary():
         AskVLM(make_llava(tok), answers=("maybe", "no"))
     with pytest.raises(ValueError, match="must contain '{caption}'"):
         AskVLM(make_llava(tok), prompt="Is this good?")
-    with pytest.raises(ValueError, match="'yes' is not one token"):  # the stock shapes vocabulary has no yes/no
+    with pytest.raises(
+        ValueError, match="'yes' is not one token"
+    ):  # the stock shapes vocabulary has no yes/no
         AskVLM(make_llava(word_tokenizer(CORPUS)))

@@ -60,7 +60,9 @@ class ClipScore:
     name, needs_text = "clip", True
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model.eval()  # anything with encode_image / encode_text (objectives.clip.CLIP, open_clip)
+        self.model = (
+            model.eval()
+        )  # anything with encode_image / encode_text (objectives.clip.CLIP, open_clip)
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any]) -> dict[str, Tensor]:
@@ -144,12 +146,16 @@ class AskVLM:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         model = self.model
         encoded = [Encoded(ids, [IGNORE_INDEX] * len(ids)) for ids in map(self.prompt_ids, batch["text"])]
-        padded = model.prompt.pad_batch(encoded, padding_side="left")  # every prompt ends at the last position
+        padded = model.prompt.pad_batch(
+            encoded, padding_side="left"
+        )  # every prompt ends at the last position
         device = _device(model)
         ids, mask = padded["input_ids"].to(device), padded["attention_mask"].to(device)
         embeds = model.embed(batch["image"].to(device), ids)  # (B, L, D)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # each prompt counts from 0, as generate() sets it
-        out = model.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+        out = model.decoder(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=1
+        )
         logp = out.logits[:, -1].float().log_softmax(-1)  # (B, V) next-token distribution
         yes, no = logp[:, self.answer_ids[0]], logp[:, self.answer_ids[1]]
         return {"vlm": torch.sigmoid(yes - no), "p_yes": yes.exp(), "p_no": no.exp()}
@@ -230,7 +236,9 @@ class ScoreStore:
             self.dir.mkdir(parents=True, exist_ok=True)
             _atomic(path, json.dumps(settings, indent=1) + "\n")  # every rank writes the same text
         elif saved is None:
-            raise FileNotFoundError(f"{self.dir}: no {SETTINGS}; not a folder written by tools/score_shards.py")
+            raise FileNotFoundError(
+                f"{self.dir}: no {SETTINGS}; not a folder written by tools/score_shards.py"
+            )
         self.settings = settings if settings is not None else saved
 
     def summary(self, url: str) -> dict | None:
@@ -271,8 +279,13 @@ def _rows(batch: dict, scores: dict[str, Tensor]) -> list[dict]:
     name = shard_name(batch["shard"])
     values = {k: v.float().cpu().tolist() for k, v in scores.items() if k != "embedding"}
     return [
-        {"shard": name, "key": key, **{k: round(v[i], 6) for k, v in values.items()},
-         "sha1": batch["sha1"][i], "phash": batch["phash"][i]}  # fmt: skip
+        {
+            "shard": name,
+            "key": key,
+            **{k: round(v[i], 6) for k, v in values.items()},
+            "sha1": batch["sha1"][i],
+            "phash": batch["phash"][i],
+        }  # fmt: skip
         for i, key in enumerate(batch["key"])
     ]
 
@@ -282,7 +295,9 @@ def check_unique_names(urls: list[str]) -> None:
     for url in urls:
         other = seen.setdefault(shard_name(url), url)
         if other != url:
-            raise ValueError(f"two shards are named {shard_name(url)!r} ({other}, {url}): score files are per name")
+            raise ValueError(
+                f"two shards are named {shard_name(url)!r} ({other}, {url}): score files are per name"
+            )
 
 
 def score_shards(
@@ -356,7 +371,9 @@ class Scores:
 
 def read_scores(directory: str | Path) -> Scores:
     store = ScoreStore(directory)
-    summaries = {p.stem: json.loads(p.read_text()) for p in sorted(store.dir.glob("*.json")) if p.name != SETTINGS}
+    summaries = {
+        p.stem: json.loads(p.read_text()) for p in sorted(store.dir.glob("*.json")) if p.name != SETTINGS
+    }
     rows: list[dict] = []
     embeddings: list[Tensor] = []
     for name, summary in summaries.items():

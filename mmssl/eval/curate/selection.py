@@ -80,7 +80,9 @@ def _earlier_matches(
     return drop
 
 
-def near_by_hamming(bits: np.ndarray, order: np.ndarray, candidates: np.ndarray, max_distance: int) -> np.ndarray:
+def near_by_hamming(
+    bits: np.ndarray, order: np.ndarray, candidates: np.ndarray, max_distance: int
+) -> np.ndarray:
     """pHash bits (N, 64) -> (N,) bool: within ``max_distance`` differing bits of an earlier candidate."""
     x = torch.from_numpy(bits.astype(np.float32))  # (N, 64) of 0/1
 
@@ -92,7 +94,9 @@ def near_by_hamming(bits: np.ndarray, order: np.ndarray, candidates: np.ndarray,
     return _earlier_matches(x, order, candidates, is_near)
 
 
-def near_by_cosine(embeddings: Tensor, order: np.ndarray, candidates: np.ndarray, threshold: float) -> np.ndarray:
+def near_by_cosine(
+    embeddings: Tensor, order: np.ndarray, candidates: np.ndarray, threshold: float
+) -> np.ndarray:
     """(N, D) embeddings -> (N,) bool: cosine similarity >= ``threshold`` with an earlier candidate."""
     x = F.normalize(embeddings.float(), dim=-1)
     return _earlier_matches(x, order, candidates, lambda a, b: a @ b.T >= threshold)
@@ -128,7 +132,9 @@ def decide(
     if score is not None:
         missing = [r["key"] for r in rows if score not in r]
         if missing:
-            raise ValueError(f"score {score!r} is not in the rows of {len(missing)} samples (e.g. {missing[:3]})")
+            raise ValueError(
+                f"score {score!r} is not in the rows of {len(missing)} samples (e.g. {missing[:3]})"
+            )
         values = np.array([r[score] for r in rows], dtype=np.float64)
     if min_score is not None or top_fraction is not None:
         if values is None:
@@ -155,11 +161,15 @@ def decide(
 def raw_samples(url: str) -> Iterator[dict]:
     """A shard's samples as stored (member bytes by extension), nothing decoded."""
     # an unreadable tail is skipped with a warning, as while scoring (those samples have no score anyway)
-    yield from wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=wds.warn_and_continue))
+    yield from wds.DataPipeline(
+        wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=wds.warn_and_continue)
+    )
 
 
 def _kept(samples: Iterable[dict], keep: set[str], info: dict) -> Iterator[dict]:
-    info["samples_read"] = 0  # filled while write_shards drains this, before it writes the manifest holding it
+    info["samples_read"] = (
+        0  # filled while write_shards drains this, before it writes the manifest holding it
+    )
     for sample in samples:
         info["samples_read"] += 1
         if sample["__key__"] in keep:
@@ -174,7 +184,9 @@ def write_filtered(urls: list[str], keep: dict[str, set[str]], out_dir: str | Pa
     out = Path(out_dir)
     for url in urls:
         if Path(url).resolve().parent == out.resolve():
-            raise ValueError(f"--out {out} is the folder of the input shard {url}: filtering never writes there")
+            raise ValueError(
+                f"--out {out} is the folder of the input shard {url}: filtering never writes there"
+            )
     manifest = read_manifest(out)
     for url in urls:
         name, source = shard_name(url), fingerprint(url)
