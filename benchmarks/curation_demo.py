@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 from mmssl.data import shapes  # noqa: E402
 from mmssl.data.module import resolve_shards  # noqa: E402
 from mmssl.data.shards import write_shards  # noqa: E402
-from mmssl.eval.curate.scoring import DEFAULT_PROMPT, read_scores  # noqa: E402
+from mmssl.eval.curate.scorers import DEFAULT_PROMPT  # noqa: E402
+from mmssl.eval.curate.store import read_scores  # noqa: E402
 
 SWAP = 0.3
 KEEP = 0.7  # the filter keeps the top 70 % of the scores

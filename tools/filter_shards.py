@@ -29,7 +29,7 @@ import torch
 
 from mmssl.data.module import resolve_shards
 from mmssl.eval.curate import selection
-from mmssl.eval.curate.scoring import check_unique_names, read_scores, shard_name
+from mmssl.eval.curate.store import check_unique_names, read_scores, shard_name
 from mmssl.eval.features import fingerprint
 from mmssl.viz import save_histogram
 

@@ -37,7 +37,7 @@ from mmssl import build  # noqa: E402
 from mmssl.data.module import resolve_shards  # noqa: E402
 from mmssl.data.shards import SampleDecoder  # noqa: E402
 from mmssl.data.transforms import eval_view, llava_view  # noqa: E402
-from mmssl.eval.curate import scoring  # noqa: E402
+from mmssl.eval.curate import scorers, scoring  # noqa: E402
 from mmssl.eval.features import fingerprint  # noqa: E402
 from mmssl.export import read_checkpoint  # noqa: E402
 from mmssl.vlm.parts import MANIFEST as LLAVA_MANIFEST  # noqa: E402
@@ -51,9 +51,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("shards", help="shard spec: pattern, '::'-joined list or demo:NAME/SPLIT")
-    parser.add_argument("--scorer", nargs="+", required=True, metavar="KIND [PATH]", help=f"one of {KINDS}")
+    parser.add_argument(
+        "--scorer", nargs="+", required=True, metavar=("KIND", "PATH"), help=f"one of {KINDS}, then the model"
+    )
     parser.add_argument("--out", required=True, help="folder for the score files (resumed if it exists)")
-    parser.add_argument("--prompt", default=scoring.DEFAULT_PROMPT, help="vlm: question with {caption}")
+    parser.add_argument("--prompt", default=scorers.DEFAULT_PROMPT, help="vlm: question with {caption}")
     parser.add_argument(
         "--answers", nargs=2, default=("yes", "no"), metavar=("YES", "NO"), help="vlm answers"
     )
@@ -80,7 +82,7 @@ def _clip(path: str, device: str):
         )
     objective = build.objective_from_checkpoint(path).to(device)
     _, view = build.VIEWS[cfg.objective](cfg)
-    return scoring.ClipScore(objective), view, build.TEXT[cfg.objective](cfg), cfg.data.max_image_pixels
+    return scorers.ClipScore(objective), view, build.TEXT[cfg.objective](cfg), cfg.data.max_image_pixels
 
 
 def _vlm(path: str, args: argparse.Namespace):
@@ -91,7 +93,7 @@ def _vlm(path: str, args: argparse.Namespace):
     model = load_parts(path).to(args.device)
     p = model.image_processing
     view = llava_view(p["img_size"], p["interpolation"], tuple(p["mean"]), tuple(p["std"]))
-    return scoring.AskVLM(model, args.prompt, tuple(args.answers)), view
+    return scorers.AskVLM(model, args.prompt, tuple(args.answers)), view
 
 
 def _embed(path: str, device: str):
@@ -103,7 +105,7 @@ def _embed(path: str, device: str):
         tuple(info["mean"]),
         tuple(info["std"]),
     )
-    return scoring.ImageEmbedding(backbone.to(device)), view
+    return scorers.ImageEmbedding(backbone.to(device)), view
 
 
 def build_scorer(args: argparse.Namespace):
@@ -120,7 +122,7 @@ def build_scorer(args: argparse.Namespace):
         elif args.kind == "embed":
             scorer, view = _embed(args.model, args.device)
         else:
-            scorer = scoring.HashOnly()
+            scorer = scorers.HashOnly()
     except (FileNotFoundError, ValueError) as e:
         raise ValueError(f"--scorer {args.kind} {args.model}: {e}") from None
     if args.model is not None:

@@ -23,8 +23,8 @@ from PIL import Image
 from mmssl import build
 from mmssl.data.demo import encode
 from mmssl.data.shards import write_shards
-from mmssl.eval.curate import hashing, scoring, selection
-from mmssl.eval.curate.scoring import read_scores
+from mmssl.eval.curate import hashing, scorers, scoring, selection
+from mmssl.eval.curate.store import read_scores
 
 
 def _reencode(img: Image.Image, fmt: str = "JPEG", **kw) -> Image.Image:
@@ -184,6 +184,21 @@ def test_skipped_samples_are_counted_per_shard_and_never_copied(tmp_path, clip_c
     assert report["counts"] == {"kept": 2, "not scored": 2} and report["input_samples"] == 4
     assert report["not_scored_by_reason"] == {"corrupt image": 1, "missing text key 'txt'": 1}
     assert json.loads((out / "manifest.json").read_text())["total"] == 2
+    # a hash-only folder has a row for the uncaptioned sample too; merged, only rows in every folder count
+    assert (
+        tool("score_shards").main(
+            [spec, "--scorer", "hash", "--out", str(tmp_path / "h"), "--num-workers", "0"]
+        )
+        == 0
+    )
+    assert len(read_scores(tmp_path / "h").rows) == 3
+    both = tmp_path / "both"
+    args = [spec, "--scores", str(tmp_path / "h"), str(tmp_path / "s"), "--score", "clip", "--out", str(both)]
+    assert tool("filter_shards").main(args) == 0
+    report = json.loads((both / "filter_report.json").read_text())
+    assert report["counts"] == {"kept": 2, "not scored": 2}
+    decisions = [json.loads(line) for line in (both / "decisions.jsonl").read_text().splitlines()]
+    assert [d["key"] for d in decisions] == ["ok1", "ok2"] and all("clip" in d for d in decisions)
 
 
 class _Counting:
@@ -225,7 +240,7 @@ def test_ranks_and_workers_score_every_sample_once(tmp_path):
     spec, _ = shapes_shards(tmp_path / "data", 47, seed=0, per_shard=9)  # 6 shards, the last one short
     urls = build.resolve_shards(spec, "x")
     for rank in (0, 1):
-        counts = scoring.score_shards(urls, scoring.HashOnly(), tmp_path / "s", settings={"scorer": "hash"},
+        counts = scoring.score_shards(urls, scorers.HashOnly(), tmp_path / "s", settings={"scorer": "hash"},
                                       rank=rank, world_size=2, batch_size=4, num_workers=2)  # fmt: skip
         assert counts["shards"] == 3
     keys = [r["key"] for r in read_scores(tmp_path / "s").rows]

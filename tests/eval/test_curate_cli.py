@@ -11,7 +11,7 @@ import sys
 import pytest
 from curate_helpers import ROOT, shapes_shards, tiny_clip_checkpoint
 
-from mmssl.eval.curate.scoring import read_scores
+from mmssl.eval.curate.store import read_scores
 
 
 @pytest.mark.slow

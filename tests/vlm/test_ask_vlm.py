@@ -1,4 +1,4 @@
-"""Ask-VLM scores (mmssl/eval/curate/scoring.py): P(yes) from a LLaVA chat model's next-token distribution,
+"""Ask-VLM scores (mmssl/eval/curate/scorers.py): P(yes) from a LLaVA chat model's next-token distribution,
 batched with left padding, against transformers' own generate() one sample at a time; long captions cut so the
 question stays whole; models and answers that cannot work are refused by name."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from llava_helpers import CORPUS, make_llava
 
-from mmssl.eval.curate.scoring import DEFAULT_PROMPT, AskVLM
+from mmssl.eval.curate.scorers import DEFAULT_PROMPT, AskVLM
 from mmssl.vlm.decoders import word_tokenizer
 
 CAPTIONS = ["a small red circle", "red", "a small red circle at the top left", "blue circle blue"]

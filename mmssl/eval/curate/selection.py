@@ -32,7 +32,7 @@ from torch import Tensor
 
 from mmssl.data.shards import read_manifest, write_shards
 from mmssl.eval.curate.hashing import hex_to_bits
-from mmssl.eval.curate.scoring import shard_name
+from mmssl.eval.curate.store import shard_name
 from mmssl.eval.features import fingerprint
 
 KEPT = "kept"
