@@ -1,22 +1,29 @@
-"""Data curation on the demo shapes data, end to end through the CLIs, in one command (CPU, about an hour):
+"""Data curation on the demo shapes data, end to end through the CLIs, in one command (CPU; 75 minutes on two
+shared cores, nine CLIP runs and two LLaVA stages):
 
-    python benchmarks/curation_demo.py --out runs/curation_demo            # add --skip-llava for CLIP only
+    python benchmarks/curation_demo.py --out runs/curation_demo        # --skip-llava, --seeds 0 for less
 
 1. Noisy copies of demo:shapes/train and demo:shapes/val with 30 % of the captions replaced by the caption of
    another picture of a different colour-shape class (the truth per key in ``labels.json``).
-2. CLIP: ``clip_demo`` trained on the clean train split (``clip_clean``) and on the noisy one (``clip_noisy``);
-   ``tools/score_shards.py --scorer clip`` on the noisy sets; ROC AUC (scikit-learn) of the score for
-   "caption matches", and precision / recall of keeping the top 70 % (positive = a matching pair kept).
-3. Filtering: the noisy train split filtered by its own model's scores (``clip_noisy``, no clean model needed)
-   to the top 70 % (``tools/filter_shards.py``), ``clip_demo`` retrained on it for the same 160 steps
-   (``clip_filtered``); held-out zero-shot accuracy and retrieval (``tools/zero_shot.py``) of the three models.
+2. CLIP score: ``clip_demo`` trained on the clean train split (``clip_clean``) and on the noisy one
+   (``clip_noisy``); ``tools/score_shards.py --scorer clip`` on both noisy splits; ROC AUC (scikit-learn) of the
+   score for "the caption matches", and precision / recall of keeping the top 70 % (positive: a matching pair).
+3. Filtering: the noisy train split filtered by its own model's scores (``clip_noisy``: no clean model
+   involved) to the top 70 % (``tools/filter_shards.py``), ``clip_demo`` retrained on it for the same 160 steps
+   (``clip_filtered``). The three models, each trained with ``--seeds``, on clean held-out data: the last
+   validation loss (CLIP's loss on demo:shapes/val), zero-shot accuracy over the 30 classes
+   (``tools/zero_shot.py``, demo:shapes/heldout and val) and retrieval recall@1/5 counting any caption of the
+   same colour, shape, size and position as a match (exact-caption recall is a coin toss here: the set
+   repeats attribute combinations in four templates).
 4. Ask-VLM: the LLaVA demo (``tools/make_decoder.py``, ``llava_demo_stage1``, ``llava_demo_stage2``) whose
-   stage-2 conversations also ask, for half of the pictures, the scorer's default question about their own
-   caption or another picture's ("yes" / "no"): the stock shapes conversations never ask a yes/no question,
-   and their vocabulary has no "yes". Scored on the noisy val split (pictures no stage saw).
+   stage-2 conversations also ask (``--verify-share`` of the pictures, default all) the scorer's default
+   question about the picture's own caption or, half the time, another picture's (answers "yes" / "no"): the
+   stock shapes conversations never ask a yes/no question and their vocabulary has no "yes". Stage 2 runs
+   ``--stage2-epochs`` (default 3) epochs. Scored on the noisy val split (pictures no stage saw); precision /
+   recall at P(yes) >= 0.5 and at the top 70 %.
 
-Every step is skipped when its output exists, so a second call only prints the table; results.json and
-results.md are written under --out.
+Every step is skipped (or resumed) when its output exists, so a second call only prints the results, which
+are also written to --out/results.json.
 """
 
 from __future__ import annotations
