@@ -6,7 +6,7 @@ shared cores, nine CLIP runs and two LLaVA stages):
 1. Noisy copies of demo:shapes/train and demo:shapes/val with 30 % of the captions replaced by the caption of
    another picture of a different colour-shape class (the truth per key in ``labels.json``).
 2. CLIP score: ``clip_demo`` trained on the clean train split (``clip_clean``) and on the noisy one
-   (``clip_noisy``); ``tools/score_shards.py --scorer clip`` on both noisy splits; ROC AUC (scikit-learn) of the
+   (``clip_noisy``); ``tools/score_shards.py --scorer clip_score`` on both noisy splits; ROC AUC (scikit-learn) of the
    score for "the caption matches", and precision / recall of keeping the top 70 % (positive: a matching pair).
 3. Filtering: the noisy train split filtered by its own model's scores (``clip_noisy``: no clean model
    involved) to the top 70 % (``tools/filter_shards.py``), ``clip_demo`` retrained on it for the same 160 steps
@@ -170,17 +170,18 @@ def attribute_retrieval(ckpt: Path, shards: str) -> dict:
 
     from mmssl import build
     from mmssl.data.shards import SampleDecoder, eval_pipeline
+    from mmssl.data.transforms import CaptionTokens
     from mmssl.eval.zero_shot import retrieval_recall
 
-    model = build.objective_from_checkpoint(ckpt)
-    cfg = build.checkpoint_config(ckpt, torch.load(ckpt, map_location="cpu", weights_only=True))
-    pipeline = eval_pipeline(resolve_shards(shards, "shards"), build.VIEWS["clip"](cfg)[1], 256, rank=0, world_size=1,
-                             decoder=SampleDecoder(require_text=True), text_fn=build.TEXT["clip"](cfg))  # fmt: skip
+    model, cfg = build.objective_from_checkpoint(ckpt)
+    text_fn = CaptionTokens(build.build_tokenizer(cfg))
+    pipeline = eval_pipeline(resolve_shards(shards, "shards"), build.build_views(cfg)[1], 256, rank=0, world_size=1,
+                             decoder=SampleDecoder(require_text=True), text_fn=text_fn)  # fmt: skip
     images, texts, attrs = [], [], []
     with torch.no_grad():
         for batch in pipeline:
             images.append(model.encode_image(batch["image"]))
-            texts.append(model.encode_text(batch["text"]))
+            texts.append(model.encode_text(batch["tokens"]))
             attrs += [(m["color"], m["shape"], m["size"], m["position"]) for m in batch["json"]]
     same = torch.tensor([[a == b for b in attrs] for a in attrs])  # (N, N)
     recall = retrieval_recall(torch.cat(images), torch.cat(texts), positives=same, ks=(1, 5))
@@ -242,8 +243,8 @@ def main() -> int:
     noisy = pretrain(out, "clip_noisy", "--cfg", "clip_demo", f"data.train_shards={noisy_train}")
     for model, ckpt in (("clip_clean", clean), ("clip_noisy", noisy)):
         for split, shards in (("val", noisy_val), ("train", noisy_train)):
-            rows = score(shards, out / "scores" / f"{model}_{split}", "clip", str(ckpt))
-            results["clip_score"][f"{model} on noisy {split}"] = separation(rows, labels, "clip")
+            rows = score(shards, out / "scores" / f"{model}_{split}", "clip_score", str(ckpt))
+            results["clip_score"][f"{model} on noisy {split}"] = separation(rows, labels, "clip_score")
 
     if not args.skip_retrain:
         filtered = out / "filtered"  # by clip_noisy's own scores: no clean model involved
@@ -253,7 +254,7 @@ def main() -> int:
             "--scores",
             str(out / "scores" / "clip_noisy_train"),
             "--score",
-            "clip",
+            "clip_score",
             "--top-fraction",
             str(KEEP),
             "--out",

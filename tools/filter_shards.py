@@ -1,9 +1,9 @@
 """Keep the good samples of a scored shard set and drop duplicates; write the kept samples, unchanged, as new
 shards plus manifest.json, and a report (kept / dropped per reason, score histogram).
 
-    python tools/filter_shards.py demo:shapes/train --scores scores/clip --score clip --top-fraction 0.7 --out clean/
+    python tools/filter_shards.py demo:shapes/train --scores scores/clip --score clip_score --top-fraction 0.7 --out clean/
     python tools/filter_shards.py SHARDS --scores scores/hash --phash-distance 4 --out dedup/
-    python tools/filter_shards.py SHARDS --scores scores/clip --score clip --min-score 0.2 \\
+    python tools/filter_shards.py SHARDS --scores scores/clip --score clip_score --min-score 0.2 \\
         --embeddings scores/clip --cosine 0.95 --out clean/
 
 Decisions, in order (each dropped sample counted under its first reason; see mmssl/eval/curate/selection.py):
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--scores", nargs="+", required=True, metavar="DIR", help="tools/score_shards.py folders"
     )
     parser.add_argument("--out", required=True, help="folder for the filtered shards (resumed if it exists)")
-    parser.add_argument("--score", help="the row field to filter and rank by (clip, vlm, p_yes, ...)")
+    parser.add_argument("--score", help="the row field to filter and rank by (clip_score, vlm, p_yes, ...)")
     parser.add_argument("--min-score", type=float, help="keep samples with score >= this")
     parser.add_argument("--top-fraction", type=float, help="keep this fraction of the best-scored samples")
     parser.add_argument("--no-exact", dest="exact", action="store_false", help="keep exact duplicates")
@@ -81,7 +81,7 @@ def load_rows(urls: list[str], dirs: list[str], embeddings_dir: str | None):
         if directory == embeddings_dir:
             if scores.embeddings is None:
                 raise ValueError(
-                    f"--embeddings {directory}: its scorer saved no embeddings (use clip or embed)"
+                    f"--embeddings {directory}: its scorer saved no embeddings (use clip_score or embed)"
                 )
             emb_index, emb_all = index, scores.embeddings
         if directory in dirs:

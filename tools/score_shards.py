@@ -1,15 +1,16 @@
 """Score every sample of a shard set with a trained model: one JSON row per sample (shard, key, scores, pixel
 SHA-1, pHash), written shard by shard under --out; an interrupted run resumes where it stopped.
 
-    python tools/score_shards.py demo:shapes/val --scorer clip runs/clip_demo/checkpoints/last.ckpt --out scores/clip
+    python tools/score_shards.py demo:shapes/val --scorer clip_score runs/clip_demo/checkpoints/last.ckpt --out scores/clip
     python tools/score_shards.py '/data/cc-{000..099}.tar' --scorer vlm runs/llava_stage2/llava --out scores/vlm
     python tools/score_shards.py SHARDS --scorer embed runs/mae_demo/checkpoints/last.ckpt --out scores/embed
     python tools/score_shards.py SHARDS --scorer hash --out scores/hash               # hashes only, no model
-    torchrun --nproc-per-node 8 tools/score_shards.py SHARDS --scorer clip CKPT --out scores/clip
+    torchrun --nproc-per-node 8 tools/score_shards.py SHARDS --scorer clip_score CKPT --out scores/clip
 
 Scorers:
-  clip CKPT      cosine similarity of the image and caption embeddings of a CLIP checkpoint (DataComp's CLIP
-                 score); the image embeddings are saved too (NAME.safetensors) for deduplication
+  clip_score CKPT  cosine similarity of the image and caption embeddings of a checkpoint whose objective
+                 embeds both (a CLIP run: DataComp's CLIP score, row field clip_score); the image embeddings
+                 are saved too (NAME.safetensors) for deduplication
   vlm PARTS      Ask-VLM: P(yes) / (P(yes) + P(no)) of a LLaVA chat model's next token after the prompt (default:
                  '<image>\\nDoes the caption "{caption}" describe the picture? Answer yes or no.'); also p_yes, p_no
   embed CKPT     pooled image features of any encoder (.ckpt, exported .safetensors, HF folder), for dedup
@@ -36,14 +37,13 @@ import torch  # noqa: E402
 from mmssl import build  # noqa: E402
 from mmssl.data.module import resolve_shards  # noqa: E402
 from mmssl.data.shards import SampleDecoder  # noqa: E402
-from mmssl.data.transforms import eval_view, llava_view  # noqa: E402
+from mmssl.data.transforms import CaptionTokens, eval_view, llava_view  # noqa: E402
 from mmssl.eval.curate import scorers, scoring  # noqa: E402
 from mmssl.eval.features import fingerprint  # noqa: E402
-from mmssl.export import read_checkpoint  # noqa: E402
 from mmssl.vlm.parts import MANIFEST as LLAVA_MANIFEST  # noqa: E402
 from mmssl.vlm.parts import load_parts  # noqa: E402
 
-KINDS = ("clip", "vlm", "embed", "hash")
+KINDS = ("clip_score", "vlm", "embed", "hash")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -68,21 +68,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     kind, *path = args.scorer
     if kind not in KINDS or len(path) != (kind != "hash"):
-        parser.error(f"--scorer: give 'clip CKPT', 'vlm PARTS', 'embed CKPT' or 'hash', got {args.scorer}")
+        parser.error(
+            f"--scorer: give 'clip_score CKPT', 'vlm PARTS', 'embed CKPT' or 'hash', got {args.scorer}"
+        )
     args.kind, args.model = kind, (path or [None])[0]
     return args
 
 
-def _clip(path: str, device: str):
-    """A checkpoint whose objective embeds captions; its evaluation view and training caption tokeniser."""
-    cfg = build.checkpoint_config(path, read_checkpoint(path))
-    if cfg.objective not in build.TEXT:
+def _clip_score(path: str, device: str):
+    """A checkpoint whose objective embeds pictures and captions in one space (its spec reads caption tokens,
+    and it has ``encode_image`` / ``encode_text``); its evaluation view and training caption tokeniser."""
+    objective, cfg = build.objective_from_checkpoint(path)
+    if build.spec_of(cfg).text != "tokens" or not all(
+        callable(getattr(objective, m, None)) for m in ("encode_image", "encode_text")
+    ):
         raise ValueError(
-            f"a {cfg.objective!r} checkpoint: the clip scorer needs one that embeds captions (clip)"
+            f"a {cfg.objective!r} checkpoint: the clip_score scorer needs an objective that embeds pictures "
+            "and caption tokens in one space (encode_image / encode_text)"
         )
-    objective = build.objective_from_checkpoint(path).to(device)
-    _, view = build.VIEWS[cfg.objective](cfg)
-    return scorers.ClipScore(objective), view, build.TEXT[cfg.objective](cfg), cfg.data.max_image_pixels
+    _, view = build.build_views(cfg)
+    text_fn = CaptionTokens(build.build_tokenizer(cfg))  # as the training data workers tokenise
+    return scorers.ClipScore(objective.to(device)), view, text_fn, cfg.data.max_image_pixels
 
 
 def _vlm(path: str, args: argparse.Namespace):
@@ -92,7 +98,9 @@ def _vlm(path: str, args: argparse.Namespace):
         )
     model = load_parts(path).to(args.device)
     p = model.image_processing
-    view = llava_view(p["img_size"], p["interpolation"], tuple(p["mean"]), tuple(p["std"]))
+    # parts saved before llava.image_aspect_ratio existed were trained on padded pictures (as tools/chat.py)
+    aspect = p.get("image_aspect_ratio", "pad")
+    view = llava_view(p["img_size"], p["interpolation"], tuple(p["mean"]), tuple(p["std"]), aspect)
     return scorers.AskVLM(model, args.prompt, tuple(args.answers)), view
 
 
@@ -114,8 +122,8 @@ def build_scorer(args: argparse.Namespace):
     view = text_fn = None
     max_pixels = SampleDecoder().max_image_pixels
     try:
-        if args.kind == "clip":
-            scorer, view, text_fn, max_pixels = _clip(args.model, args.device)
+        if args.kind == "clip_score":
+            scorer, view, text_fn, max_pixels = _clip_score(args.model, args.device)
         elif args.kind == "vlm":
             scorer, view = _vlm(args.model, args)
             settings.update(prompt=args.prompt, answers=list(args.answers))

@@ -15,8 +15,9 @@ from mmssl import build
 from mmssl import config as C
 from mmssl.data import demo, shapes
 from mmssl.data.demo import encode
+from mmssl.data.module import resolve_shards
 from mmssl.data.shards import SampleDecoder, write_shards
-from mmssl.data.transforms import ApplyView
+from mmssl.data.transforms import ApplyView, CaptionTokens
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_CLIP = [
@@ -59,10 +60,10 @@ def tiny_clip_checkpoint(path: Path, shards: str, steps: int, seed: int = 0) -> 
 
 
 def _train(objective: torch.nn.Module, cfg, shards: str, steps: int, seed: int) -> None:
-    view, _ = build.VIEWS["clip"](cfg)
-    prepare = ApplyView(view, build.TEXT["clip"](cfg))
+    view, _ = build.build_views(cfg)
+    prepare = ApplyView(view, CaptionTokens(build.build_tokenizer(cfg)))
     decoder = SampleDecoder(require_text=True)
-    urls = build.resolve_shards(shards, "shards")
+    urls = resolve_shards(shards, "shards")
     pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
     samples = [prepare(s) for s in map(decoder, pipeline) if s is not None]
     opt = torch.optim.AdamW(objective.parameters(), lr=3e-3, weight_decay=0.0)
@@ -70,7 +71,7 @@ def _train(objective: torch.nn.Module, cfg, shards: str, steps: int, seed: int) 
     objective.train()
     for _ in range(steps):
         idx = torch.randperm(len(samples), generator=gen)[:64]
-        batch = {k: torch.stack([torch.as_tensor(samples[i][k]) for i in idx]) for k in ("image", "text")}
+        batch = {k: torch.stack([torch.as_tensor(samples[i][k]) for i in idx]) for k in ("image", "tokens")}
         loss = objective(batch)["loss"]
         opt.zero_grad()
         loss.backward()

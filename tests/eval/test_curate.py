@@ -22,6 +22,7 @@ from PIL import Image
 
 from mmssl import build
 from mmssl.data.demo import encode
+from mmssl.data.module import resolve_shards
 from mmssl.data.shards import write_shards
 from mmssl.eval.curate import hashing, scorers, scoring, selection
 from mmssl.eval.curate.store import read_scores
@@ -107,7 +108,7 @@ def test_top_fraction_keeps_exactly_that_many_and_the_best():
 
 def test_decisions_keep_the_best_copy_and_name_the_first_reason():
     def row(key, score, sha1, phash):
-        return {"shard": "s", "key": key, "clip": score, "sha1": sha1, "phash": phash}
+        return {"shard": "s", "key": key, "clip_score": score, "sha1": sha1, "phash": phash}
 
     rows = [
         row("a", 0.2, "x", "0000000000000000"),
@@ -116,7 +117,7 @@ def test_decisions_keep_the_best_copy_and_name_the_first_reason():
         row("d", 0.01, "z", "ffffffffffffffff"),  # low score before anything else
         row("e", 0.6, "w", "f0f0f0f0f0f0f0f0"),
     ]
-    reasons, info = selection.decide(rows, score="clip", min_score=0.1, phash_distance=2)
+    reasons, info = selection.decide(rows, score="clip_score", min_score=0.1, phash_distance=2)
     assert reasons == ["exact duplicate", "kept", "near duplicate (phash)", "low score", "kept"]
     assert info["threshold"] == 0.1
     reasons, _ = selection.decide(rows, dedup_exact=False)  # no score: nothing dropped without a rule
@@ -139,18 +140,17 @@ def test_clip_scores_are_cosines_of_the_checkpoint_embeddings_long_captions_cut(
     write_shards([{"__key__": "long", "jpg": encode(Image.new("RGB", (64, 64), "red")), "txt": long}],
                  tmp_path / "data", "extra")  # fmt: skip
     spec = f"{spec}::{tmp_path / 'data' / 'extra-000000.tar'}"
-    assert tool("score_shards").main([spec, "--scorer", "clip", str(clip_ckpt), "--out", str(tmp_path / "s"),
+    assert tool("score_shards").main([spec, "--scorer", "clip_score", str(clip_ckpt), "--out", str(tmp_path / "s"),
                                       "--num-workers", "0", "--batch-size", "6"]) == 0  # fmt: skip
     scores = read_scores(tmp_path / "s")
     assert len(scores.rows) == 21 and scores.embeddings.shape == (21, 32)
-    model = build.objective_from_checkpoint(clip_ckpt)
-    cfg = build.checkpoint_config(clip_ckpt, torch.load(clip_ckpt, weights_only=True))
-    view = build.VIEWS["clip"](cfg)[1]
+    model, cfg = build.objective_from_checkpoint(clip_ckpt)
+    view = build.build_views(cfg)[1]
     bpe = open_clip.get_tokenizer("ViT-B-32")  # the full-length tokenizer: cut by hand below
     import webdataset as wds
 
     raw = {s["__key__"]: s for s in wds.DataPipeline(
-        wds.SimpleShardList(build.resolve_shards(spec, "x")), wds.tarfile_to_samples())}  # fmt: skip
+        wds.SimpleShardList(resolve_shards(spec, "x")), wds.tarfile_to_samples())}  # fmt: skip
     for row, emb in zip(scores.rows, scores.embeddings, strict=True):
         sample = raw[row["key"]]
         image = view(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"))["image"][None]
@@ -159,7 +159,7 @@ def test_clip_scores_are_cosines_of_the_checkpoint_embeddings_long_captions_cut(
         tokens = torch.tensor([ids + [0] * (16 - len(ids))])
         with torch.no_grad():
             img, txt = model.encode_image(image, normalize=False), model.encode_text(tokens, normalize=False)
-        assert row["clip"] == pytest.approx(F.cosine_similarity(img, txt).item(), abs=1e-5)
+        assert row["clip_score"] == pytest.approx(F.cosine_similarity(img, txt).item(), abs=1e-5)
         torch.testing.assert_close(emb, F.normalize(img, dim=-1)[0], atol=1e-5, rtol=1e-4)
         assert row["sha1"] == hashing.pixel_hash(Image.open(io.BytesIO(sample["jpg"])))
 
@@ -174,7 +174,7 @@ def test_skipped_samples_are_counted_per_shard_and_never_copied(tmp_path, clip_c
     ]
     write_shards(samples, tmp_path / "data", "train", maxcount=10)
     spec = str(tmp_path / "data" / "train-000000.tar")
-    assert tool("score_shards").main([spec, "--scorer", "clip", str(clip_ckpt), "--out", str(tmp_path / "s"),
+    assert tool("score_shards").main([spec, "--scorer", "clip_score", str(clip_ckpt), "--out", str(tmp_path / "s"),
                                       "--num-workers", "0"]) == 0  # fmt: skip
     summary = json.loads((tmp_path / "s" / "train-000000.json").read_text())
     assert summary["rows"] == 2 and summary["skipped"] == {"corrupt image": 1, "missing text key 'txt'": 1}
@@ -193,33 +193,47 @@ def test_skipped_samples_are_counted_per_shard_and_never_copied(tmp_path, clip_c
     )
     assert len(read_scores(tmp_path / "h").rows) == 3
     both = tmp_path / "both"
-    args = [spec, "--scores", str(tmp_path / "h"), str(tmp_path / "s"), "--score", "clip", "--out", str(both)]
+    args = [
+        spec,
+        "--scores",
+        str(tmp_path / "h"),
+        str(tmp_path / "s"),
+        "--score",
+        "clip_score",
+        "--out",
+        str(both),
+    ]
     assert tool("filter_shards").main(args) == 0
     report = json.loads((both / "filter_report.json").read_text())
     assert report["counts"] == {"kept": 2, "not scored": 2}
     decisions = [json.loads(line) for line in (both / "decisions.jsonl").read_text().splitlines()]
-    assert [d["key"] for d in decisions] == ["ok1", "ok2"] and all("clip" in d for d in decisions)
+    assert [d["key"] for d in decisions] == ["ok1", "ok2"] and all("clip_score" in d for d in decisions)
 
 
 class _Counting:
-    """A scorer that records which shards it saw and can fail after a number of batches (an interruption)."""
+    """A scorer that records its batch sizes and can fail after a number of batches (an interruption)."""
 
     name, needs_text = "hash", False
 
     def __init__(self, fail_after: int | None = None):
-        self.seen, self.fail_after = [], fail_after
+        self.sizes, self.fail_after = [], fail_after
 
     def __call__(self, batch):
-        if self.fail_after is not None and len(self.seen) == self.fail_after:
+        if self.fail_after is not None and len(self.sizes) == self.fail_after:
             raise KeyboardInterrupt
-        self.seen.append(batch["shard"])
-        return {"n": torch.arange(batch["size"], dtype=torch.float32)}
+        self.sizes.append(len(batch["image"]))
+        return {"n": torch.arange(len(batch["image"]), dtype=torch.float32)}
 
 
 def test_interrupted_scoring_resumes_where_it_stopped(tmp_path):
     spec, _ = shapes_shards(tmp_path / "data", 25, seed=0, per_shard=10)  # shards of 10, 10, 5
-    urls = build.resolve_shards(spec, "x")
-    kw = {"settings": {"scorer": "test"}, "batch_size": 4, "num_workers": 0}
+    urls = resolve_shards(spec, "x")
+    kw = {
+        "settings": {"scorer": "test"},
+        "batch_size": 4,
+        "num_workers": 0,
+        "view": lambda img: {"image": torch.zeros(1)},
+    }
     with pytest.raises(KeyboardInterrupt):
         scoring.score_shards(urls, _Counting(fail_after=4), tmp_path / "s", **kw)  # in the 2nd shard
     first = tmp_path / "s" / "train-000000.jsonl"
@@ -227,7 +241,8 @@ def test_interrupted_scoring_resumes_where_it_stopped(tmp_path):
     stamp = first.stat().st_mtime_ns
     again = _Counting()
     counts = scoring.score_shards(urls, again, tmp_path / "s", **kw)
-    assert set(again.seen) == set(urls[1:]) and counts["already_done"] == 1 and counts["scored"] == 15
+    # only shards 2 and 3 (10 + 5 samples, batches never straddle shards) are scored again
+    assert again.sizes == [4, 4, 2, 4, 1] and counts["already_done"] == 1 and counts["scored"] == 15
     assert first.stat().st_mtime_ns == stamp
     fresh = tmp_path / "fresh"
     scoring.score_shards(urls, _Counting(), fresh, **kw)
@@ -238,7 +253,7 @@ def test_interrupted_scoring_resumes_where_it_stopped(tmp_path):
 
 def test_ranks_and_workers_score_every_sample_once(tmp_path):
     spec, _ = shapes_shards(tmp_path / "data", 47, seed=0, per_shard=9)  # 6 shards, the last one short
-    urls = build.resolve_shards(spec, "x")
+    urls = resolve_shards(spec, "x")
     for rank in (0, 1):
         counts = scoring.score_shards(urls, scorers.HashOnly(), tmp_path / "s", settings={"scorer": "hash"},
                                       rank=rank, world_size=2, batch_size=4, num_workers=2)  # fmt: skip
@@ -252,8 +267,8 @@ def test_a_checkpoint_of_the_wrong_kind_is_refused_by_name(tmp_path, capsys):
     mae = save_checkpoint(build.build_objective(cfg), cfg, tmp_path / "mae.ckpt")
     spec, _ = shapes_shards(tmp_path / "data", 4, seed=0, per_shard=4)
     score = tool("score_shards").main
-    assert score([spec, "--scorer", "clip", str(mae), "--out", str(tmp_path / "a")]) == 2
-    assert "--scorer clip" in (err := capsys.readouterr().err) and "a 'mae' checkpoint" in err
+    assert score([spec, "--scorer", "clip_score", str(mae), "--out", str(tmp_path / "a")]) == 2
+    assert "--scorer clip_score" in (err := capsys.readouterr().err) and "a 'mae' checkpoint" in err
     assert score([spec, "--scorer", "vlm", str(mae), "--out", str(tmp_path / "b")]) == 2
     assert "not a LLaVA parts folder" in capsys.readouterr().err
     assert (
@@ -286,7 +301,7 @@ def test_planted_duplicates_are_removed_unique_pictures_kept_inputs_untouched(tm
         samples.insert(int(rng.integers(20, len(samples) + 1)), {"__key__": key, ext: payload})
     write_shards(samples, tmp_path / "data", "train", maxcount=30)
     spec = str(tmp_path / "data" / "train-*.tar")
-    urls = build.resolve_shards(spec, "x")
+    urls = resolve_shards(spec, "x")
     before = {u: _sha256(tmp_path / "data" / u) for u in map(lambda u: u.rsplit("/", 1)[1], urls)}
 
     assert (
@@ -339,18 +354,18 @@ def test_planted_duplicates_are_removed_unique_pictures_kept_inputs_untouched(tm
 
 def test_top_fraction_filter_keeps_the_best_and_draws_the_histogram(tmp_path, clip_ckpt):
     spec, _ = shapes_shards(tmp_path / "data", 30, seed=0, per_shard=12, swap=0.3)
-    assert tool("score_shards").main([spec, "--scorer", "clip", str(clip_ckpt), "--out", str(tmp_path / "s"),
+    assert tool("score_shards").main([spec, "--scorer", "clip_score", str(clip_ckpt), "--out", str(tmp_path / "s"),
                                       "--num-workers", "0"]) == 0  # fmt: skip
     out = tmp_path / "out"
-    assert tool("filter_shards").main([spec, "--scores", str(tmp_path / "s"), "--score", "clip",
+    assert tool("filter_shards").main([spec, "--scores", str(tmp_path / "s"), "--score", "clip_score",
                                        "--top-fraction", "0.6", "--out", str(out)]) == 0  # fmt: skip
     rows = read_scores(tmp_path / "s").rows
-    best = {r["key"] for r in sorted(rows, key=lambda r: -r["clip"])[:18]}
+    best = {r["key"] for r in sorted(rows, key=lambda r: -r["clip_score"])[:18]}
     decisions = [json.loads(line) for line in (out / "decisions.jsonl").read_text().splitlines()]
     assert {d["key"] for d in decisions if d["reason"] == "kept"} == best
     report = json.loads((out / "filter_report.json").read_text())
     assert report["output_samples"] == 18 and report["threshold"] == min(
-        r["clip"] for r in rows if r["key"] in best
+        r["clip_score"] for r in rows if r["key"] in best
     )
     assert (out / "score_histogram.png").stat().st_size > 1000
     assert (

@@ -27,7 +27,7 @@ def test_two_processes_score_every_sample_exactly_once(tmp_path):
                 str(ROOT / "tools" / "score_shards.py"),
                 spec,
                 "--scorer",
-                "clip",
+                "clip_score",
                 str(ckpt),
                 "--out",
                 str(tmp_path / "s"),

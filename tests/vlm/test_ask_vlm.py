@@ -22,7 +22,7 @@ def test_batched_scores_equal_generate_first_step_per_sample():
     model = make_llava(_tokenizer())
     scorer = AskVLM(model)
     images = torch.randn(len(CAPTIONS), 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    got = scorer({"image": images, "text": CAPTIONS})
+    got = scorer({"image": images, "caption": CAPTIONS})
     yes, no = scorer.answer_ids
     lengths = {len(scorer.prompt_ids(c)) for c in CAPTIONS}
     assert len(lengths) > 1  # prompts of different lengths: the batch is really padded
@@ -51,7 +51,9 @@ def test_a_long_caption_is_cut_and_the_question_kept_whole():
     )
     assert ids[-tail:] == empty[-tail:]  # the question and the answer cue survive
     assert scorer.prompt_ids("a small red") == ids  # the caption's first three words
-    scores = scorer({"image": torch.randn(1, 3, 32, 32), "text": ["a small red circle at the top left " * 5]})
+    scores = scorer(
+        {"image": torch.randn(1, 3, 32, 32), "caption": ["a small red circle at the top left " * 5]}
+    )
     assert 0 < scores["vlm"].item() < 1
 
 

@@ -35,19 +35,18 @@ def _device(model: torch.nn.Module) -> torch.device:
 class ClipScore:
     """Cosine similarity of normalised image and caption embeddings; the image embedding is kept."""
 
-    name, needs_text = "clip", True
+    name, needs_text = "clip_score", True
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.model = (
-            model.eval()
-        )  # anything with encode_image / encode_text (objectives.clip.CLIP, open_clip)
+        # anything with encode_image / encode_text (objectives.clip.CLIP, an open_clip model)
+        self.model = model.eval()
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         device = _device(self.model)
         image = self.model.encode_image(batch["image"].to(device), normalize=True).float()  # (B, E)
-        text = self.model.encode_text(batch["text"].to(device), normalize=True).float()  # (B, E)
-        return {"clip": (image * text).sum(-1), "embedding": image}
+        text = self.model.encode_text(batch["tokens"].to(device), normalize=True).float()  # (B, E)
+        return {"clip_score": (image * text).sum(-1), "embedding": image}
 
 
 class ImageEmbedding:
@@ -123,10 +122,9 @@ class AskVLM:
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         model = self.model
-        encoded = [Encoded(ids, [IGNORE_INDEX] * len(ids)) for ids in map(self.prompt_ids, batch["text"])]
-        padded = model.prompt.pad_batch(
-            encoded, padding_side="left"
-        )  # every prompt ends at the last position
+        encoded = [Encoded(ids, [IGNORE_INDEX] * len(ids)) for ids in map(self.prompt_ids, batch["caption"])]
+        # left padding: every prompt ends at the last position, where the answer's distribution is read
+        padded = model.prompt.pad_batch(encoded, padding_side="left")
         device = _device(model)
         ids, mask = padded["input_ids"].to(device), padded["attention_mask"].to(device)
         embeds = model.embed(batch["image"].to(device), ids)  # (B, L, D)

@@ -1,9 +1,10 @@
 """Score every sample of a shard set with a trained model; one row per sample, written shard by shard.
 
 The scorers are in ``scorers.py`` (CLIP score, Ask-VLM, image embeddings, hashes only) and the files they
-fill in ``store.py``. Data goes through the evaluation splitting of ``data/shards.py`` (shards to ranks,
-``urls[rank::world]``, then to DataLoader workers; every sample once) with each sample's shard and key kept,
-and batches never straddle two shards: a shard is written as soon as its last batch is scored. An interrupted
+fill in ``store.py``; a scorer maps a batch (the keys of objectives/base.py) to per-sample values. Data goes
+through the evaluation splitting of ``data/shards.py`` (shards to ranks, ``urls[rank::world]``, then to
+DataLoader workers; every sample once) with each sample's shard and key kept beside the batch, and batches
+never straddle two shards: a shard is written as soon as its last batch is scored. An interrupted
 run resumes by skipping the shards already marked done; the input shards are only read. Samples that
 training would skip (``SampleDecoder``: corrupt image, missing caption, ...) are skipped and counted by reason
 per shard.
@@ -15,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import webdataset as wds
@@ -27,12 +29,26 @@ from mmssl.eval.curate.hashing import phash_hex, pixel_hash
 from mmssl.eval.curate.store import ScoreStore, check_unique_names, shard_name
 
 
-class ShardBatches:
-    """Pipeline stage: raw samples -> decoded, viewed batches that never straddle shards.
+class Chunk(NamedTuple):
+    """Up to ``batch_size`` samples of one shard: ``batch`` holds only batch-contract keys (objectives/base.py:
+    the view's tensors, ``caption`` and ``tokens``), what a scorer reads; the rest is bookkeeping. The last
+    chunk of a shard (possibly empty) has ``done`` and ``skipped``, the shard's skip counts by reason."""
 
-    Every batch has ``shard`` (the url), ``size``, ``key``/``sha1``/``phash`` lists, the view's tensors and
-    ``text`` when ``use_text``; the last batch of a shard (possibly empty) has ``done=True`` and ``skipped``,
-    the shard's skip counts by reason (SampleDecoder's, including an unreadable tail of the tar file).
+    shard: str  # the url
+    keys: list[str]
+    sha1: list[str]
+    phash: list[str]
+    batch: dict
+    done: bool
+    skipped: dict[str, int]
+
+
+class ShardBatches:
+    """Pipeline stage: raw samples -> decoded, viewed :class:`Chunk` s that never straddle shards.
+
+    With ``use_text`` the batch has ``caption`` (list[str]) and, given a ``text_fn``, ``tokens`` (B, L) made by
+    it, as ``ApplyView`` makes them for training. ``skipped`` counts SampleDecoder's skips, including an
+    unreadable tail of the tar file.
     """
 
     def __init__(
@@ -48,36 +64,36 @@ class ShardBatches:
 
     def _prepare(self, sample: dict) -> dict:
         image = sample["image"]
-        out = {"key": sample["__key__"], "sha1": pixel_hash(image), "phash": phash_hex(image)}
+        out = {"__key__": sample["__key__"], "__sha1__": pixel_hash(image), "__phash__": phash_hex(image)}
         if self.view is not None:
             out.update(self.view(image))
         if self.use_text:
-            out["text"] = self.text_fn(sample["text"]) if self.text_fn is not None else sample["text"]
+            out["caption"] = sample["caption"]
+            if self.text_fn is not None:
+                out["tokens"] = self.text_fn(sample["caption"])
         return out
 
-    def _batch(self, url: str, items: list[dict], done: bool, start: Counter) -> dict:
-        batch = collate(items) if items else {}
-        batch.update(shard=url, size=len(items), done=done)
-        if done:
-            batch["skipped"] = dict(self.decoder.failures - start)
-        return batch
+    def _chunk(self, url: str, items: list[dict], done: bool, start: Counter) -> Chunk:
+        meta = [[item[k] for item in items] for k in ("__key__", "__sha1__", "__phash__")]
+        skipped = dict(self.decoder.failures - start) if done else {}
+        return Chunk(url, *meta, collate(items) if items else {}, done, skipped)  # collate drops __keys__
 
-    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+    def __call__(self, src: Iterable[dict]) -> Iterator[Chunk]:
         url, items, start = None, [], Counter()
         for raw in src:
             if raw.get("__url__") != url:
                 if url is not None:
-                    yield self._batch(url, items, True, start)
+                    yield self._chunk(url, items, True, start)
                 url, items, start = raw.get("__url__"), [], Counter(self.decoder.failures)
             sample = self.decoder(raw)
             if sample is None:
                 continue
             items.append(self._prepare(sample))
             if len(items) == self.batch_size:
-                yield self._batch(url, items, False, start)
+                yield self._chunk(url, items, False, start)
                 items = []
         if url is not None:
-            yield self._batch(url, items, True, start)
+            yield self._chunk(url, items, True, start)
 
 
 @dataclass
@@ -86,18 +102,18 @@ class _Pending:
     embeddings: list[Tensor] = field(default_factory=list)
 
 
-def _rows(batch: dict, scores: dict[str, Tensor]) -> list[dict]:
-    name = shard_name(batch["shard"])
+def _rows(chunk: Chunk, scores: dict[str, Tensor]) -> list[dict]:
+    name = shard_name(chunk.shard)
     values = {k: v.float().cpu().tolist() for k, v in scores.items() if k != "embedding"}
     return [
         {
             "shard": name,
             "key": key,
             **{k: round(v[i], 6) for k, v in values.items()},
-            "sha1": batch["sha1"][i],
-            "phash": batch["phash"][i],
+            "sha1": chunk.sha1[i],
+            "phash": chunk.phash[i],
         }  # fmt: skip
-        for i, key in enumerate(batch["key"])
+        for i, key in enumerate(chunk.keys)
     ]
 
 
@@ -138,21 +154,21 @@ def score_shards(
     finished: set[str] = set()
     desc = f"scoring ({getattr(scorer, 'name', 'scores')}, rank {rank}/{world_size})"
     with tqdm(total=count_samples(todo), desc=desc, unit="img", disable=None) as bar:
-        for batch in loader:
-            acc = pending.setdefault(batch["shard"], _Pending())
-            if batch["size"]:
-                scores = scorer(batch)
-                acc.rows += _rows(batch, scores)
+        for chunk in loader:
+            acc = pending.setdefault(chunk.shard, _Pending())
+            if chunk.keys:
+                scores = scorer(chunk.batch)
+                acc.rows += _rows(chunk, scores)
                 if "embedding" in scores:
                     acc.embeddings.append(scores["embedding"].float().cpu())
-                bar.update(batch["size"])
-            if batch["done"]:
+                bar.update(len(chunk.keys))
+            if chunk.done:
                 emb = torch.cat(acc.embeddings) if acc.embeddings else None
-                store.write(batch["shard"], acc.rows, emb, batch["skipped"])
+                store.write(chunk.shard, acc.rows, emb, chunk.skipped)
                 counts["scored"] += len(acc.rows)
-                counts["skipped"].update(batch["skipped"])
-                finished.add(batch["shard"])
-                del pending[batch["shard"]]
+                counts["skipped"].update(chunk.skipped)
+                finished.add(chunk.shard)
+                del pending[chunk.shard]
     for url in todo:  # no sample came out at all (empty, or unreadable from its first byte)
         if url not in finished:
             store.write(url, [], None, {"no sample read (empty or unreadable shard)": 1})
