@@ -12,7 +12,8 @@ shared cores, nine CLIP runs and two LLaVA stages):
    involved) to the top 70 % (``tools/filter_shards.py``), ``clip_demo`` retrained on it for the same 160 steps
    (``clip_filtered``). The three models, each trained with ``--seeds``, on clean held-out data: the last
    validation loss (CLIP's loss on demo:shapes/val), zero-shot accuracy over the 30 classes
-   (``tools/zero_shot.py``, demo:shapes/heldout and val) and retrieval recall@1/5 counting any caption of the
+   (``tools/zero_shot.py``, demo:shapes/heldout and val, and ``--eval-samples`` fresh pictures of each kind
+   drawn with other seeds, for less sampling noise) and retrieval recall@1/5 counting any caption of the
    same colour, shape, size and position as a match (exact-caption recall is a coin toss here: the set
    repeats attribute combinations in four templates).
 4. Ask-VLM: the LLaVA demo (``tools/make_decoder.py``, ``llava_demo_stage1``, ``llava_demo_stage2``) whose
@@ -43,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mmssl.data import shapes  # noqa: E402
+from mmssl.data.demo import encode  # noqa: E402
 from mmssl.data.module import resolve_shards  # noqa: E402
 from mmssl.data.shards import write_shards  # noqa: E402
 from mmssl.eval.curate.scorers import DEFAULT_PROMPT  # noqa: E402
@@ -183,7 +185,8 @@ def attribute_retrieval(ckpt: Path, shards: str) -> dict:
             images.append(model.encode_image(batch["image"]))
             texts.append(model.encode_text(batch["tokens"]))
             attrs += [(m["color"], m["shape"], m["size"], m["position"]) for m in batch["json"]]
-    same = torch.tensor([[a == b for b in attrs] for a in attrs])  # (N, N)
+    ids = torch.tensor([hash(a) for a in attrs])  # one id per attribute combination
+    same = ids[:, None] == ids[None, :]  # (N, N)
     recall = retrieval_recall(torch.cat(images), torch.cat(texts), positives=same, ks=(1, 5))
     return {k.replace("image_to_text", "i2t").replace("text_to_image", "t2i"): v for k, v in recall.items()}
 
@@ -195,14 +198,32 @@ def last_val_loss(run_dir: Path) -> float:
     return float([r for r in csv.DictReader(open(metrics)) if r.get("val/loss")][-1]["val/loss"])
 
 
-def evaluate(ckpt: Path) -> dict:
+def eval_sets(data: Path, samples: int) -> list[tuple[str, str]]:
+    """(name, shards) of the clean held-out sets: demo:shapes/heldout and val (600 pictures each) and, with
+    ``samples`` > 0, fresh pictures of both kinds (other seeds), ``samples`` each, for less sampling noise."""
+    sets = [("heldout", "demo:shapes/heldout"), ("val", "demo:shapes/val")]
+    for split, seed in (("heldout", 12), ("val", 11)) if samples else ():
+        folder = data / f"eval_{split}_{samples}"
+        if not (folder / "manifest.json").is_file():
+            rows = (
+                {"__key__": key, "jpg": encode(img, quality=95), "txt": caption, "cls": cls, "json": meta}
+                for key, img, caption, cls, meta in shapes.samples(split, samples, seed)
+            )
+            info = {"classes": list(shapes.CLASSES), "seed": seed}
+            write_shards(rows, folder, split, maxcount=samples, total=samples, info=info)
+        sets.append((f"{split}{samples}", spec(folder, split)))
+    return sets
+
+
+def evaluate(ckpt: Path, sets: list[tuple[str, str]]) -> dict:
     out = ckpt.parent / "curation_eval.json"
-    if not out.is_file():
+    saved = json.loads(out.read_text()) if out.is_file() else {}
+    if not all(f"{name}_zero_shot" in saved for name, _ in sets):
         result = {"val_loss": last_val_loss(ckpt.parents[1])}
-        for name, shards in (("heldout", "demo:shapes/heldout"), ("val", "demo:shapes/val")):
+        for name, shards in sets:
             zs = zero_shot(ckpt, shards, name)
             result[f"{name}_zero_shot"] = zs["zero_shot_top1_all"]
-            if name == "heldout":
+            if name.startswith("heldout"):
                 result["heldout_zero_shot_present"] = zs["zero_shot_top1"]
             for k, v in attribute_retrieval(ckpt, shards).items():
                 result[f"{name}_{k}"] = v
@@ -226,6 +247,12 @@ def main() -> int:
     parser.add_argument("--stage2-epochs", type=int, default=3)
     parser.add_argument("--skip-llava", action="store_true")
     parser.add_argument("--skip-retrain", action="store_true")
+    parser.add_argument(
+        "--eval-samples",
+        type=int,
+        default=3000,
+        help="fresh clean pictures per extra evaluation set (0: none)",
+    )
     args = parser.parse_args()
     out: Path = args.out.resolve()
     data = out / "data"
@@ -271,11 +298,12 @@ def main() -> int:
             "clip_clean": "demo:shapes/train",
         }
         runs: dict[str, list[dict]] = {}
+        sets = eval_sets(data, args.eval_samples)
         for seed in args.seeds:
             for model, train in shards.items():
                 ckpt = pretrain(out, name(model, seed), "--cfg", "clip_demo", f"data.train_shards={train}",
                                 f"seed={seed}")  # fmt: skip
-                runs.setdefault(model, []).append(evaluate(ckpt))
+                runs.setdefault(model, []).append(evaluate(ckpt, sets))
         results["models"] = {m: {"mean_std": mean_std(r), "runs": r} for m, r in runs.items()}
 
     if not args.skip_llava:
