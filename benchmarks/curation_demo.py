@@ -30,6 +30,7 @@ are also written to --out/results.json.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -59,6 +60,18 @@ def run(*args: str) -> None:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     print("$", " ".join(args), flush=True)
     subprocess.run([sys.executable, *args], check=True, cwd=ROOT, env=env)
+
+
+def tool(name: str):
+    """A script in tools/ as a module (its ``main(argv)``), loaded once."""
+    if name not in _TOOLS:
+        module_spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+        _TOOLS[name] = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(_TOOLS[name])
+    return _TOOLS[name]
+
+
+_TOOLS: dict = {}
 
 
 def raw(spec: str):
@@ -151,9 +164,21 @@ def separation(rows: list[dict], labels: dict[str, bool], field: str, threshold:
 
 def zero_shot(ckpt: Path, shards: str, name: str) -> dict:
     out = ckpt.parent / f"zs_{name}.json"
-    if not out.is_file():
-        run("tools/zero_shot.py", str(ckpt), "--shards", shards, "--templates", "shapes", "--num-workers", "1",
-            "--json", str(out))  # fmt: skip
+    if not out.is_file():  # tools/zero_shot.py in this process: no interpreter start per evaluation
+        args = [
+            str(ckpt),
+            "--shards",
+            shards,
+            "--templates",
+            "shapes",
+            "--num-workers",
+            "1",
+            "--json",
+            str(out),
+        ]
+        print("$ tools/zero_shot.py", " ".join(args), flush=True)
+        if tool("zero_shot").main(args) != 0:
+            raise RuntimeError(f"tools/zero_shot.py {' '.join(args)} failed")
     r = json.loads(out.read_text())
     return {
         "zero_shot_top1": r["zero_shot"]["present_classes"]["top1"],
