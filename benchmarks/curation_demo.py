@@ -1,5 +1,6 @@
-"""Data curation on the demo shapes data, end to end through the CLIs, in one command (CPU; 75 minutes on two
-shared cores, nine CLIP runs and two LLaVA stages):
+"""Data curation on the demo shapes data, end to end through the CLIs, in one command (CPU; about 75 minutes on two
+shared cores for the nine CLIP runs and two LLaVA stages, then 14 minutes for scoring, filtering and the
+evaluations; every finished step is reused by a rerun):
 
     python benchmarks/curation_demo.py --out runs/curation_demo        # --skip-llava, --seeds 0 for less
 
