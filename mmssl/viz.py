@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning.pytorch as L
 import matplotlib
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -105,7 +106,31 @@ class PictureCallback(L.Callback):
             columns = visualize(batch, self.denormalize, generator)
         pl_module.train(was_training)
         split = "held-out" if self.held_out else "train"
-        return save_grid(columns, self.out_dir / filename, f"step {trainer.global_step}, {split} images")
+        path = save_grid(columns, self.out_dir / filename, f"step {trainer.global_step}, {split} images")
+        log_picture(getattr(trainer, "loggers", ()), path, "pictures", trainer.global_step)
+        return path
+
+
+def log_picture(loggers: Sequence, path: str | Path, tag: str, step: int) -> int:
+    """Send the PNG at ``path`` to every logger that takes images (TensorBoard ``add_image``, W&B
+    ``log_image``, MLflow ``log_image``); CSV takes none. Returns how many took it."""
+    from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
+    from PIL import Image
+
+    with Image.open(path) as picture:
+        pixels = np.asarray(picture.convert("RGB"))  # (H, W, 3) uint8
+    sent = 0
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(tag, pixels, global_step=step, dataformats="HWC")
+        elif isinstance(logger, WandbLogger):
+            logger.log_image(key=tag, images=[str(path)], step=step)
+        elif isinstance(logger, MLFlowLogger):
+            logger.experiment.log_image(logger.run_id, pixels, key=tag, step=step)
+        else:
+            continue
+        sent += 1
+    return sent
 
 
 def save_embedding_plot(

@@ -25,13 +25,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import torch
-
-from mmssl.data.module import resolve_shards
-from mmssl.eval.curate import selection
-from mmssl.eval.curate.store import check_unique_names, read_scores, shard_name
-from mmssl.eval.features import fingerprint
-from mmssl.viz import save_histogram
+from mmssl.cli import is_program
 
 REPORT = "filter_report.json"
 NOT_SCORED = "not scored"
@@ -59,6 +53,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if (args.cosine is None) != (args.embeddings is None):
         parser.error("--cosine and --embeddings go together")
     return args
+
+
+if is_program(__name__):  # --help and usage errors answer before the heavy imports below
+    parse_args(None)
+
+import torch  # noqa: E402
+
+from mmssl.data.module import resolve_shards  # noqa: E402
+from mmssl.eval.curate import selection  # noqa: E402
+from mmssl.eval.curate.store import check_unique_names, read_scores, shard_name  # noqa: E402
+from mmssl.eval.features import fingerprint  # noqa: E402
+from mmssl.viz import save_histogram  # noqa: E402
 
 
 def load_rows(urls: list[str], dirs: list[str], embeddings_dir: str | None):

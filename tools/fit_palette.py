@@ -18,13 +18,7 @@ import argparse
 import random
 import sys
 
-import torch
-from tqdm import tqdm
-
-from mmssl.data.module import resolve_shards
-from mmssl.data.shards import SampleDecoder, count_samples, eval_pipeline
-from mmssl.data.transforms import eval_view
-from mmssl.targets.palette import Palette, fit_kmeans, inertia
+from mmssl.cli import is_program
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,6 +35,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--interpolation", default="bicubic")
     return p.parse_args(argv)
+
+
+if is_program(__name__):  # --help and usage errors answer before the heavy imports below
+    parse_args(None)
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from mmssl.data.module import resolve_shards  # noqa: E402
+from mmssl.data.shards import SampleDecoder, count_samples, eval_pipeline  # noqa: E402
+from mmssl.data.transforms import eval_view  # noqa: E402
+from mmssl.targets.palette import Palette, fit_kmeans, inertia  # noqa: E402
 
 
 def sample_pixels(

@@ -16,18 +16,33 @@ from __future__ import annotations
 import argparse
 import sys
 
-import numpy as np
-import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
-from torch import Tensor
+from mmssl.cli import is_program
 
-from mmssl.build import objective_from_checkpoint
-from mmssl.checkpoints import CheckpointError
-from mmssl.data.module import resolve_shards
-from mmssl.data.shards import SampleDecoder, eval_pipeline
-from mmssl.data.transforms import eval_view
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ckpt", help="Lightning checkpoint of an iGPT run (tools/pretrain.py)")
+    p.add_argument("--train-shards", default="demo:digits/train")
+    p.add_argument("--val-shards", default="demo:digits/val")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random-initialisation baseline")
+    return p
+
+
+if is_program(__name__):  # --help and usage errors answer before the heavy imports below
+    make_parser().parse_args()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from mmssl.build import objective_from_checkpoint  # noqa: E402
+from mmssl.checkpoints import CheckpointError  # noqa: E402
+from mmssl.data.module import resolve_shards  # noqa: E402
+from mmssl.data.shards import SampleDecoder, eval_pipeline  # noqa: E402
+from mmssl.data.transforms import eval_view  # noqa: E402
 
 
 def load_labelled(spec: str, key: str, resolution: int, mean, std, interpolation: str = "bicubic"):
@@ -73,11 +88,7 @@ def table(rows: dict[str, list[float]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("ckpt", help="Lightning checkpoint of an iGPT run (tools/pretrain.py)")
-    p.add_argument("--train-shards", default="demo:digits/train")
-    p.add_argument("--val-shards", default="demo:digits/val")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random-initialisation baseline")
+    p = make_parser()
     a = p.parse_args(argv)
     try:
         trained, _ = objective_from_checkpoint(a.ckpt)

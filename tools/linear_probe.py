@@ -21,13 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from mmssl import build
-from mmssl import config as C
-from mmssl.checkpoints import CheckpointError
-from mmssl.eval.features import fingerprint, split_features
-from mmssl.eval.linear_probe import as_rows, best, markdown_table, train_probes
+from mmssl.cli import is_program
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,11 +32,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cfg", default="linprobe_mae", help="probe protocol: a file or a name in configs/")
     parser.add_argument("--random-init", action="store_true", help="the checkpoint's architecture, untrained")
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="e.g. base_lrs=[0.1,0.3] layers=[-1]"
     )
     return parser.parse_intermixed_args(argv)
+
+
+if is_program(__name__):  # --help and usage errors answer before the heavy imports below
+    parse_args(None)
+
+import torch  # noqa: E402
+
+from mmssl import build  # noqa: E402
+from mmssl import config as C  # noqa: E402
+from mmssl.checkpoints import CheckpointError  # noqa: E402
+from mmssl.eval.features import fingerprint, split_features  # noqa: E402
+from mmssl.eval.linear_probe import as_rows, best, markdown_table, train_probes  # noqa: E402
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -101,6 +107,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         run(args)
     except (C.ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:

@@ -21,14 +21,7 @@ import contextlib
 import sys
 from pathlib import Path
 
-import lightning.pytorch as L
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import OmegaConf
-
-from mmssl import build, launch
-from mmssl import config as C
-
-EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a job killed by the signal
+from mmssl.cli import is_program
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -53,6 +46,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.overrides.insert(0, args.resume)  # `--resume key=value`: an override, not a checkpoint path
         args.resume = "last"
     return args
+
+
+if is_program(__name__):  # --help and usage errors answer before the heavy imports below
+    parse_args(None)
+
+import lightning.pytorch as L  # noqa: E402
+from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from mmssl import build, launch  # noqa: E402
+from mmssl import config as C  # noqa: E402
+
+EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a job killed by the signal
 
 
 def count_parameters(model) -> tuple[int, int]:

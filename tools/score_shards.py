@@ -32,16 +32,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # LLaVA decoders load from local folders only
 
-import torch  # noqa: E402
-
-from mmssl import build  # noqa: E402
-from mmssl.data.module import resolve_shards  # noqa: E402
-from mmssl.data.shards import SampleDecoder  # noqa: E402
-from mmssl.data.transforms import CaptionTokens, eval_view, llava_view  # noqa: E402
-from mmssl.eval.curate import scorers, scoring  # noqa: E402
-from mmssl.eval.features import fingerprint  # noqa: E402
-from mmssl.vlm.parts import MANIFEST as LLAVA_MANIFEST  # noqa: E402
-from mmssl.vlm.parts import load_parts  # noqa: E402
+from mmssl.cli import is_program  # noqa: E402
 
 KINDS = ("clip_score", "vlm", "embed", "hash")
 
@@ -55,7 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--scorer", nargs="+", required=True, metavar=("KIND", "PATH"), help=f"one of {KINDS}, then the model"
     )
     parser.add_argument("--out", required=True, help="folder for the score files (resumed if it exists)")
-    parser.add_argument("--prompt", default=scorers.DEFAULT_PROMPT, help="vlm: question with {caption}")
+    parser.add_argument(
+        "--prompt", help="vlm: the question, holding {caption} (default: scorers.DEFAULT_PROMPT, shown above)"
+    )
     parser.add_argument(
         "--answers", nargs=2, default=("yes", "no"), metavar=("YES", "NO"), help="vlm answers"
     )
@@ -63,8 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process")
     parser.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)))
     parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    parser.add_argument("--device", default=f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
     args = parser.parse_args(argv)
     kind, *path = args.scorer
     if kind not in KINDS or len(path) != (kind != "hash"):
@@ -73,6 +65,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         )
     args.kind, args.model = kind, (path or [None])[0]
     return args
+
+
+if is_program(__name__):  # --help and usage errors answer before the heavy imports below
+    parse_args(None)
+
+import torch  # noqa: E402
+
+from mmssl import build  # noqa: E402
+from mmssl.data.module import resolve_shards  # noqa: E402
+from mmssl.data.shards import SampleDecoder  # noqa: E402
+from mmssl.data.transforms import CaptionTokens, eval_view, llava_view  # noqa: E402
+from mmssl.eval.curate import scorers, scoring  # noqa: E402
+from mmssl.eval.features import fingerprint  # noqa: E402
+from mmssl.vlm.parts import MANIFEST as LLAVA_MANIFEST  # noqa: E402
+from mmssl.vlm.parts import load_parts  # noqa: E402
 
 
 def _clip_score(path: str, device: str):
@@ -141,6 +148,10 @@ def build_scorer(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.prompt = args.prompt or scorers.DEFAULT_PROMPT
+    if args.device is None:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        args.device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
     try:
         urls = resolve_shards(args.shards, "shards")
         scorer, view, text_fn, decoder, settings = build_scorer(args)

@@ -17,8 +17,8 @@ from pathlib import Path
 import lightning.pytorch as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 from torch import nn
 
@@ -37,8 +37,11 @@ from mmssl.build.objectives import (
     build_views,
     load_encoder,
     objective_from_checkpoint,
+    objective_from_config,
+    read_run,
     spec_of,
 )
+from mmssl.build.precision import resolve_precision
 from mmssl.build.spec import ObjectiveSpec
 from mmssl.callbacks import LastCheckpoint, RankReport, SaveParts
 from mmssl.data.module import ShardDataModule, resolve_shards
@@ -46,15 +49,21 @@ from mmssl.data.shards import SampleDecoder
 from mmssl.data.transforms import CaptionTokens, eval_view
 from mmssl.eval.online import KNNMonitor, OnlineLinearProbe
 from mmssl.lit import PretrainModule
+from mmssl.loggers import make_loggers
 from mmssl.throughput import ThroughputLogger
 from mmssl.viz import PictureCallback
 
 __all__ = [
     "OBJECTIVES", "ObjectiveSpec", "Plan", "block_classes", "build_backbone", "build_datamodule", "build_module",
     "build_objective", "build_tokenizer", "build_trainer", "build_views", "encoder_info", "eval_callbacks",
-    "fsdp_kwargs", "fsdp_strategy", "img_size", "load_encoder", "objective_from_checkpoint", "plan", "run_dir",
-    "spec_of",
+    "fsdp_kwargs", "fsdp_strategy", "img_size", "load_encoder", "objective_from_checkpoint",
+    "objective_from_config", "plan", "read_run", "run_dir", "spec_of",
 ]  # fmt: skip
+
+
+# PretrainModule.load_from_checkpoint(path) rebuilds the objective from the checkpoint's run config through this
+# factory: lit.py may not import build (DESIGN.md §3), so build hands it over when it is imported.
+PretrainModule.objective_factory = staticmethod(objective_from_config)
 
 
 def build_datamodule(cfg: DictConfig) -> ShardDataModule:
@@ -182,6 +191,8 @@ def eval_callbacks(cfg: DictConfig) -> list[L.Callback]:
 def build_trainer(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) -> L.Trainer:
     """``objective`` (the one being trained) is needed by trainer.strategy=fsdp: its blocks become the units."""
     t, out = cfg.trainer, run_dir(cfg)
+    precision, why = resolve_precision(t.precision, t.accelerator)
+    rank_zero_only(print)(f"mmssl: precision {precision} ({why})")
     ckpt_dir = out / "checkpoints"
     strategy = _strategy(cfg, objective)
     # Pictures are drawn on rank 0 outside the training step, where FSDP holds only shards of the weights.
@@ -214,7 +225,7 @@ def build_trainer(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) 
         devices=t.devices,
         num_nodes=t.num_nodes,
         strategy=strategy,
-        precision=t.precision,
+        precision=precision,
         max_steps=p.total_steps,
         max_epochs=math.ceil(p.total_steps / p.steps_per_epoch),
         accumulate_grad_batches=t.accumulate_grad_batches,
@@ -225,7 +236,8 @@ def build_trainer(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) 
         use_distributed_sampler=False,  # shards are split by the pipeline itself
         num_sanity_val_steps=0,
         sync_batchnorm=t.sync_batchnorm,
-        logger=CSVLogger(out, name="logs"),  # logs/version_N: a resumed run keeps earlier metrics
+        logger=make_loggers(t.loggers, out, cfg.name),  # logs/version_N: a resumed run keeps earlier metrics
+        enable_progress_bar=t.progress_bar,
         callbacks=callbacks,
         default_root_dir=out,
         plugins=_cluster_plugins(),

@@ -19,6 +19,7 @@ from mmssl.build.encoders import (
     img_size,
     trained_encoder,
 )
+from mmssl.build.exports import IMAGE_GPT, LLAVA, VIT_MAE, open_clip_format
 from mmssl.build.spec import ObjectiveSpec
 from mmssl.checkpoints import (
     CheckpointError,
@@ -51,7 +52,7 @@ from mmssl.targets.hog import HOGTarget
 from mmssl.targets.palette import Palette
 from mmssl.vlm.decoders import load_decoder
 from mmssl.vlm.llava import LLaVA
-from mmssl.vlm.parts import MANIFEST, load_vision_tower, save_parts
+from mmssl.vlm.parts import MANIFEST, load_parts, load_vision_tower, save_parts
 from mmssl.vlm.projector import Projector, load_projector
 from mmssl.vlm.prompt import PromptEncoder
 from mmssl.vlm.vision import VisionTower, create_encoder
@@ -156,6 +157,17 @@ def _clip(cfg: DictConfig) -> nn.Module:
             load_backbone_weights(backbone, c.backbone_weights, "clip.backbone_weights")
         image_tower = backbone  # + a linear projection into the text tower's joint space, in CLIP
     return CLIP(image_tower, text_tower, logit_scale=scale, max_logit_scale=c.max_logit_scale)
+
+
+def _open_clip_config(cfg: DictConfig) -> dict:
+    """The open_clip model config of a CLIP run (its export format, ``build/exports.py``)."""
+    from mmssl.interop.openclip import tower_configs
+
+    c = cfg.clip
+    return tower_configs(
+        c.model, text_cfg=dict(c.text_cfg), vision_cfg=dict(c.vision_cfg), embed_dim=c.embed_dim,
+        image_size=img_size(cfg),
+    )  # fmt: skip
 
 
 def _maskfeat(cfg: DictConfig) -> nn.Module:
@@ -282,7 +294,7 @@ def _clip_tokenizer(cfg: DictConfig):
 # The build table: one spec per objective (spec.py says what each field means). Adding an objective adds its
 # builder and views above and one entry here, its config section (config/objectives.py) and its recipe.
 OBJECTIVES: dict[str, ObjectiveSpec] = {
-    "mae": ObjectiveSpec(_mae, _mae_views),
+    "mae": ObjectiveSpec(_mae, _mae_views, exports={"vitmae": VIT_MAE}),
     "llava": ObjectiveSpec(
         _llava,
         _llava_views,
@@ -291,6 +303,8 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
         save_parts=save_parts,
         # LLaVA's chat stage trains on text-only conversations too (part of the 665K mix); a caption needs its picture
         image_optional=lambda cfg: cfg.llava.conversation == "chat",
+        exports={"llava": LLAVA},
+        load_parts=load_parts,
     ),
     "clip": ObjectiveSpec(
         _clip,
@@ -298,13 +312,19 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
         text="tokens",
         tokenizer=_clip_tokenizer,
         weight_files=("clip.pretrained", "clip.backbone_weights"),
+        exports={"open_clip": open_clip_format(_open_clip_config)},
     ),
     # RandomResizedCrop(data.crop_scale: 0.5-1 for MaskFeat) + flip, as MAE's
     "maskfeat": ObjectiveSpec(_maskfeat, _mae_views),
     "simclr": ObjectiveSpec(_simclr, _simclr_views),
     # the palette is a buffer in the checkpoint (data, kept by a random-init baseline); its file need not exist
     "igpt": ObjectiveSpec(
-        _igpt, _igpt_views, encoder=None, weight_files=("igpt.palette",), data_buffers=("palette.",)
+        _igpt,
+        _igpt_views,
+        encoder=None,
+        weight_files=("igpt.palette",),
+        data_buffers=("palette.",),
+        exports={"imagegpt": IMAGE_GPT},
     ),
 }
 
@@ -330,7 +350,7 @@ def build_tokenizer(cfg: DictConfig):
     return spec.tokenizer(cfg)
 
 
-def _read(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict, DictConfig, ObjectiveSpec]:
+def read_run(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict, DictConfig, ObjectiveSpec]:
     """(checkpoint, its run config, its objective's spec); the config's ``weight_files`` keys are reset to
     null: the checkpoint's weights hold what those files provided, and they need not exist here."""
     ckpt = read_checkpoint(path)
@@ -339,13 +359,24 @@ def _read(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict, DictCo
     return ckpt, cfg, spec_of(cfg)
 
 
+def objective_from_config(config: dict, source: str = "given to PretrainModule") -> nn.Module:
+    """A freshly built objective from a checkpoint's saved run config (``hyper_parameters.config``), before its
+    weights are loaded; its spec's ``weight_files`` are reset as for :func:`objective_from_checkpoint`.
+    ``PretrainModule.load_from_checkpoint(path)``'s factory (installed by ``mmssl.build``: lit.py may not
+    import build)."""
+    spec = OBJECTIVES.get(config.get("objective", C.Config.objective))
+    ckpt = {"hyper_parameters": {"config": config}}
+    cfg = checkpoint_config(source, ckpt, (), spec.weight_files if spec is not None else ())
+    return spec_of(cfg).build(cfg)
+
+
 def objective_from_checkpoint(
     path: str | Path, overrides: Sequence[str] = (), random_init: bool = False, seed: int = 0
 ) -> tuple[nn.Module, DictConfig]:
     """(the objective of a pretraining checkpoint in eval mode, its run config): config and weights from the
     file, ``key=value`` ``overrides`` on top. ``random_init``: the same architecture at its own (seeded)
     initialisation, keeping only the checkpoint's ``data_buffers`` (an iGPT palette): the baseline of a probe."""
-    ckpt, cfg, spec = _read(path, overrides)
+    ckpt, cfg, spec = read_run(path, overrides)
     return _rebuild(path, ckpt, cfg, spec, random_init, seed), cfg
 
 
@@ -376,7 +407,7 @@ def load_encoder(path: str | Path, random_init: bool = False, seed: int = 0) -> 
                 f"{path}: random_init needs a Lightning checkpoint (.ckpt), which holds the config"
             )
         return load_exported(path)
-    ckpt, cfg, spec = _read(path)
+    ckpt, cfg, spec = read_run(path)
     if spec.encoder is None:
         raise CheckpointError(
             f"checkpoint {path}: the {cfg.objective!r} objective trains no image encoder to evaluate or export"

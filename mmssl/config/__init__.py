@@ -7,6 +7,7 @@ the constructor argument names they feed (see ``mmssl/build/``).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -29,7 +30,14 @@ from mmssl.config.paths import find_file as find_file  # re-exported: C.find_fil
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed")  # auto: build/precision.py
+# trainer.loggers: name -> (packages, any one of which the logger needs; the pip extra installing it)
+LOGGERS: dict[str, tuple[tuple[str, ...], str]] = {
+    "csv": ((), ""),
+    "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
+    "wandb": (("wandb",), "wandb"),
+    "mlflow": (("mlflow",), "mlflow"),
+}
 # torch.distributed.fsdp.ShardingStrategy names (what Lightning's FSDPStrategy(sharding_strategy=) takes)
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
 # Optimizers whose update uses each whole tensor's norm (LARS/LAMB trust ratio): FSDP hands them shards
@@ -113,7 +121,7 @@ class TrainerConfig:
     devices: Any = "auto"  # int or "auto"
     num_nodes: int = 1
     strategy: str = "auto"  # auto | ddp | ddp_spawn | fsdp
-    precision: str = "bf16-mixed"
+    precision: str = "auto"  # bf16-mixed where the GPU / CPU has native bf16, else 32-true
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None
     log_every_n_steps: int = 50
@@ -124,6 +132,9 @@ class TrainerConfig:
     ddp_timeout_s: int = 1800
     sync_batchnorm: bool = False
     compile: bool = False  # torch.compile the objective's forward (Module.compile: state-dict keys unchanged)
+    # experiment loggers, any of csv | tensorboard | wandb | mlflow (mmssl/loggers.py; the last three need extras)
+    loggers: list[str] = field(default_factory=lambda: ["csv"])
+    progress_bar: bool = True  # Lightning's progress bar (off for batch jobs whose logs are files)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
 
@@ -285,6 +296,7 @@ def _check_core(cfg: DictConfig, check: Check) -> None:
     check(cfg.trainer.max_epochs > 0, "trainer.max_epochs", "must be > 0")
     check(cfg.trainer.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", "must be >= 1")
     check(cfg.trainer.ckpt_every_n_steps > 0, "trainer.ckpt_every_n_steps", "must be > 0")
+    check_loggers(cfg.trainer.loggers)
     devices = cfg.trainer.devices
     check(
         devices == "auto" or (isinstance(devices, int) and devices > 0),
@@ -389,6 +401,19 @@ def validate_training(cfg: DictConfig) -> None:
     for _, section, cls, active in _sections(cfg):
         if active and hasattr(cls, "validate_training"):
             cls.validate_training(section, cfg, check)
+
+
+def check_loggers(names, key: str = "trainer.loggers") -> None:
+    """Unknown logger names and loggers whose package is missing fail before any model or data work."""
+    for name in names:
+        if name not in LOGGERS:
+            raise ConfigError(f"config key '{key}': unknown logger {name!r}; choose from {sorted(LOGGERS)}")
+        packages, extra = LOGGERS[name]
+        if packages and not any(importlib.util.find_spec(p) is not None for p in packages):
+            raise ConfigError(
+                f"config key '{key}': the {name} logger needs the {packages[0]} package, which is not "
+                f"installed: pip install 'mmssl[{extra}]' (or pip install {packages[0]})"
+            )
 
 
 def validate_probe(cfg: DictConfig) -> None:

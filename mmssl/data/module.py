@@ -98,8 +98,8 @@ class ShardDataModule(L.LightningDataModule):
             if samples_per_epoch is None:
                 raise ValueError(
                     f"data.samples_per_epoch is not set and data.train_shards={train_shards!r} has no "
-                    "manifest.json with counts for every shard (write_shards/tools/make_shards.py write one); "
-                    "set data.samples_per_epoch"
+                    "manifest.json (write_shards/tools/make_shards.py) or sizes.json (open_clip) with counts for "
+                    "every shard; set data.samples_per_epoch"
                 )
         if samples_per_epoch < 1:
             raise ValueError(f"data.samples_per_epoch must be >= 1, got {samples_per_epoch}")
