@@ -176,3 +176,24 @@ def save_answer_grid(
         ax.imshow(image.permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
         ax.set_title(caption, fontsize=7, color="green" if ok else "red")
     return _save_figure(fig, path, title)
+
+
+def save_histogram(
+    groups: dict[str, Sequence[float]],
+    path: str | Path,
+    threshold: float | None = None,
+    xlabel: str = "score",
+    title: str = "",
+    bins: int = 50,
+) -> Path:
+    """Stacked histogram of one score split into named groups (e.g. kept / dropped), with an optional
+    threshold line."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    named = {name: list(values) for name, values in groups.items() if len(values)}
+    ax.hist(list(named.values()), bins=bins, stacked=True, label=list(named))
+    if threshold is not None:
+        ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:.3g}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("samples")
+    ax.legend(fontsize=8)
+    return _save_figure(fig, path, title, title_size=10)
