@@ -3,7 +3,9 @@
 * :func:`read_checkpoint` opens a Lightning checkpoint with ``torch.load(weights_only=True)`` only (the only
   ``torch.load`` in mmssl), so a checkpoint carrying pickled code is refused with a message instead of being
   executed.
-* :func:`load_state_checked` loads a state dict and explains a mismatch (another architecture, a bad prefix).
+* :func:`load_state_checked` loads a state dict and explains a mismatch (another architecture, a bad prefix);
+  :func:`check_state_fits` does the same check on shapes alone (``--resume``, before Lightning loads the file).
+* :func:`newest_readable`: the newest of several checkpoints that reads (resume falls back past a truncated one).
 * :func:`load_exported` reads what ``export.py`` writes (``NAME.safetensors`` + ``NAME.json``, or a Hugging
   Face-style folder) back as a backbone (``mmssl.backbones`` contract).
 * :func:`load_backbone_weights` loads a plain timm state dict file into a backbone (``clip.backbone_weights``).
@@ -79,16 +81,18 @@ def strip_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
 
 
-def load_state_checked(module: nn.Module, state: Mapping[str, Tensor], source: str, what: str) -> None:
-    """``module.load_state_dict(state)`` that explains a mismatch (another architecture, a bad prefix...)."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
+def state_shapes(state: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def check_state_fits(
+    own: Mapping[str, tuple[int, ...]], theirs: Mapping[str, tuple[int, ...]], source: str, what: str
+) -> None:
+    """Raises CheckpointError naming ``source`` and the first mismatching keys when the state dict shapes
+    ``theirs`` (a file's) do not fit ``own`` (a module's): another architecture, size or prefix."""
+    missing = [k for k in own if k not in theirs]
+    unexpected = [k for k in theirs if k not in own]
+    shapes = [f"{k} {theirs[k]} vs {own[k]}" for k in own if k in theirs and theirs[k] != own[k]]
     if missing or unexpected or shapes:
         parts = []
         for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
@@ -98,7 +102,24 @@ def load_state_checked(module: nn.Module, state: Mapping[str, Tensor], source: s
             f"{source}: the weights do not fit {what}; it looks like a checkpoint of another architecture or "
             f"size: {'; '.join(parts)}"
         )
+
+
+def load_state_checked(module: nn.Module, state: Mapping[str, Tensor], source: str, what: str) -> None:
+    """``module.load_state_dict(state)`` that explains a mismatch (another architecture, a bad prefix...)."""
+    check_state_fits(state_shapes(module.state_dict()), state_shapes(state), source, what)
     module.load_state_dict(state, strict=True)
+
+
+def newest_readable(paths: list[Path]) -> tuple[Path, dict[str, Any], list[str]]:
+    """The first of ``paths`` (newest first) that :func:`read_checkpoint` accepts, with its contents and the
+    reasons the ones before it were passed over; CheckpointError listing every reason when none is readable."""
+    skipped = []
+    for path in paths:
+        try:
+            return path, read_checkpoint(path), skipped
+        except CheckpointError as e:
+            skipped.append(str(e))
+    raise CheckpointError("no readable checkpoint: " + "; ".join(skipped or ["none given"]))
 
 
 def read_sidecar(weights: str | Path) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from mmssl.build.objectives import (
     spec_of,
 )
 from mmssl.build.spec import ObjectiveSpec
-from mmssl.callbacks import LastCheckpoint, RankReport, SaveParts
+from mmssl.callbacks import AtomicCheckpointIO, LastCheckpoint, RankReport, SaveParts
 from mmssl.data.module import ShardDataModule, resolve_shards
 from mmssl.data.shards import SampleDecoder
 from mmssl.data.transforms import CaptionTokens, eval_view
@@ -228,7 +228,7 @@ def build_trainer(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) 
         logger=CSVLogger(out, name="logs"),  # logs/version_N: a resumed run keeps earlier metrics
         callbacks=callbacks,
         default_root_dir=out,
-        plugins=_cluster_plugins(),
+        plugins=[*_cluster_plugins(), AtomicCheckpointIO()],  # no truncated .ckpt under a final name
     )
 
 
