@@ -107,9 +107,11 @@ class LastCheckpoint(L.Callback):
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO, but a checkpoint appears under its final name only once it is complete: it
     is written to a temporary file in the same folder, flushed to disk, and renamed over the final name
-    (``os.replace``, atomic on POSIX). Lightning's own ``_atomic_save`` serialises into memory first but then
-    writes the final file in place, so a full disk or a kill mid-write leaves a truncated ``.ckpt`` that
-    ``--resume`` would pick up. A failed write removes the temporary file and re-raises."""
+    (``os.replace``, atomic on POSIX). Lightning 2.6's ``_atomic_save`` writes through an fsspec transaction,
+    whose temporary file lives in the system temp folder (``tempfile.mkstemp()``) and is committed with
+    ``shutil.move``: across filesystems that is a copy into the final name, so a full checkpoint disk leaves a
+    truncated ``.ckpt`` that ``--resume`` would pick up. A failed write removes the temporary file and re-raises
+    the OSError."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if storage_options is not None:
@@ -123,8 +125,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as e:
             tmp.unlink(missing_ok=True)
+            if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError):
+                raise e.__context__ from None  # torch's zip writer wraps the file's error (a full disk)
             raise
         try:  # make the rename itself durable
             fd = os.open(path.parent, os.O_RDONLY)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import signal
 import sys
 from pathlib import Path
@@ -209,6 +210,15 @@ def train(cfg, out: Path, ckpt: Path | None, shapes: dict | None = None) -> int:
             file=sys.stderr,
         )
         return 128 + (stopper.signum or signal.SIGTERM)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # a full disk or quota
+            raise
+        print(
+            f"error: {e} (at step {trainer.global_step}); checkpoints are written atomically, so the ones in "
+            f"{last.parent} are complete: free some space and continue with --resume",
+            file=sys.stderr,
+        )
+        return 1
     except SystemExit:  # Lightning's answer to a KeyboardInterrupt (SIGINT before training, or twice)
         if stopper.signum == signal.SIGINT:
             print(f"mmssl: SIGINT at step {trainer.global_step}: stopped without saving", file=sys.stderr)
