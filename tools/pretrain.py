@@ -33,6 +33,7 @@ from omegaconf import OmegaConf
 from mmssl import build, checkpoints, launch
 from mmssl import config as C
 from mmssl.callbacks import LastCheckpoint
+from mmssl.data.shards import NoDecodableSamples
 
 EXIT_SIGTERM = 128 + signal.SIGTERM  # 143, what a shell reports for a job killed by the signal
 EXIT_SIGINT = 128 + signal.SIGINT  # 130
@@ -123,21 +124,23 @@ def readable_checkpoint(path: Path, out: Path) -> tuple[Path, dict]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = launch.configure(C.load(args.cfg, args.overrides))
+        # devices / nodes from the launcher (or this machine), then the recipe's global batch by accumulation
+        cfg, kept = C.keep_global_batch(launch.configure(C.load(args.cfg, args.overrides)))
     except (C.ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     if args.print_config:
         return print_config(cfg)
-    try:
-        C.validate_machine(
-            cfg
-        )  # e.g. trainer.strategy=fsdp without CUDA GPUs: before any folder, model or data
+    try:  # e.g. trainer.strategy=fsdp without CUDA GPUs, or nodes nothing will start: before any folder
+        C.validate_machine(cfg)
+        launch.check_nodes(cfg)
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    if kept and launch.is_global_zero():
+        print(f"mmssl: {kept}", file=sys.stderr)
     out = build.run_dir(cfg)
     lock = launch.RunLock(out) if launch.is_global_zero() else None
     try:
@@ -167,11 +170,11 @@ def train(cfg, out: Path, ckpt: Path | None, shapes: dict | None = None) -> int:
     try:
         C.validate_machine(cfg)  # e.g. trainer.strategy=fsdp without CUDA GPUs, before any model or data work
         datamodule = build.build_datamodule(cfg)
+        plan = build.plan(cfg, datamodule)
+        module = build.build_module(cfg, plan)  # a bad model name or weights file names its key (ValueError)
     except (C.ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    plan = build.plan(cfg, datamodule)
-    module = build.build_module(cfg, plan)
     if shapes is not None:  # another architecture: say so before Lightning's raw load_state_dict traceback
         try:
             checkpoints.check_state_fits(
@@ -210,6 +213,9 @@ def train(cfg, out: Path, ckpt: Path | None, shapes: dict | None = None) -> int:
             file=sys.stderr,
         )
         return 128 + (stopper.signum or signal.SIGTERM)
+    except NoDecodableSamples as e:  # a corrupt shard set: an input error like a typo, without tracebacks
+        print(f"error: {NoDecodableSamples.message_of(e)}", file=sys.stderr)
+        return 2
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # a full disk or quota
             raise
