@@ -50,19 +50,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # weights_only=True refuses any pickled global outside torch's allow-list (os.system, custom classes...)
+        refused = unsafe_refusal(path, e)
+        if refused is not None:
+            raise refused from None
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        blocked = next((ln for ln in lines if "GLOBAL" in ln), None)
-        if blocked is None:
-            detail = next(
-                (ln for ln in lines if "Unsupported" in ln or "invalid" in ln.lower()), lines[-1:] or "?"
-            )
-            raise CheckpointError(f"checkpoint {path}: not a readable torch checkpoint ({detail})") from None
-        raise CheckpointError(
-            f"checkpoint {path} was refused: it is not a plain weights file and would run code from its "
-            f"pickle to load ({blocked}). mmssl loads checkpoints with torch.load(weights_only=True) only; "
-            "do not load this file from a source you do not trust."
-        ) from None
+        detail = next(
+            (ln for ln in lines if "Unsupported" in ln or "invalid" in ln.lower()), lines[-1:] or "?"
+        )
+        raise CheckpointError(f"checkpoint {path}: not a readable torch checkpoint ({detail})") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"checkpoint {path}: not a readable torch checkpoint ({e})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
@@ -75,6 +70,24 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"checkpoint {path}: no run config at hyper_parameters.config (written by tools/pretrain.py)"
         )
     return ckpt
+
+
+def unsafe_refusal(path: str | Path, exn: BaseException) -> CheckpointError | None:
+    """mmssl's refusal when ``exn`` (or an exception it was raised from, e.g. inside transformers or timm) is
+    ``torch.load(weights_only=True)`` refusing a pickled global (os.system, a custom class...); None otherwise.
+    torch's own message advises ``weights_only=False``, which would run the file's code: never shown."""
+    seen = exn
+    while seen is not None:
+        lines = [ln.strip() for ln in str(seen).splitlines() if ln.strip()]
+        blocked = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported global" in ln), None)
+        if blocked is not None and ("weights_only" in str(seen) or isinstance(seen, pickle.UnpicklingError)):
+            return CheckpointError(
+                f"checkpoint {path} was refused: it is not a plain weights file and would run code from its "
+                f"pickle to load ({blocked}). mmssl loads checkpoints with torch.load(weights_only=True) only; "
+                "do not load this file from a source you do not trust."
+            )
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def strip_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -188,7 +201,11 @@ def load_backbone_weights(backbone: Backbone, path: str | Path, key: str = "back
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{key}={str(path)!r}: not an existing local file; {OFFLINE}")
-    state = timm.models.load_state_dict(str(path), weights_only=True)
+    try:
+        state = timm.models.load_state_dict(str(path), weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = unsafe_refusal(f"{key}={str(path)!r}", e)
+        raise (refused or CheckpointError(f"{key}={str(path)!r}: not a readable weights file")) from None
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc.", "classifier."))}
     try:
         backbone.model.load_state_dict(state, strict=True)
