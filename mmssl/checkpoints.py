@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -76,18 +77,23 @@ def unsafe_refusal(path: str | Path, exn: BaseException) -> CheckpointError | No
     """mmssl's refusal when ``exn`` (or an exception it was raised from, e.g. inside transformers or timm) is
     ``torch.load(weights_only=True)`` refusing a pickled global (os.system, a custom class...); None otherwise.
     torch's own message advises ``weights_only=False``, which would run the file's code: never shown."""
-    seen = exn
-    while seen is not None:
-        lines = [ln.strip() for ln in str(seen).splitlines() if ln.strip()]
-        blocked = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported global" in ln), None)
-        if blocked is not None and ("weights_only" in str(seen) or isinstance(seen, pickle.UnpicklingError)):
-            return CheckpointError(
-                f"checkpoint {path} was refused: it is not a plain weights file and would run code from its "
-                f"pickle to load ({blocked}). mmssl loads checkpoints with torch.load(weights_only=True) only; "
-                "do not load this file from a source you do not trust."
-            )
+    chain, seen = [], exn
+    while seen is not None and len(chain) < 10:
+        chain.append(str(seen))
         seen = seen.__cause__ or seen.__context__
-    return None
+    blocked = None
+    for text in chain:  # torch's own line: "Trying to load unsupported GLOBAL posix.system whose module ..."
+        blocked = blocked or next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln), None)
+    for text in chain:  # timm's wording: "... Unsupported globals: posix.system. ..."
+        found = re.search(r"[Uu]nsupported globals?: ([\w.]+(?:, [\w.]+)*)", text)
+        blocked = blocked or (found and f"unsupported global {found.group(1).rstrip('.')}")
+    if blocked is None:
+        return None
+    return CheckpointError(
+        f"checkpoint {path} was refused: it is not a plain weights file and would run code from its pickle to "
+        f"load ({blocked}). mmssl loads checkpoints with torch.load(weights_only=True) only; do not load this "
+        "file from a source you do not trust."
+    )
 
 
 def strip_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -203,9 +209,12 @@ def load_backbone_weights(backbone: Backbone, path: str | Path, key: str = "back
         raise FileNotFoundError(f"{key}={str(path)!r}: not an existing local file; {OFFLINE}")
     try:
         state = timm.models.load_state_dict(str(path), weights_only=True)
-    except pickle.UnpicklingError as e:
+    except (pickle.UnpicklingError, RuntimeError) as e:  # timm re-raises torch's refusal as a RuntimeError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         refused = unsafe_refusal(f"{key}={str(path)!r}", e)
-        raise (refused or CheckpointError(f"{key}={str(path)!r}: not a readable weights file")) from None
+        raise (
+            refused or CheckpointError(f"{key}={str(path)!r}: not a readable weights file ({first})")
+        ) from None
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc.", "classifier."))}
     try:
         backbone.model.load_state_dict(state, strict=True)
