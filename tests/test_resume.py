@@ -114,7 +114,7 @@ def test_resume_falls_back_takes_a_path_and_refuses_another_architecture_or_an_u
     assert pretrain.main([*args, "trainer.max_steps=6", "backbone.depth=3", "--resume"]) == 2
     err = capsys.readouterr().err
     assert f"--resume {last}: the weights do not fit the model this config builds" in err
-    assert "missing (e.g. objective.backbone.blocks.2." in err
+    assert "missing (e.g. objective.backbone.model.blocks.2." in err
 
     class Evil:
         def __reduce__(self):
