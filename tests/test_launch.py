@@ -255,7 +255,8 @@ def test_print_config_is_yaml_for_every_recipe_without_its_files(recipe, tmp_pat
     monkeypatch.chdir(tmp_path)  # no runs/ folder: LLaVA's stage-1 parts, decoders and weights are absent
     assert pretrain.main(["--cfg", recipe, "--print-config"]) == 0
     out = capsys.readouterr().out
-    assert yaml.safe_load(out) == OmegaConf.to_container(C.active(C.load(recipe)))
+    here = C.keep_global_batch(launch.configure(C.load(recipe)))[0]  # trainer.global_batch: accumulation set
+    assert yaml.safe_load(out) == OmegaConf.to_container(C.active(here))
     lines = out.rstrip("\n").splitlines()
     assert all(not line.startswith("#") for line in lines[:-1])
     count = re.fullmatch(r"# \w+ objective: ([\d,]+) parameters \(([\d,]+) trainable\)", lines[-1])
