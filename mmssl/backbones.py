@@ -157,6 +157,13 @@ def create_backbone(name: str, img_size: int = 224, **timm_kwargs) -> Backbone:
     """
     kwargs = {k: v for k, v in timm_kwargs.items() if v is not None}
     if name not in timm.list_models():
+        arch, tag = timm.models.split_model_name_tag(name)
+        if tag and arch in timm.list_models():  # e.g. vit_base_patch16_224.augreg_in21k: a weights tag
+            raise ValueError(
+                f"backbone.name={name!r}: timm model {arch!r} exists, but '.{tag}' names pretrained weights, which "
+                f"mmssl never downloads; use backbone.name={arch} and pass a local weights file (e.g. "
+                "clip.backbone_weights, or an exported backbone for the evaluation tools)"
+            )
         raise ValueError(f"backbone.name: unknown timm model {name!r}")
     if name in timm.list_models(module="vision_transformer"):
         kwargs["img_size"] = img_size

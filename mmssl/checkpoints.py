@@ -3,7 +3,9 @@
 * :func:`read_checkpoint` opens a Lightning checkpoint with ``torch.load(weights_only=True)`` only (the only
   ``torch.load`` in mmssl), so a checkpoint carrying pickled code is refused with a message instead of being
   executed.
-* :func:`load_state_checked` loads a state dict and explains a mismatch (another architecture, a bad prefix).
+* :func:`load_state_checked` loads a state dict and explains a mismatch (another architecture, a bad prefix);
+  :func:`check_state_fits` does the same check on shapes alone (``--resume``, before Lightning loads the file).
+* :func:`newest_readable`: the newest of several checkpoints that reads (resume falls back past a truncated one).
 * :func:`load_exported` reads what ``export.py`` writes (``NAME.safetensors`` + ``NAME.json``, or a Hugging
   Face-style folder) back as a backbone (``mmssl.backbones`` contract).
 * :func:`load_backbone_weights` loads a plain timm state dict file into a backbone (``clip.backbone_weights``).
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -48,19 +51,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # weights_only=True refuses any pickled global outside torch's allow-list (os.system, custom classes...)
+        refused = unsafe_refusal(path, e)
+        if refused is not None:
+            raise refused from None
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        blocked = next((ln for ln in lines if "GLOBAL" in ln), None)
-        if blocked is None:
-            detail = next(
-                (ln for ln in lines if "Unsupported" in ln or "invalid" in ln.lower()), lines[-1:] or "?"
-            )
-            raise CheckpointError(f"checkpoint {path}: not a readable torch checkpoint ({detail})") from None
-        raise CheckpointError(
-            f"checkpoint {path} was refused: it is not a plain weights file and would run code from its "
-            f"pickle to load ({blocked}). mmssl loads checkpoints with torch.load(weights_only=True) only; "
-            "do not load this file from a source you do not trust."
-        ) from None
+        detail = next(
+            (ln for ln in lines if "Unsupported" in ln or "invalid" in ln.lower()), lines[-1:] or "?"
+        )
+        raise CheckpointError(f"checkpoint {path}: not a readable torch checkpoint ({detail})") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"checkpoint {path}: not a readable torch checkpoint ({e})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
@@ -75,20 +73,45 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def unsafe_refusal(path: str | Path, exn: BaseException) -> CheckpointError | None:
+    """mmssl's refusal when ``exn`` (or an exception it was raised from, e.g. inside transformers or timm) is
+    ``torch.load(weights_only=True)`` refusing a pickled global (os.system, a custom class...); None otherwise.
+    torch's own message advises ``weights_only=False``, which would run the file's code: never shown."""
+    chain, seen = [], exn
+    while seen is not None and len(chain) < 10:
+        chain.append(str(seen))
+        seen = seen.__cause__ or seen.__context__
+    blocked = None
+    for text in chain:  # torch's own line: "Trying to load unsupported GLOBAL posix.system whose module ..."
+        blocked = blocked or next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln), None)
+    for text in chain:  # timm's wording: "... Unsupported globals: posix.system. ..."
+        found = re.search(r"[Uu]nsupported globals?: ([\w.]+(?:, [\w.]+)*)", text)
+        blocked = blocked or (found and f"unsupported global {found.group(1).rstrip('.')}")
+    if blocked is None:
+        return None
+    return CheckpointError(
+        f"checkpoint {path} was refused: it is not a plain weights file and would run code from its pickle to "
+        f"load ({blocked}). mmssl loads checkpoints with torch.load(weights_only=True) only; do not load this "
+        "file from a source you do not trust."
+    )
+
+
 def strip_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
 
 
-def load_state_checked(module: nn.Module, state: Mapping[str, Tensor], source: str, what: str) -> None:
-    """``module.load_state_dict(state)`` that explains a mismatch (another architecture, a bad prefix...)."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
+def state_shapes(state: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def check_state_fits(
+    own: Mapping[str, tuple[int, ...]], theirs: Mapping[str, tuple[int, ...]], source: str, what: str
+) -> None:
+    """Raises CheckpointError naming ``source`` and the first mismatching keys when the state dict shapes
+    ``theirs`` (a file's) do not fit ``own`` (a module's): another architecture, size or prefix."""
+    missing = [k for k in own if k not in theirs]
+    unexpected = [k for k in theirs if k not in own]
+    shapes = [f"{k} {theirs[k]} vs {own[k]}" for k in own if k in theirs and theirs[k] != own[k]]
     if missing or unexpected or shapes:
         parts = []
         for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
@@ -98,7 +121,24 @@ def load_state_checked(module: nn.Module, state: Mapping[str, Tensor], source: s
             f"{source}: the weights do not fit {what}; it looks like a checkpoint of another architecture or "
             f"size: {'; '.join(parts)}"
         )
+
+
+def load_state_checked(module: nn.Module, state: Mapping[str, Tensor], source: str, what: str) -> None:
+    """``module.load_state_dict(state)`` that explains a mismatch (another architecture, a bad prefix...)."""
+    check_state_fits(state_shapes(module.state_dict()), state_shapes(state), source, what)
     module.load_state_dict(state, strict=True)
+
+
+def newest_readable(paths: list[Path]) -> tuple[Path, dict[str, Any], list[str]]:
+    """The first of ``paths`` (newest first) that :func:`read_checkpoint` accepts, with its contents and the
+    reasons the ones before it were passed over; CheckpointError listing every reason when none is readable."""
+    skipped = []
+    for path in paths:
+        try:
+            return path, read_checkpoint(path), skipped
+        except CheckpointError as e:
+            skipped.append(str(e))
+    raise CheckpointError("no readable checkpoint: " + "; ".join(skipped or ["none given"]))
 
 
 def read_sidecar(weights: str | Path) -> dict[str, Any]:
@@ -167,7 +207,14 @@ def load_backbone_weights(backbone: Backbone, path: str | Path, key: str = "back
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{key}={str(path)!r}: not an existing local file; {OFFLINE}")
-    state = timm.models.load_state_dict(str(path), weights_only=True)
+    try:
+        state = timm.models.load_state_dict(str(path), weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as e:  # timm re-raises torch's refusal as a RuntimeError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        refused = unsafe_refusal(f"{key}={str(path)!r}", e)
+        raise (
+            refused or CheckpointError(f"{key}={str(path)!r}: not a readable weights file ({first})")
+        ) from None
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc.", "classifier."))}
     try:
         backbone.model.load_state_dict(state, strict=True)

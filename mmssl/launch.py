@@ -110,6 +110,21 @@ def configure(cfg: DictConfig, env: Mapping[str, str] | None = None) -> DictConf
     return OmegaConf.merge(cfg, {"trainer": {"devices": launcher.devices, "num_nodes": launcher.num_nodes}})
 
 
+def check_nodes(cfg: DictConfig, env: Mapping[str, str] | None = None) -> None:
+    """Refuses ``trainer.num_nodes`` > 1 when nothing will start the other nodes' processes: no launcher, and
+    not Lightning's own multi-node setup (``LightningEnvironment``: NODE_RANK and MASTER_ADDR on every node).
+    Rank 0 would otherwise wait for ranks that never come. Run after ``--print-config``, which shows any recipe."""
+    env = os.environ if env is None else env
+    manual = "NODE_RANK" in env and "MASTER_ADDR" in env
+    if cfg.trainer.num_nodes > 1 and detect(env) is None and not manual:
+        raise ConfigError(
+            f"config key 'trainer.num_nodes': {cfg.trainer.num_nodes}, but no launcher started this process (no "
+            "torchrun or srun variables, nor NODE_RANK and MASTER_ADDR), so the other nodes would never join. "
+            "Start it with srun or torchrun on every node, or set trainer.num_nodes=1 here (with "
+            "trainer.global_batch the batch is kept by accumulation)"
+        )
+
+
 def is_global_zero(env: Mapping[str, str] | None = None) -> bool:
     """Whether this process will be global rank 0, known before the Trainer exists: the launcher's rank, else
     Lightning's own (``LightningEnvironment``: NODE_RANK or GROUP_RANK, and LOCAL_RANK, which Lightning sets

@@ -119,9 +119,9 @@ def test_without_the_launcher_values_each_process_would_train_alone(tmp_path, en
 def test_launcher_mismatches_are_refused_naming_the_key(env):
     env(SLURM_2x2)
     with pytest.raises(C.ConfigError, match=r"'trainer\.devices': 8, .*SLURM_NTASKS_PER_NODE=2"):
-        launch.configure(C.load("mae_vitb"))  # the recipe says 8 GPUs per node
+        launch.configure(C.load("mae_vitb", ["trainer.devices=8"]))  # as the paper: 8 GPUs per node
     with pytest.raises(C.ConfigError, match=r"'trainer\.num_nodes': 8, .*\(2 nodes\)"):
-        launch.configure(C.load("mae_vitb", ["trainer.devices=auto"]))  # ... and 8 nodes
+        launch.configure(C.load("mae_vitb", ["trainer.num_nodes=8"]))  # ... and 8 nodes
     cfg = launch.configure(C.load("mae_vitb", ["trainer.devices=auto", "trainer.num_nodes=2"]))
     assert C.world_size(cfg) == 4
     with pytest.raises(C.ConfigError, match=r"'trainer\.strategy': ddp_spawn"):
@@ -255,7 +255,8 @@ def test_print_config_is_yaml_for_every_recipe_without_its_files(recipe, tmp_pat
     monkeypatch.chdir(tmp_path)  # no runs/ folder: LLaVA's stage-1 parts, decoders and weights are absent
     assert pretrain.main(["--cfg", recipe, "--print-config"]) == 0
     out = capsys.readouterr().out
-    assert yaml.safe_load(out) == OmegaConf.to_container(C.active(C.load(recipe)))
+    here = C.keep_global_batch(launch.configure(C.load(recipe)))[0]  # trainer.global_batch: accumulation set
+    assert yaml.safe_load(out) == OmegaConf.to_container(C.active(here))
     lines = out.rstrip("\n").splitlines()
     assert all(not line.startswith("#") for line in lines[:-1])
     count = re.fullmatch(r"# \w+ objective: ([\d,]+) parameters \(([\d,]+) trainable\)", lines[-1])

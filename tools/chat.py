@@ -46,6 +46,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from mmssl.checkpoints import unsafe_refusal  # noqa: E402
 from mmssl.data import shapes  # noqa: E402
 from mmssl.data.module import resolve_shards  # noqa: E402
 from mmssl.data.shards import SampleDecoder, eval_pipeline  # noqa: E402
@@ -134,6 +135,14 @@ def main(argv: list[str] | None = None) -> int:
         model = load_parts(args.parts)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (
+        Exception
+    ) as e:  # transformers re-raises torch's weights-only refusal of a decoder file with its advice
+        refused = unsafe_refusal(args.parts, e)
+        if refused is None:
+            raise
+        print(f"error: {refused}", file=sys.stderr)
         return 2
     if args.image:
         print(answer(model, args.image, args.prompt, args.max_new_tokens))

@@ -5,20 +5,25 @@
     python tools/pretrain.py --cfg mae_vitb --print-config       # the resolved recipe, then exit
     python tools/pretrain.py --cfg mae_demo --resume             # continue from <run dir>/checkpoints/last.ckpt
     python tools/pretrain.py --cfg mae_demo --resume auto        # continue if last.ckpt exists, else start
+    python tools/pretrain.py --cfg mae_demo --resume runs/mae_demo/checkpoints/step0000200.ckpt
     torchrun --nproc_per_node 8 tools/pretrain.py --cfg mae_vitb trainer.devices=auto    # devices from torchrun
     sbatch tools/slurm/pretrain.sbatch --cfg mae_vitb ...        # SLURM, requeued on time limit / preemption
 
 Under torchrun or srun, trainer.devices / trainer.num_nodes follow the launcher (mmssl/launch.py). Rank 0
 holds <run dir>/run.lock while the run lasts: a second run into the same folder is refused.
-Exit codes: 0 finished, 2 bad config or input (or the run folder is in use), 143 stopped by SIGTERM after
-saving last.ckpt.
+Checkpoints appear under their final names only once complete; when last.ckpt cannot be read (a disk that
+filled up, a file cut short), --resume says so and continues from the newest readable step checkpoint.
+Exit codes: 0 finished, 2 bad config or input (or the run folder is in use), 143 / 130 stopped by SIGTERM /
+SIGINT (to the trainer or its whole process group) after saving last.ckpt.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -79,10 +84,13 @@ import lightning.pytorch as L  # noqa: E402
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from mmssl import build, launch  # noqa: E402
+from mmssl import build, checkpoints, launch  # noqa: E402
 from mmssl import config as C  # noqa: E402
+from mmssl.callbacks import LastCheckpoint  # noqa: E402
+from mmssl.data.shards import NoDecodableSamples  # noqa: E402
 
-EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a job killed by the signal
+EXIT_SIGTERM = 128 + signal.SIGTERM  # 143, what a shell reports for a job killed by the signal
+EXIT_SIGINT = 128 + signal.SIGINT  # 130
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -126,11 +134,31 @@ def checkpoint_to_resume(resume: str | None, out: Path) -> Path | None:
     return path
 
 
+def readable_checkpoint(path: Path, out: Path) -> tuple[Path, dict]:
+    """``path`` checked by mmssl's reader (weights_only; a pickle with code is refused), with its state-dict
+    shapes. When it is this run's own last.ckpt and cannot be read, the newest readable checkpoint beside it,
+    said on stderr; an explicit ``--resume PATH`` is never replaced."""
+    ckpt_dir = out / "checkpoints"
+    candidates = [path]
+    if path.resolve() == (ckpt_dir / "last.ckpt").resolve():
+        steps = [p for p in ckpt_dir.glob("*.ckpt") if p.name != "last.ckpt"]
+        candidates += sorted(steps, key=lambda p: p.stat().st_mtime, reverse=True)
+    found, ckpt, skipped = checkpoints.newest_readable(candidates)
+    if skipped:
+        print(
+            f"warning: {skipped[0]}; resuming from {found} (step {ckpt.get('global_step', '?')}), the newest "
+            "readable checkpoint, instead",
+            file=sys.stderr,
+        )
+    return found, checkpoints.state_shapes(ckpt["state_dict"])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_lightning()
     try:
-        cfg = launch.configure(C.load(args.cfg, args.overrides))
+        # devices / nodes from the launcher (or this machine), then the recipe's global batch by accumulation
+        cfg, kept = C.keep_global_batch(launch.configure(C.load(args.cfg, args.overrides)))
     except (C.ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -141,33 +169,37 @@ def main(argv: list[str] | None = None) -> int:
         except C.ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    try:
-        C.validate_machine(
-            cfg
-        )  # e.g. trainer.strategy=fsdp without CUDA GPUs: before any folder, model or data
+    try:  # e.g. trainer.strategy=fsdp without CUDA GPUs, or nodes nothing will start: before any folder
+        C.validate_machine(cfg)
+        launch.check_nodes(cfg)
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    if kept and launch.is_global_zero():
+        print(f"mmssl: {kept}", file=sys.stderr)
     out = build.run_dir(cfg)
     lock = launch.RunLock(out) if launch.is_global_zero() else None
     try:
         if lock is not None:
             lock.acquire()
         ckpt = checkpoint_to_resume(args.resume, out)
-    except (launch.RunFolderInUse, C.ConfigError) as e:
+        shapes = None
+        if ckpt is not None:
+            ckpt, shapes = readable_checkpoint(ckpt, out)
+    except (launch.RunFolderInUse, C.ConfigError, checkpoints.CheckpointError) as e:
         if lock is not None:
             lock.release()
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        return train(cfg, out, ckpt)
+        return train(cfg, out, ckpt, shapes)
     finally:
         if lock is not None:
             lock.release()
 
 
-def train(cfg, out: Path, ckpt: Path | None) -> int:
+def train(cfg, out: Path, ckpt: Path | None, shapes: dict | None = None) -> int:
     last = out / "checkpoints" / "last.ckpt"
     # The same seed on every rank, so every rank builds the same initial weights; from the first training step
     # on, PretrainModule reseeds per (seed, rank, step) so each rank draws its own masks (lit.py).
@@ -175,15 +207,24 @@ def train(cfg, out: Path, ckpt: Path | None) -> int:
     try:
         C.validate_machine(cfg)  # e.g. trainer.strategy=fsdp without CUDA GPUs, before any model or data work
         datamodule = build.build_datamodule(cfg)
+        plan = build.plan(cfg, datamodule)
+        # a bad model name or weights file names its key (ValueError); backbone.img_size not whole patches
+        module = build.build_module(cfg, plan)
     except (C.ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    plan = build.plan(cfg, datamodule)
-    try:
-        module = build.build_module(cfg, plan)  # e.g. backbone.img_size not whole patches: before any step
-    except C.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if shapes is not None:  # another architecture: say so before Lightning's raw load_state_dict traceback
+        try:
+            checkpoints.check_state_fits(
+                checkpoints.state_shapes(module.state_dict()),
+                shapes,
+                f"--resume {ckpt}",
+                "the model this config builds (resume with the config the run was trained with: config.yaml "
+                "in its run folder)",
+            )
+        except checkpoints.CheckpointError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     trainer = build.build_trainer(cfg, plan, objective=module.objective)
     if trainer.world_size != plan.world_size:  # the lr and schedule assume plan.world_size processes
         print(
@@ -200,14 +241,33 @@ def train(cfg, out: Path, ckpt: Path | None) -> int:
             f"mmssl: {cfg.objective} in {out}: {total:,} parameters ({trainable:,} trainable); {plan.describe()}"
         )
 
+    stopper = next(c for c in trainer.callbacks if isinstance(c, LastCheckpoint))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
     except SIGTERMException:
+        name = signal.Signals(stopper.signum or signal.SIGTERM).name
         print(
-            f"mmssl: SIGTERM at step {trainer.global_step}: saved {last}; continue with --resume",
+            f"mmssl: {name} at step {trainer.global_step}: saved {last}; continue with --resume",
             file=sys.stderr,
         )
-        return EXIT_SIGTERM
+        return 128 + (stopper.signum or signal.SIGTERM)
+    except NoDecodableSamples as e:  # a corrupt shard set: an input error like a typo, without tracebacks
+        print(f"error: {NoDecodableSamples.message_of(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # a full disk or quota
+            raise
+        print(
+            f"error: {e} (at step {trainer.global_step}); checkpoints are written atomically, so the ones in "
+            f"{last.parent} are complete: free some space and continue with --resume",
+            file=sys.stderr,
+        )
+        return 1
+    except SystemExit:  # Lightning's answer to a KeyboardInterrupt (SIGINT before training, or twice)
+        if stopper.signum == signal.SIGINT:
+            print(f"mmssl: SIGINT at step {trainer.global_step}: stopped without saving", file=sys.stderr)
+            return EXIT_SIGINT
+        raise
     if trainer.is_global_zero:
         print(closing_summary(cfg, out, trainer))
     return 0

@@ -44,7 +44,7 @@ from mmssl.build.objectives import (
 )
 from mmssl.build.precision import resolve_precision
 from mmssl.build.spec import ObjectiveSpec
-from mmssl.callbacks import LastCheckpoint, RankReport, SaveParts
+from mmssl.callbacks import AtomicCheckpointIO, LastCheckpoint, RankReport, SaveParts
 from mmssl.data.module import ShardDataModule, resolve_shards
 from mmssl.data.shards import SampleDecoder, count_samples
 from mmssl.data.transforms import CaptionTokens, eval_view
@@ -250,7 +250,7 @@ def build_trainer(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) 
         enable_progress_bar=t.progress_bar,
         callbacks=callbacks,
         default_root_dir=out,
-        plugins=_cluster_plugins(),
+        plugins=[*_cluster_plugins(), AtomicCheckpointIO()],  # no truncated .ckpt under a final name
     )
 
 

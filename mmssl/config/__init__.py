@@ -127,6 +127,9 @@ class TrainerConfig:
     strategy: str = "auto"  # auto | ddp | ddp_spawn | fsdp
     precision: str = "auto"  # bf16-mixed where the GPU / CPU has native bf16, else 32-true
     accumulate_grad_batches: int = 1
+    # Samples per optimizer step that a recipe keeps wherever it runs: accumulate_grad_batches is then derived
+    # as global_batch / (data.batch_size x processes) (facebookresearch/mae's accum_iter). None: not kept.
+    global_batch: int | None = None
     gradient_clip_val: float | None = None
     log_every_n_steps: int = 50
     ckpt_every_n_steps: int = 1000
@@ -401,9 +404,17 @@ def validate_machine(cfg: DictConfig) -> None:
     """Checks that depend on this machine rather than on the config, run before any model or data work of a
     training run; not part of :func:`validate`, so that a checkpoint's config loads on any machine."""
     t = cfg.trainer
+    import torch
+
+    gpu = t.accelerator in ("auto", "gpu", "cuda")
+    if t.sync_batchnorm and not (gpu and torch.cuda.is_available()):
+        why = "this machine has no CUDA GPU" if gpu else f"trainer.accelerator={t.accelerator}"
+        raise ConfigError(
+            f"config key 'trainer.sync_batchnorm': PyTorch's SyncBatchNorm runs on CUDA GPUs only, but {why}; "
+            "set trainer.sync_batchnorm=false here (each process then normalises over its own batch)"
+        )
     if t.strategy != "fsdp":
         return
-    import torch
 
     if t.accelerator not in ("auto", "gpu", "cuda"):
         why = f"trainer.accelerator={t.accelerator}"
@@ -502,8 +513,41 @@ def world_size(cfg: DictConfig) -> int:
 
 
 def global_batch(cfg: DictConfig) -> int:
-    """Samples per optimizer step: per-device batch x devices x nodes x accumulation."""
+    """Samples per optimizer step: per-device batch x devices x nodes x accumulation, or the recipe's
+    ``trainer.global_batch``, which :func:`keep_global_batch` makes true by setting the accumulation."""
+    if cfg.trainer.global_batch is not None:
+        return cfg.trainer.global_batch
     return cfg.data.batch_size * world_size(cfg) * cfg.trainer.accumulate_grad_batches
+
+
+def keep_global_batch(cfg: DictConfig) -> tuple[DictConfig, str | None]:
+    """``cfg`` with ``trainer.accumulate_grad_batches`` derived from ``trainer.global_batch`` for the processes
+    this run has (``world_size``: devices found here or given by the launcher), and a line saying what was
+    done; (cfg, None) when ``trainer.global_batch`` is not set."""
+    t = cfg.trainer
+    if t.global_batch is None:
+        return cfg, None
+    world, per_device = world_size(cfg), cfg.data.batch_size
+    per_step = per_device * world
+    if t.global_batch < per_step or t.global_batch % per_step:
+        raise ConfigError(
+            f"config key 'trainer.global_batch': {t.global_batch} is not a multiple of data.batch_size x processes "
+            f"= {per_device} x {world} = {per_step}; change data.batch_size (or trainer.global_batch=null to "
+            "set trainer.accumulate_grad_batches yourself)"
+        )
+    accumulate = t.global_batch // per_step
+    if t.accumulate_grad_batches not in (1, accumulate):
+        raise ConfigError(
+            f"config key 'trainer.accumulate_grad_batches': {t.accumulate_grad_batches}, but trainer.global_batch="
+            f"{t.global_batch} with {per_device} per device x {world} processes needs {accumulate}; set one of them"
+        )
+    cfg = OmegaConf.merge(cfg, {"trainer": {"accumulate_grad_batches": accumulate}})
+    note = (
+        f"trainer.global_batch={t.global_batch} kept on {world} process(es) (trainer.devices={t.devices} x "
+        f"trainer.num_nodes={t.num_nodes}): {per_device} per device x {world} x {accumulate} accumulation "
+        f"step(s) (trainer.accumulate_grad_batches={accumulate})"
+    )
+    return cfg, note
 
 
 def learning_rate(cfg: DictConfig) -> float:

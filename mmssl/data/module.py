@@ -20,11 +20,14 @@ and augmentations when ``num_workers=0``) are reseeded per rank and step by ``Pr
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from collections.abc import Callable
 
 import lightning as L
 import torch
 import webdataset as wds
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
 from mmssl.data import demo
@@ -48,6 +51,26 @@ def resolve_shards(spec: str, config_key: str, demo_root: str | None = None) -> 
         return expand_shards("::".join(parts))
     except (FileNotFoundError, ValueError) as exn:
         raise type(exn)(f"{config_key}={spec!r}: {exn}") from exn
+
+
+class WorkerInit:
+    """A DataLoader ``worker_init_fn``: the worker ignores SIGINT and SIGTERM, then seeds itself as Lightning's
+    own ``worker_init_fn`` would (``seed_everything(..., workers=True)``, which Lightning adds only to loaders
+    without one).
+
+    timeout, SLURM, Kubernetes and a terminal's Ctrl-C signal the whole process group. Workers that die of the
+    signal make the main process fail ("DataLoader worker ... is killed by signal") before it can save, so only
+    the main process handles them (``callbacks.LastCheckpoint``); the workers end when the loader shuts them
+    down, or when the main process dies (torch's workers watch their parent)."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def __call__(self, worker_id: int) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+        if int(os.environ.get("PL_SEED_WORKERS", 0)):  # what lightning.fabric.utilities.data adds otherwise
+            pl_worker_init_function(worker_id, rank=self.rank)
 
 
 class _TrainLoader(DataLoader):
@@ -165,6 +188,7 @@ class ShardDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=False,
             pin_memory=self._pin_memory(),
+            worker_init_fn=WorkerInit(rank),
             # The workers' base seed (augmentations) comes from this generator, not the global one, so a run
             # resumed at step s draws the augmentations an uninterrupted run would, not epoch 0's again.
             generator=torch.Generator().manual_seed(wds.utils.make_seed(self.seed, step, rank)),
@@ -193,4 +217,5 @@ class ShardDataModule(L.LightningDataModule):
             batch_size=None,
             num_workers=min(self.num_workers, my_shards),
             pin_memory=self._pin_memory(),
+            worker_init_fn=WorkerInit(rank),
         )

@@ -69,6 +69,14 @@ def expand_shards(spec: str) -> list[str]:
                 urls.extend(matches)
             else:
                 (urls if os.path.isfile(url) else missing).append(url)
+    folders = [url for url in missing if os.path.isdir(url)]
+    if folders:
+        shards = os.path.join(folders[0].rstrip("/") + "_shards", "")
+        raise FileNotFoundError(
+            f"{folders[0]} is a folder, not a webdataset shard (.tar); write its images as shards with "
+            f"`python tools/make_shards.py {folders[0]} {shards}` and pass "
+            f"'{shards}train-*.tar'"
+        )
     if missing:
         raise FileNotFoundError(f"{len(missing)} shard(s) of spec {spec!r} do not exist: {missing[:3]}")
     return urls
@@ -111,6 +119,20 @@ def count_samples(urls: list[str]) -> int | None:
 def _worker_id() -> int:
     info = torch.utils.data.get_worker_info()
     return info.id if info is not None else 0
+
+
+class NoDecodableSamples(RuntimeError):
+    """Every sample so far failed to decode (a corrupt or wrong shard set); the message names the shards.
+    Raised in a DataLoader worker, torch re-raises it in the main process as this type, with the worker's
+    traceback text prepended to the message (``message_of`` takes it off)."""
+
+    @staticmethod
+    def message_of(exn: BaseException) -> str:
+        lines = [ln for ln in str(exn).splitlines() if ln.strip()]
+        last = lines[-1] if lines else ""
+        return last.split(f"{NoDecodableSamples.__module__}.{NoDecodableSamples.__name__}: ", 1)[-1].split(
+            f"{NoDecodableSamples.__name__}: ", 1
+        )[-1]
 
 
 class SampleDecoder:
@@ -244,7 +266,7 @@ class SampleDecoder:
             )
         total = sum(self.failures.values())
         if self.successes == 0 and total >= self.max_failures_without_success:
-            raise RuntimeError(
+            raise NoDecodableSamples(
                 f"no sample could be decoded: {total} failures and 0 successes in worker {_worker_id()}; "
                 f"counts by reason: {dict(self.failures)}; shards: {sorted(self.failed_shards)[:10]}"
             )

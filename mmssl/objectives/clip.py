@@ -48,17 +48,22 @@ def _overrides(values: dict | None, cls: type, key: str) -> dict:
     return values
 
 
-def _check_offline(name: str, model_cfg: dict | None) -> None:
+def _check_offline(name: str, model_cfg: dict | None, text_cfg: dict | None = None) -> None:
+    """``text_cfg``: the clip.text_cfg overrides, which may name a Hugging Face tower the model does not."""
     if name.startswith("hf-hub:"):
         raise ValueError(f"clip.model={name!r}: hf-hub: models need the Hugging Face hub; {OFFLINE}")
     if model_cfg is None:
         raise ValueError(f"clip.model={name!r}: not an open_clip architecture; see open_clip.list_models()")
-    text = model_cfg.get("text_cfg", {})
     for field in ("hf_model_name", "hf_tokenizer_name"):
-        if text.get(field):
+        if (text_cfg or {}).get(field):
+            raise ValueError(
+                f"clip.text_cfg.{field}={text_cfg[field]!r}: a Hugging Face text tower or tokenizer needs the "
+                f"hub ({OFFLINE}); leave it unset to keep open_clip's own text transformer"
+            )
+        if model_cfg.get("text_cfg", {}).get(field):
             raise ValueError(
                 f"clip.model={name!r}: its text tower or tokenizer comes from the Hugging Face hub "
-                f"({field}={text[field]!r}); choose a model with open_clip's own text transformer"
+                f"({field}={model_cfg['text_cfg'][field]!r}); choose a model with open_clip's own text transformer"
             )
 
 
@@ -166,7 +171,7 @@ def open_clip_model(
     TorchScript archive with a GELU name is refused). ``text_cfg``/``vision_cfg`` override fields of the named
     model's config."""
     base = open_clip.get_model_config(name.replace("/", "-"))
-    _check_offline(name, base)
+    _check_offline(name, base, text_cfg)
     if pretrained is not None and not Path(pretrained).expanduser().is_file():
         raise FileNotFoundError(f"clip.pretrained={pretrained!r}: not an existing local file; {OFFLINE}")
     # Whole tower configs replace the named model's (open_clip applies its force_* options before them).
@@ -199,7 +204,7 @@ def open_clip_text_tower(
     open_clip has no public text-tower factory; ``_build_text_tower`` is what its ``CustomTextCLIP`` calls
     (tests/test_clip.py checks the two agree, so a change in open_clip fails there)."""
     base = open_clip.get_model_config(name.replace("/", "-"))
-    _check_offline(name, base)
+    _check_offline(name, base, text_cfg)
     cfg = {**base["text_cfg"], **_overrides(text_cfg, CLIPTextCfg, "clip.text_cfg")}
     return _build_text_tower(embed_dim or base["embed_dim"], cfg, quick_gelu=base.get("quick_gelu", False))
 
