@@ -9,6 +9,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from mmssl.flops import blocks_flops, linear_flops
 from mmssl.ops import gather_tokens, sincos_2d
 
 
@@ -54,6 +55,19 @@ class MAEDecoder(nn.Module):
         x = torch.cat([prefix, x], dim=1) + self.pos_embed
         x = self.norm(self.blocks(x))
         return self.pred(x[:, self.num_prefix_tokens :])
+
+    def forward_flops(self, num_visible: int) -> int:
+        """Forward FLOPs for one image (``mmssl/flops.py``): the embedding of the prefix and ``num_visible``
+        encoded tokens, the blocks on every token, the prediction of every patch."""
+        tokens = self.pos_embed.shape[1]  # prefix + L
+        patches = tokens - self.num_prefix_tokens
+        return (
+            linear_flops(
+                self.num_prefix_tokens + num_visible, self.embed.in_features, self.embed.out_features
+            )
+            + blocks_flops(tokens, self.blocks)
+            + linear_flops(patches, self.pred.in_features, self.pred.out_features)
+        )
 
 
 def mae_init_(module: nn.Module) -> None:

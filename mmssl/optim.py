@@ -9,9 +9,25 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+LARS_NAMES = ("lars", "larc", "nlars", "nlarc")
+
+
+def param_groups(module: nn.Module, name: str, weight_decay: float) -> list[dict]:
+    """timm's parameter groups: no weight decay on 1-D parameters (norms, biases) nor on the names the module
+    lists in ``no_weight_decay()`` (CLS/mask tokens, position embeddings); frozen parameters are left out.
+    LARS-type optimizers get :func:`lars_param_groups`.
+
+    Take them before the module is wrapped for sharding: FSDP then shows every parameter as a flat 1-D shard
+    (with ``use_orig_params``, the same Parameter objects), and the 1-D rule would exempt every weight.
+    """
+    if name.lower() in LARS_NAMES:
+        return lars_param_groups(module, weight_decay)
+    nwd = getattr(module, "no_weight_decay", lambda: set())()
+    return param_groups_weight_decay(module, weight_decay, no_weight_decay_list=nwd)
+
 
 def create_optimizer(
-    module: nn.Module,
+    module: nn.Module | list[dict],
     name: str,
     lr: float,
     weight_decay: float,
@@ -19,15 +35,12 @@ def create_optimizer(
     eps: float = 1e-8,
     momentum: float = 0.9,
 ) -> Optimizer:
-    """timm's optimizer factory with its parameter groups: no weight decay on 1-D parameters (norms, biases)
-    nor on the names the module lists in ``no_weight_decay()`` (CLS/mask tokens, position embeddings).
-    Frozen parameters are left out. LARS-type optimizers get :func:`lars_param_groups`."""
+    """timm's optimizer factory on :func:`param_groups` (of ``module``, or groups taken earlier)."""
     kwargs = {"betas": tuple(betas), "eps": eps} if name.lower() in ("adamw", "adam", "lamb", "lambc") else {}
-    if name.lower() in ("sgd", "momentum", "lars", "larc", "nlars", "nlarc"):
+    if name.lower() in ("sgd", "momentum", *LARS_NAMES):
         kwargs = {"momentum": momentum}
-    if name.lower() in ("lars", "larc", "nlars", "nlarc"):
-        return create_optimizer_v2(lars_param_groups(module, weight_decay), opt=name, lr=lr, **kwargs)
-    return create_optimizer_v2(module, opt=name, lr=lr, weight_decay=weight_decay, **kwargs)
+    groups = param_groups(module, name, weight_decay) if isinstance(module, nn.Module) else module
+    return create_optimizer_v2(groups, opt=name, lr=lr, **kwargs)  # every group carries its weight decay
 
 
 def lars_param_groups(module: nn.Module, weight_decay: float) -> list[dict]:

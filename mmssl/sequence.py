@@ -38,6 +38,8 @@ from timm.layers import QuickGELU, RmsNorm
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from mmssl.flops import blocks_flops, linear_flops
+
 NORMS = {"rmsnorm": RmsNorm, "layernorm": nn.LayerNorm}
 
 
@@ -127,6 +129,13 @@ class SequenceTransformer(nn.Module):
         for blk in self.blocks:
             x = blk(x, is_causal=self.causal)
         return self.head(self.norm(x))
+
+    def forward_flops(self) -> int:
+        """Forward FLOPs for one full sequence (``mmssl/flops.py``): the blocks and the logits; the token
+        embedding is a lookup."""
+        return blocks_flops(self.seq_len, self.blocks) + linear_flops(
+            self.seq_len, self.embed_dim, self.vocab_size
+        )
 
     def decode(self, ids: Tensor, start: int, cache: list[tuple[Tensor, Tensor]] | None = None):
         """Causal decoding with a key/value cache: logits (B, T - start, V) of positions ``start..T-1`` of the

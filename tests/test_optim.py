@@ -81,9 +81,9 @@ def test_warmup_starts_at_warmup_start_lr_as_slowfast():
     base, start, end, warmup, total = 2e-3, 1e-6, 1e-6, 10, 50
 
     def slowfast(epoch: float) -> float:
-        cosine = lambda e: (
-            end + (base - end) * (math.cos(math.pi * (e - warmup) / (total - warmup)) + 1) * 0.5
-        )  # noqa: E731
+        def cosine(e: float) -> float:
+            return end + (base - end) * (math.cos(math.pi * (e - warmup) / (total - warmup)) + 1) * 0.5
+
         if epoch < warmup:
             return epoch * (cosine(warmup) - start) / warmup + start
         return cosine(epoch)

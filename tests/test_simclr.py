@@ -205,23 +205,6 @@ def test_head_sized_from_a_vit():
     assert objective.head.mlp[0].in_features == objective.head.mlp[0].out_features == 192
 
 
-@pytest.mark.parametrize("overrides", [TINY_RESNET, TINY_VIT], ids=["resnet18", "vit"])
-def test_every_trainable_parameter_gets_a_gradient(overrides):
-    objective = build_objective(C.load(None, overrides))
-    for m in objective.modules():
-        if isinstance(m, nn.BatchNorm2d):  # timm zero-inits each block's last BN scale (as SimCLR's ResNet),
-            nn.init.ones_(m.weight)  # which blocks the gradient into that block at step 0
-    out = objective(two_views())
-    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"]) and 0 <= out["contrast_acc"] <= 1
-    out["loss"].backward()
-    for name, p in objective.named_parameters():
-        if p.requires_grad:
-            assert p.grad is not None and p.grad.abs().sum() > 0, name
-        else:
-            assert p.grad is None, name
-    assert {n for n, p in objective.named_parameters() if not p.requires_grad} == {"head.mlp.4.bias"}
-
-
 def test_channels_last_gives_the_same_loss():
     cfg = C.load(None, TINY_RESNET)
     torch.manual_seed(0)
@@ -310,7 +293,7 @@ def test_visualize_pairs_each_view_with_its_nearest_second_view():
     objective = build_objective(C.load(None, TINY_RESNET)).eval()
     batch = two_views(3)
     batch["view2"] = batch["view1"].clone()  # identical views: the nearest second view is the image's own
-    columns = objective.visualize(batch, lambda x: x.sigmoid())
+    columns = objective.visualize(batch, lambda x: x.sigmoid(), torch.Generator())
     assert list(columns) == ["view 1", "view 2", "nearest view 2"]
     torch.testing.assert_close(columns["nearest view 2"], columns["view 1"])
     assert all(c.shape == (3, 3, 32, 32) for c in columns.values())

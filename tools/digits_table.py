@@ -1,5 +1,6 @@
 """The README's digits table: linear probe and kNN accuracy on scikit-learn's handwritten digits for every
-objective in ``build.OBJECTIVES``, random initialisation against a brief pretraining, on CPU.
+objective in ``build.OBJECTIVES`` that trains an image encoder, random initialisation against a brief
+pretraining, on CPU.
 
     python tools/digits_table.py --tsne assets/digits_tsne.png --json runs/digits_table/results.json
 
@@ -30,6 +31,7 @@ import torch
 
 from mmssl import build
 from mmssl import config as C
+from mmssl.checkpoints import read_checkpoint
 from mmssl.eval.features import fingerprint, split_features
 from mmssl.eval.knn import SETTINGS, knn_accuracy
 from mmssl.eval.linear_probe import best, train_probes
@@ -127,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--objectives", nargs="+", default=None, help="default: every objective in build.OBJECTIVES"
+        "--objectives",
+        nargs="+",
+        default=None,
+        help="default: every objective in build.OBJECTIVES with an encoder",
     )
     parser.add_argument("--out-dir", default="runs/digits_table")
     parser.add_argument("--reuse", action="store_true", help="keep existing pretraining runs in --out-dir")
@@ -143,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out_dir = Path(args.out_dir).resolve()
     probe = C.to_dict(C.load(args.probe_cfg, args.probe, schema=C.LinearProbeConfig))
-    names = args.objectives or list(build.OBJECTIVES)
+    # by default every objective that trains an image encoder (iGPT and LLaVA have their own probes)
+    names = args.objectives or [name for name, spec in build.OBJECTIVES.items() if spec.encoder]
     rows, panels = [], {}
     for name in names:
         found = recipe(name)
@@ -152,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         try:
             ckpt, seconds = pretrain(name, found[0], [*found[1], *args.pretrain], out_dir, args.reuse)
-            steps = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+            steps = read_checkpoint(ckpt)["global_step"]
             for random_init in (True, False):
                 result = evaluate(ckpt, random_init, probe, out_dir / "features", args.device)
                 encoder = "random init" if random_init else f"pretrained, {steps} steps"

@@ -24,10 +24,10 @@ from sklearn.preprocessing import StandardScaler
 from torch import Tensor
 
 from mmssl.build import objective_from_checkpoint
+from mmssl.checkpoints import CheckpointError
 from mmssl.data.module import resolve_shards
 from mmssl.data.shards import SampleDecoder, eval_pipeline
 from mmssl.data.transforms import eval_view
-from mmssl.export import CheckpointError
 
 
 def load_labelled(spec: str, key: str, resolution: int, mean, std, interpolation: str = "bicubic"):
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the random-initialisation baseline")
     a = p.parse_args(argv)
     try:
-        trained = objective_from_checkpoint(a.ckpt)
+        trained, _ = objective_from_checkpoint(a.ckpt)
         if not hasattr(trained, "features_per_layer"):
             raise CheckpointError(f"checkpoint {a.ckpt}: not an iGPT run ({type(trained).__name__})")
         side = int(trained.transformer.seq_len**0.5)
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    random_init = objective_from_checkpoint(a.ckpt, random_init=True, seed=a.seed)
+    random_init, _ = objective_from_checkpoint(a.ckpt, random_init=True, seed=a.seed)
     rows = {
         "pretrained": layerwise_probe(trained, train, val),
         "random init": layerwise_probe(random_init, train, val),

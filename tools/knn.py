@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from mmssl import build
+from mmssl.checkpoints import CheckpointError
 from mmssl.eval.features import fingerprint, split_features
 from mmssl.eval.knn import SETTINGS, knn_accuracy
-from mmssl.export import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:

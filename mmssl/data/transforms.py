@@ -62,8 +62,9 @@ class ImageView:
 
 
 class ApplyView:
-    """Decoded sample ``{"image", "label"?, "text"?, "json"?, "has_image"?}`` -> view outputs + label +
-    ``text_fn(text)`` + json (passed through; batches carry it as a list) + has_image."""
+    """Decoded sample ``{"image", "label"?, "caption"?, "json"?, "has_image"?}`` -> view outputs + label +
+    caption (a string; batches carry a list) + ``tokens = text_fn(caption)`` when a ``text_fn`` is given + json
+    (passed through; batches carry it as a list) + has_image. Keys as declared in objectives/base.py."""
 
     def __init__(self, view: Callable, text_fn: Callable | None = None) -> None:
         self.view, self.text_fn = view, text_fn
@@ -72,8 +73,10 @@ class ApplyView:
         out = dict(self.view(sample["image"]))
         if "label" in sample:
             out["label"] = sample["label"]
-        if "text" in sample:
-            out["text"] = self.text_fn(sample["text"]) if self.text_fn is not None else sample["text"]
+        if "caption" in sample:
+            out["caption"] = sample["caption"]
+            if self.text_fn is not None:
+                out["tokens"] = self.text_fn(sample["caption"])
         if "json" in sample:
             out["json"] = sample["json"]
         if "has_image" in sample:

@@ -10,17 +10,19 @@ clamp is open_clip_train/train.py's ``logit_scale.clamp_(0, math.log(100))``).
 The image tower is either the open_clip model's own (``open_clip_model(...).visual``) or any mmssl backbone
 (a timm ViT or CNN, e.g. an MAE-pretrained one) followed by a linear projection.
 Weights come only from local files: a hub tag or an ``hf-hub:`` name is refused before open_clip could try
-the network.
+the network. A weights file whose activation (QuickGELU or GELU) can be read from it must match the model
+config's (``create_open_clip``; OpenAI's weights need a ``-quickgelu`` config).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
+import zipfile
 from pathlib import Path
 
 import open_clip
-import timm.models
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg, _build_text_tower
@@ -58,6 +60,95 @@ def _check_offline(name: str, model_cfg: dict | None) -> None:
             )
 
 
+# QuickGELU or GELU: the activation is not a weight. OpenAI trained its CLIPs with QuickGELU, x * sigmoid(1.702 x)
+# (so is LLaVA-1.5's vision tower, openai/clip-vit-large-patch14-336: hidden_act "quick_gelu"); open_clip's plain
+# configs (ViT-B-32, ViT-L-14-336) build nn.GELU, and only its "openai" hub tag switches them to QuickGELU. A local
+# file loads into either tower without a complaint and every feature comes out wrong (open_clip issue #771; its
+# fix, PR #970, warns for hub tags only). What a weights file can tell:
+# - OpenAI's own release (ViT-B-32.pt, ViT-L-14-336px.pt, ...) is a TorchScript archive, which records the class
+#   of every submodule: the activation is read from it, and a config with the other one is refused.
+# - A plain state dict (.pt/.bin/.safetensors, e.g. open_clip's copies of OpenAI's weights on the HF hub) has the
+#   same keys and shapes for both (activations have no parameters; OpenAI's ViT-L-14 and LAION's share the
+#   layout): nothing in it tells, so the model name decides; recipes name the -quickgelu config explicitly.
+#   A file name that mentions "openai" next to a GELU config only gets a warning (a hint, not evidence).
+_ACTIVATIONS = {"QuickGELU": True, "GELU": False}  # class name -> quick_gelu
+
+
+def _is_torchscript(path: Path) -> bool:
+    # torch.load's own test before it dispatches to torch.jit.load (serialization._is_torchscript_zip)
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.rpartition("/")[2] == "constants.pkl" for name in archive.namelist())
+
+
+def recorded_quick_gelu(path: str | Path) -> bool | None:
+    """Whether the CLIP in weights file ``path`` was built with QuickGELU (True) or GELU (False), where the file
+    records it (a TorchScript archive, OpenAI's release format); None where it cannot tell (a state dict)."""
+    path = Path(path).expanduser()
+    if not _is_torchscript(path):
+        return None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", FutureWarning)
+        archive = torch.jit.load(str(path), map_location="cpu")
+    kinds = {module.original_name for module in archive.modules()} & _ACTIVATIONS.keys()
+    return _ACTIVATIONS[kinds.pop()] if len(kinds) == 1 else None
+
+
+def _check_activation(name: str, path: Path, model_key: str, weights_key: str, prefix: str) -> None:
+    quick = bool((open_clip.get_model_config(name.replace("/", "-")) or {}).get("quick_gelu", False))
+    recorded = recorded_quick_gelu(path)
+    act = {True: "QuickGELU", False: "GELU"}
+    if recorded is not None and recorded != quick:
+        other = f"{name}-quickgelu" if recorded else name.removesuffix("-quickgelu")
+        fix = (
+            f"use {model_key}={prefix}{other}"
+            if other != name and open_clip.get_model_config(other) is not None
+            else f"use an open_clip model config with quick_gelu={recorded}"
+        )
+        raise ValueError(
+            f"{model_key}={prefix}{name} builds a {act[quick]} tower, but {weights_key}={str(path)!r} records "
+            f"{act[recorded]} (a TorchScript archive, as OpenAI releases its CLIPs): {fix}. An activation has no "
+            "weights, so the file would load into the wrong tower silently (open_clip issue #771)"
+        )
+    if recorded is None and not quick and "openai" in path.name.lower():
+        warnings.warn(
+            f"{weights_key}={str(path)!r}: the file name says OpenAI, whose CLIPs use QuickGELU, but "
+            f"{model_key}={prefix}{name} builds GELU and a state dict cannot tell which is right; for OpenAI's "
+            f"weights use {model_key}={prefix}{name}-quickgelu (open_clip issue #771)",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def create_open_clip(
+    name: str,
+    weights: str | Path | None = None,
+    *,
+    model_key: str = "model",
+    weights_key: str = "weights",
+    prefix: str = "",
+    **kwargs,
+) -> nn.Module:
+    """``open_clip.create_model(name, **kwargs)``, loading the local file ``weights`` (if any) after refusing one
+    that records the other activation (see the note above). ``model_key``/``weights_key`` name the config keys
+    in messages; ``prefix`` is what the model key's value holds before the name (``open_clip:``)."""
+    if weights is None:
+        return open_clip.create_model(name, **kwargs)
+    path = Path(weights).expanduser()
+    _check_activation(name, path, model_key, weights_key, prefix)
+    if not _is_torchscript(path):
+        return open_clip.create_model(name, pretrained=str(path), **kwargs)
+    # open_clip reads with torch.load(weights_only=True), which refuses TorchScript archives; an archive only is
+    # read with torch.jit.load (as OpenAI's clip.load and open_clip's load_openai_model do), whose C++ unpickler
+    # restores TorchScript types, never arbitrary Python objects as a pickle can. open_clip then drops the
+    # archive's input_resolution/context_length/vocab_size entries (factory.load_state_dict).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "'torch.load' received a zip file that looks like a TorchScript")
+        warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", FutureWarning)
+        return open_clip.create_model(name, pretrained=str(path), weights_only=False, **kwargs)
+
+
 def open_clip_model(
     name: str,
     *,
@@ -69,7 +160,9 @@ def open_clip_model(
 ) -> nn.Module:
     """An open_clip ``CustomTextCLIP`` (towers at ``.visual`` and ``.text``) by architecture name, randomly
     initialised or loaded from the local open_clip checkpoint ``pretrained`` (standard CLIP layouts are
-    converted by open_clip). ``text_cfg``/``vision_cfg`` override fields of the named model's config."""
+    converted by open_clip; OpenAI's weights need a ``-quickgelu`` name, e.g. ViT-B-32-quickgelu, and an OpenAI
+    TorchScript archive with a GELU name is refused). ``text_cfg``/``vision_cfg`` override fields of the named
+    model's config."""
     base = open_clip.get_model_config(name.replace("/", "-"))
     _check_offline(name, base)
     if pretrained is not None and not Path(pretrained).expanduser().is_file():
@@ -83,9 +176,11 @@ def open_clip_model(
         kwargs["vision_cfg"]["image_size"] = image_size
     if embed_dim is not None:
         kwargs["embed_dim"] = embed_dim
-    return open_clip.create_model(
+    return create_open_clip(
         name,
-        pretrained=str(Path(pretrained).expanduser()) if pretrained else None,
+        pretrained,
+        model_key="clip.model",
+        weights_key="clip.pretrained",
         force_custom_text=True,  # towers as two submodules; open_clip converts standard CLIP checkpoints
         pretrained_image=False,  # no tower downloads (timm / HF towers)
         pretrained_text=False,
@@ -115,27 +210,9 @@ def clip_tokenizer(name: str, context_length: int | None = None):
     return open_clip.get_tokenizer(name, context_length=context_length)
 
 
-def load_backbone_weights(backbone: Backbone, path: str | Path) -> None:
-    """A local timm state dict (``.safetensors`` as written by tools/export.py, or a ``.pt``/``.pth`` read with
-    ``weights_only=True``) into ``backbone.model``; every backbone weight must be present."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"clip.backbone_weights={str(path)!r}: not an existing local file; {OFFLINE}")
-    state = timm.models.load_state_dict(str(path), weights_only=True)
-    state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc.", "classifier."))}
-    try:
-        backbone.model.load_state_dict(state, strict=True)
-    except RuntimeError as exn:
-        detail = str(exn).splitlines()
-        raise ValueError(
-            f"clip.backbone_weights={str(path)!r} does not fit backbone.* ({type(backbone.model).__name__}): "
-            + " ".join(line.strip() for line in detail[1:4])
-        ) from None
-
-
 class CLIP(nn.Module):
-    """The CLIP objective. Batch: ``image`` (B, 3, H, W) and ``text`` (B, L) int64 token ids (tokenised in
-    the data workers). Returns ``loss``, ``logit_scale`` (1/tau) and the normalised features (B, E).
+    """The CLIP objective. Batch: ``image`` (B, 3, H, W) and ``tokens`` (B, L) int64 caption token ids
+    (tokenised in the data workers). Returns ``loss``, ``logit_scale`` (1/tau) and the normalised features (B, E).
 
     ``image_tower`` is either a module mapping images to (B, E) (open_clip's ``model.visual``), kept as
     ``.image_tower``, or an mmssl backbone, kept as ``.backbone`` (the objective contract, so that online
@@ -177,10 +254,10 @@ class CLIP(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        tokens = batch["text"]
+        tokens = batch["tokens"]
         if not isinstance(tokens, Tensor) or tokens.ndim != 2:
             raise TypeError(
-                "CLIP needs batch['text'] as (B, L) token ids: tokenise captions in the data workers "
+                "CLIP needs batch['tokens'] as (B, L) token ids: tokenise captions in the data workers "
                 "(ShardDataModule(text_fn=CaptionTokens(tokenizer)))"
             )
         image_features = self.encode_image(batch["image"])

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmssl.flops import TRAIN_PER_FORWARD
 from mmssl.sequence import SequenceTransformer, sample_logits
 from mmssl.targets.palette import Palette
 
@@ -78,10 +79,11 @@ class ImageGPT(nn.Module):
     def forward(self, batch: dict[str, Tensor], keep: Tensor | None = None) -> dict[str, Tensor]:
         """``keep`` (B, L) bool fixes the BERT mask (True = visible); drawn at random when None."""
         ids = self.tokens(batch["image"])  # (B, L)
+        count = ids.new_full((), ids.numel(), dtype=torch.float32)  # palette tokens (a fill: no host copy)
         if self.mode == "ar":
             logits = self.transformer(ids)  # (B, L, V): position t predicts token t from tokens < t
             loss = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
-            return {"loss": loss, "logits": logits}
+            return {"loss": loss, "logits": logits, "tokens": count}
         if keep is None:
             keep = torch.rand(ids.shape, device=ids.device) >= self.mask_prob
         logits = self.transformer(ids, keep=keep)
@@ -89,7 +91,12 @@ class ImageGPT(nn.Module):
         per_token = F.cross_entropy(logits.float().transpose(1, 2), ids, reduction="none")  # (B, L)
         # per image then over the batch (model.py); an image with no masked token adds 0 instead of NaN
         loss = ((per_token * masked).sum(1) / masked.sum(1).clamp(min=1)).mean()
-        return {"loss": loss, "logits": logits, "mask": masked}
+        return {"loss": loss, "logits": logits, "mask": masked, "tokens": count}
+
+    def flops_per_sample(self) -> int:
+        """Training FLOPs per image (``mmssl/flops.py``): the transformer on its palette-token sequence (the
+        palette look-up is not counted)."""
+        return TRAIN_PER_FORWARD * self.transformer.forward_flops()
 
     def no_weight_decay(self) -> set[str]:
         # embeddings, like norms and biases, are not decayed (the recipe uses no weight decay at all)
@@ -149,13 +156,15 @@ class ImageGPT(nn.Module):
         return out
 
     @torch.no_grad()
-    def visualize(self, batch: dict[str, Tensor], denormalize: Callable, seed: int = 0) -> dict[str, Tensor]:
-        """original | quantised | given half | completions, each (B, 3, R, R) in [0, 1]."""
+    def visualize(
+        self, batch: dict[str, Tensor], denormalize: Callable, generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        """original | quantised | given half | completions, each (B, 3, R, R) in [0, 1]; the completions are
+        sampled from ``generator`` (on the batch's device)."""
         images = batch["image"]
         ids = self.tokens(images)
         size = tuple(images.shape[-2:])
         given = (size[0] // 2) * size[1]  # the top half, in raster order
-        generator = torch.Generator(device=ids.device).manual_seed(seed)
         n = self.num_completions
         done = self.complete(ids.repeat(n, 1), given, generator=generator).view(n, *ids.shape)
         half = self.palette.dequantize(ids, size)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from mmssl import dist
 from mmssl.backbones import Backbone, CNNBackbone
+from mmssl.flops import TRAIN_PER_FORWARD, linears_flops
 from mmssl.heads import ProjectionHead
 from mmssl.losses import nt_xent_from_logits, nt_xent_logits
 
@@ -68,15 +69,25 @@ class SimCLR(nn.Module):
         return {"loss": loss, "contrast_acc": acc}
 
     @torch.no_grad()
-    def visualize(self, batch: dict[str, Tensor], denormalize) -> dict[str, Tensor]:
+    def visualize(
+        self, batch: dict[str, Tensor], denormalize, generator: torch.Generator
+    ) -> dict[str, Tensor]:
         """Picture columns (viz.PictureCallback): each image's two views, and the view 2 of the batch whose
-        projection is nearest to its view 1, which is its own second view when the task is solved."""
+        projection is nearest to its view 1, which is its own second view when the task is solved. Draws
+        nothing at random (``generator`` is unused)."""
         view1, view2 = batch["view1"], batch["view2"]
         z = nn.functional.normalize(self.head(self.embed(torch.cat([view1, view2]))).float(), dim=1)
         z1, z2 = z.split(view1.shape[0])
         nearest = (z1 @ z2.T).argmax(dim=1)  # (n,)
         return {"view 1": denormalize(view1), "view 2": denormalize(view2),
                 "nearest view 2": denormalize(view2[nearest])}  # fmt: skip
+
+    def flops_per_sample(self) -> int | None:
+        """Training FLOPs per image (``mmssl/flops.py``): two views through the encoder and the projection MLP.
+        Known for ViT backbones only (None for CNNs)."""
+        if not hasattr(self.backbone, "forward_flops"):
+            return None
+        return TRAIN_PER_FORWARD * 2 * (self.backbone.forward_flops() + linears_flops(1, self.head))
 
     def no_weight_decay(self) -> set[str]:
         return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}

@@ -9,8 +9,8 @@ text's input embeddings; the causal decoder is trained with next-token cross-ent
 1. feature alignment: only the projector trains (``train_decoder=False``), on captions (``plain``);
 2. instruction tuning: projector and decoder train (``train_decoder=True``), on conversations (``chat``).
 
-The vision encoder never trains. Batches are the data contract: ``image`` (B, 3, H, W) plus ``text`` (list of
-captions) for ``plain`` or ``json`` (list of dicts with LLaVA ``conversations``) for ``chat``, and optionally
+The vision encoder never trains. Batches are the data contract: ``image`` (B, 3, H, W) plus ``caption`` (list
+of captions) for ``plain`` or ``json`` (list of dicts with LLaVA ``conversations``) for ``chat``, and optionally
 ``has_image`` (B,) bool: False marks a text-only conversation whose ``image`` is a dummy, encoded with the
 others but never spliced (the reference's zero image and ``cur_image_features[0:0]``), so every trainable
 parameter stays in the graph. Tokenisation happens here, on the model side: the tokenizer belongs to the
@@ -19,7 +19,6 @@ decoder, and data stays model-free.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -107,11 +106,11 @@ class LLaVA(nn.Module):
         return splice_image_features(input_ids, text, image_tokens, has_image=has_image)
 
     def encode_batch(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        key = "text" if self.prompt.conversation == "plain" else "json"
+        key = "caption" if self.prompt.conversation == "plain" else "json"
         if key not in batch:
             raise KeyError(
                 f"llava.conversation={self.prompt.conversation!r} reads the batch key {key!r} "
-                f"({'captions: .txt' if key == 'text' else 'conversations: .json'} in the shards), "
+                f"({'captions: .txt' if key == 'caption' else 'conversations: .json'} in the shards), "
                 f"but the batch has only {sorted(batch)}"
             )
         encoded = [self.prompt.encode(sample) for sample in batch[key]]
@@ -134,10 +133,12 @@ class LLaVA(nn.Module):
         target = tokens["labels"][:, 1:]
         supervised = target != IGNORE_INDEX
         hits = (out.logits[:, :-1].argmax(-1) == target) & supervised
+        image_positions = (tokens["input_ids"] == IMAGE_TOKEN_ID).sum()
         return {
             "loss": out.loss,
             "token_acc": hits.sum() / supervised.sum(),
             "answer_tokens": supervised.sum().float(),
+            "tokens": (tokens["attention_mask"].sum() - image_positions).float(),  # text tokens, no padding
         }
 
     @torch.no_grad()
@@ -163,9 +164,3 @@ class LLaVA(nn.Module):
     def _prompt_only(self, question: str) -> Encoded:
         ids = self.prompt.prompt(question)
         return Encoded(ids, [IGNORE_INDEX] * len(ids))
-
-    def save_parts(self, directory: str | Path) -> None:
-        """The hook the training system calls at checkpoints and at the end (see ``vlm/parts.py``)."""
-        from mmssl.vlm.parts import save_parts  # parts builds LLaVA objects, so it imports this module
-
-        save_parts(self, directory)

@@ -6,6 +6,9 @@ timm's feature API works the same way: timm ViTs and CNNs, and open_clip visual 
 ``forward_intermediates`` (block outputs without the final norm, prefix tokens split off) and
 ``prune_intermediate_layers`` (drop the blocks after the chosen layer, which are never needed).
 
+LLaVA-1.5's tower is OpenAI's CLIP, trained with QuickGELU: as an open_clip model it is
+``ViT-L-14-336-quickgelu`` (the plain ``ViT-L-14-336`` config builds GELU, and a state dict cannot tell).
+
 An encoder is described by a small JSON-able ``spec`` (``{"source": "timm", "name", "kwargs"}`` or
 ``{"source": "open_clip", "name"}``) so that saved parts can rebuild the architecture before loading weights.
 """
@@ -27,13 +30,21 @@ def create_encoder(spec: dict[str, Any], weights: str | None = None) -> nn.Modul
     if source == "timm":
         return create_backbone(spec["name"], **spec.get("kwargs", {})).model  # the untouched timm model
     if source == "open_clip":
-        import open_clip
+        from mmssl.objectives.clip import create_open_clip
 
         if weights is not None and not Path(weights).is_file():
             raise FileNotFoundError(f"llava.vision_weights={weights!r}: no such file (nothing is downloaded)")
-
-        # pretrained=None builds from the bundled model config; a local file path loads it (no download)
-        return open_clip.create_model(spec["name"], pretrained=weights).visual
+        # pretrained=None builds from the bundled model config; a local file loads (no download). OpenAI's
+        # weights need the -quickgelu config (ViT-L-14-336-quickgelu): a file that records the other activation
+        # is refused (open_clip issue #771, see objectives/clip.py).
+        model = create_open_clip(
+            spec["name"],
+            weights,
+            model_key="llava.vision",
+            weights_key="llava.vision_weights",
+            prefix="open_clip:",
+        )
+        return model.visual
     raise ValueError(f"vision encoder spec {spec!r}: source must be 'timm' or 'open_clip'")
 
 

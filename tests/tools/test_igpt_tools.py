@@ -3,6 +3,7 @@ tools/pretrain.py (uneven shards), then tools/complete.py and tools/igpt_probe.p
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -73,6 +74,11 @@ def test_two_process_ddp_pretraining_through_the_cli(ddp_run):
     assert reports[0]["batches"] == reports[1]["batches"] == 8
     assert "world size 2, global batch 8" in stdout
     assert (run / "pictures" / "final.png").stat().st_size > 5_000  # completions drawn into the run dir
+    with open(run / "logs" / "version_0" / "metrics.csv") as f:
+        speeds = [r for r in csv.DictReader(f) if r.get("train/images_per_s")]
+    assert len(speeds) == 7  # every logged step but the first (mmssl/throughput.py)
+    for row in speeds:  # global rates: 64 palette tokens per 8x8 image on both ranks
+        assert float(row["train/tokens_per_s"]) == pytest.approx(64 * float(row["train/images_per_s"]))
 
 
 @pytest.mark.slow

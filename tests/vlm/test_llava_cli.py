@@ -3,6 +3,7 @@ stage 1 and stage 2 (tools/pretrain.py), then answers from the saved parts alone
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -78,6 +79,9 @@ def test_two_stages_and_chat_through_the_clis(tmp_path):
         f"out_dir={tmp_path}",
     ]
     tool("pretrain.py", "--cfg", "llava_demo_stage1", *common, "name=s1")
+    with open(tmp_path / "s1" / "logs" / "version_0" / "metrics.csv") as f:
+        speeds = [r for r in csv.DictReader(f) if r.get("train/tokens_per_s")]
+    assert len(speeds) == 2 and all(float(r["train/images_per_s"]) > 0 for r in speeds)  # steps 2 and 3
     s1 = tmp_path / "s1" / "llava"
     manifest = json.loads((s1 / "llava.json").read_text())
     assert manifest["decoder"] == str((tmp_path / "llm").resolve())  # frozen decoder: referenced, not copied

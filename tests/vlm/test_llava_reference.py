@@ -14,7 +14,7 @@ from PIL import Image
 
 from mmssl import config as C
 from mmssl.build import build_datamodule
-from mmssl.build.objectives import VIEWS
+from mmssl.build.objectives import build_views
 from mmssl.config.objectives import LlavaConfig
 from mmssl.data.demo import encode
 from mmssl.data.shards import SampleDecoder, eval_pipeline, write_shards
@@ -282,8 +282,8 @@ def test_recipes_pad_only_in_stage_2():
     cfg = C.load("llava_demo_stage1")
     wide = Image.new("RGB", (96, 64), (255, 0, 0))
     wide.paste((0, 0, 255), (0, 0, 16, 64))  # a blue band at the left edge, lost by a centre crop
-    train, val = VIEWS["llava"](cfg)
+    train, val = build_views(cfg)
     assert train(wide)["image"].shape == (3, 64, 64)
     cropped = train(wide)["image"][2, :, :4].mean()  # blue channel at the left border after crop: red only
-    padded = VIEWS["llava"](C.load("llava_demo_stage1", ["llava.image_aspect_ratio=pad"]))[0](wide)["image"]
+    padded = build_views(C.load("llava_demo_stage1", ["llava.image_aspect_ratio=pad"]))[0](wide)["image"]
     assert cropped < 0 and padded[2, 16:48, :8].mean() > cropped
