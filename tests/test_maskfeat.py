@@ -13,13 +13,11 @@ from test_pretrain_cli import cli, demo_root, load_ckpt, metrics, uneven_shards 
 
 from mmssl import config as C
 from mmssl.build import build_objective
-from mmssl.data import demo
-from mmssl.data.shards import SampleDecoder, eval_pipeline
-from mmssl.data.transforms import eval_view
 from mmssl.ops import block_masking
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
+import masked_report  # noqa: E402
 import pretrain  # noqa: E402
 
 TINY = [
@@ -216,33 +214,14 @@ def test_print_config_shows_the_vitb_recipe(capsys):
     assert C.learning_rate(C.load("maskfeat_vitb")) == pytest.approx(2e-4 * 2048 / 256)
 
 
-def masked_losses(objective, root: str, split: str, limit: int) -> tuple[float, float, float]:
-    """On the first ``limit`` centre crops of the demo photos' ``split``: the model's masked-patch MSE, that of
-    the best constant (the mean HOG of those very patches) and that of predicting zeros."""
-    urls = sorted(str(p) for p in Path(demo.ensure_demo("photos", root)).glob(f"{split}-*.tar"))
-    pipeline = eval_pipeline(urls, eval_view(96), 64, rank=0, world_size=1, decoder=SampleDecoder())
-    sums, targets, masks = [], [], []
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for batch in pipeline:
-            out = objective(batch)
-            sums.append(out["loss"] * out["mask"].sum())
-            targets.append(objective.target(batch["image"]))
-            masks.append(out["mask"].bool())
-            if 64 * len(masks) >= limit:
-                break
-    masked = torch.cat(targets)[torch.cat(masks)]  # (N, 108): every masked patch's target
-    model = (torch.stack(sums).sum() / len(masked)).item()
-    return model, ((masked - masked.mean(dim=0)) ** 2).mean().item(), (masked**2).mean().item()
-
-
 @pytest.mark.slow
-def test_demo_run_learns_hog_on_real_photos(tmp_path, demo_root):  # noqa: F811
+def test_demo_run_learns_hog_on_real_photos(tmp_path, demo_root, capsys, monkeypatch):  # noqa: F811
     """The demo recipe (tiny ViT, 96 px, 16 px patches, HOG of 8 px cells) on the bundled photos, shortened to
     80 steps of 32 images. The training loss falls to well under half its start, and on held-out photos the
-    masked-patch loss ends far below predicting zeros and close to the best constant prediction (the mean HOG
-    of those very patches; beating it on unseen photos takes a longer run). That the model reads the visible
-    patches is tested in test_overfits_one_batch_of_real_photos_far_below_the_best_constant.
+    masked-patch loss ends far below predicting zeros and copying the nearest visible patch, and close to the
+    best constant prediction (the mean HOG of those very patches), which the demo does not beat (README). That
+    the model reads the visible patches is tested in
+    test_overfits_one_batch_of_real_photos_far_below_the_best_constant.
     """
     run = tmp_path / "learn"
     args = ["--cfg", "maskfeat_demo", f"out_dir={tmp_path}", "name=learn", "data.num_workers=0",
@@ -254,12 +233,16 @@ def test_demo_run_learns_hog_on_real_photos(tmp_path, demo_root):  # noqa: F811
 
     train = [float(r["train/loss"]) for r in metrics(run) if r.get("train/loss")]
     assert len(train) == 80 and sum(train[-10:]) / 10 < 0.4 * train[0], train
-    cfg = C.load(str(run / "config.yaml"))
-    objective = build_objective(cfg).eval()
-    ckpt = load_ckpt(run / "checkpoints" / "last.ckpt")
-    objective.load_state_dict({k.removeprefix("objective."): v for k, v in ckpt["state_dict"].items()})
-    model, constant, zeros = masked_losses(objective, demo_root, "val", 256)
-    assert model < 0.6 * zeros and model < 1.15 * constant, (model, constant, zeros)
+    # the demo's own report (tools/masked_report.py): every held-out photo (510 centre crops of 3 pictures never
+    # seen in training), fixed masks, against mmssl.eval.masked's baselines
+    monkeypatch.setenv("MMSSL_DATA", demo_root)  # where the run's demo:photos/val shards are
+    capsys.readouterr()
+    assert masked_report.main([str(run / "checkpoints" / "last.ckpt")]) == 0
+    r = json.loads(capsys.readouterr().out)
+    # Issue 14 item 10 asks for 15 % below the best constant; this run (and the full demo, README) does not get
+    # there: held-out photos are 3 pictures unlike the 16 training ones (see README, "MaskFeat demo").
+    assert r["model"] < 0.6 * r["zeros"] and r["model"] < 1.15 * r["constant"], r
+    assert r["model"] < 0.8 * r["copy"], r  # far better than copying the nearest visible patch's HOG
 
 
 @pytest.mark.slow
