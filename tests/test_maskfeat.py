@@ -206,7 +206,7 @@ def test_print_config_shows_the_vitb_recipe(capsys):
     out = capsys.readouterr().out
     for line in ["objective: maskfeat", "mask_ratio: 0.4", "cell_size: 8", "nbins: 9", "gradient: sobel",
                  "base_lr: 0.0002", "weight_decay: 0.05", "- 0.999", "warmup_epochs: 30.0", "max_epochs: 300",
-                 "gradient_clip_val: 0.02", "- 0.5", "batch_size: 256", "devices: 8"]:  # fmt: skip
+                 "gradient_clip_val: 0.02", "- 0.5", "batch_size: 256", "global_batch: 2048"]:  # fmt: skip
         assert line in out, line
     assert "mae:" not in out
     # ViT-B/16 (85,798,656) + mask token (768) + linear head 768 -> 108 (83,052): MMPretrain's 85.88 M
