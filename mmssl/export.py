@@ -32,6 +32,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from mmssl.backbones import Backbone, CNNBackbone, ViTBackbone
+from mmssl.config import HUB_REFUSED, is_hub_name
 
 FORMAT = "mmssl-backbone/1"
 BACKBONE_PREFIX = "objective.backbone.model."  # Lightning state_dict key prefix of the timm encoder
@@ -105,20 +106,69 @@ def load_state_checked(module: nn.Module, state: Mapping[str, Tensor], source: s
     module.load_state_dict(state, strict=True)
 
 
+def read_encoder_weights(path: str | Path, where: str | None = None) -> dict[str, Tensor]:
+    """The timm state dict of an encoder file: a pretraining checkpoint's encoder (``objective.backbone.model.*``),
+    an export of :func:`export_backbone` (``.safetensors`` with its ``.json``, or a ``save_for_hf`` folder), or a
+    plain timm state dict (``.safetensors``, ``.pth``, ``.bin``; torch files read with ``weights_only=True``).
+    Local files only: a model-hub name is refused before anything is looked up."""
+    where = where or str(path)
+    if is_hub_name(str(path)):
+        raise CheckpointError(f"{where}: {HUB_REFUSED}")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"{where}: no such file or folder (local files only; nothing is downloaded)")
+    if p.suffix == ".ckpt":
+        state = strip_prefix(read_checkpoint(p)["state_dict"], BACKBONE_PREFIX)
+        if not state:
+            raise CheckpointError(
+                f"{where}: no timm encoder weights in the checkpoint (no '{BACKBONE_PREFIX}*')"
+            )
+        return state
+    if p.is_dir():
+        p = p / "model.safetensors"  # save_for_hf's weights
+    elif p.with_suffix(".json").is_file():
+        read_sidecar(p)  # an export: its sidecar must be ours
+    try:
+        return timm.models.load_state_dict(str(p), weights_only=True)
+    except Exception as e:  # safetensors and torch raise many types for a file that is not a state dict
+        raise CheckpointError(f"{where}: not a readable state dict ({type(e).__name__}: {e})") from None
+
+
+def load_matching(module: nn.Module, state: Mapping[str, Tensor], where: str) -> dict[str, Any]:
+    """Load the keys of ``state`` that ``module`` has; ``{"loaded", "missing", "unexpected"}``. A shared key of
+    another shape (another size or architecture) is an error naming it, as is a file sharing no key at all."""
+    own = module.state_dict()
+    shapes = [f"{k} {tuple(v.shape)} in the file vs {tuple(own[k].shape)}" for k, v in state.items()
+              if k in own and v.shape != own[k].shape]  # fmt: skip
+    if shapes:
+        more = f" and {len(shapes) - 3} more" if len(shapes) > 3 else ""
+        raise CheckpointError(
+            f"{where}: shape mismatch: {'; '.join(shapes[:3])}{more} (another size or architecture)"
+        )
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    if len(missing) == len(own):
+        raise CheckpointError(
+            f"{where}: none of its {len(state)} tensors is a weight of {type(module).__name__}"
+        )
+    module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return {"loaded": len(own) - len(missing), "missing": missing, "unexpected": unexpected}
+
+
 def wrap(model: nn.Module, img_size: int) -> Backbone:
     """A timm model -> the backbone contract (as ``create_backbone`` does for a fresh one)."""
     return ViTBackbone(model) if isinstance(model, VisionTransformer) else CNNBackbone(model, img_size)
 
 
-def timm_args(model: nn.Module) -> dict[str, Any]:
-    """The keyword arguments timm needs to rebuild ``model``'s architecture (drop rates left out).
+def timm_args(model: nn.Module, keep_head: bool = False) -> dict[str, Any]:
+    """The keyword arguments timm needs to rebuild ``model``'s architecture (drop rates left out), without its
+    classifier (``num_classes=0``) unless ``keep_head`` (a fine-tuned classifier).
 
     timm records them on the model at ``create_model`` (``_model_args``); :func:`export_backbone` reloads the
     export through timm and compares features, so a drift here fails at export time, never silently.
     """
     args = dict(getattr(model, "_model_args", {}))
     args = {k: v for k, v in args.items() if not ("drop" in k and k.endswith("_rate"))}  # training only
-    args["num_classes"] = 0
+    args["num_classes"] = model.num_classes if keep_head else 0
     return args
 
 
@@ -134,8 +184,10 @@ def export_backbone(
     objective: str = "",
     extra: dict[str, Any] | None = None,
     hf_folder: bool = True,
+    keep_head: bool = False,
 ) -> dict[str, Any]:
-    """Write ``out.safetensors`` + ``out.json`` (+ ``out_hf/``); return the sidecar dict."""
+    """Write ``out.safetensors`` + ``out.json`` (+ ``out_hf/``); return the sidecar dict. ``keep_head``: the
+    timm model's classifier is part of the export (a fine-tuned model; ``model_args.num_classes`` says so)."""
     out = Path(out).with_suffix("")
     out.parent.mkdir(parents=True, exist_ok=True)
     model = backbone.model
@@ -145,7 +197,7 @@ def export_backbone(
     sidecar = {
         "format": FORMAT,
         "architecture": model.default_cfg["architecture"],
-        "model_args": timm_args(model),
+        "model_args": timm_args(model, keep_head),
         "img_size": img_size,
         "mean": list(mean),
         "std": list(std),
@@ -254,7 +306,8 @@ def round_trip_diff(backbone: Backbone, out: str | Path, batch: int = 2) -> dict
     the same random images: max absolute difference per form (0.0 when the export is exact)."""
     out = Path(out).with_suffix("")
     sidecar = read_sidecar(out.with_suffix(".safetensors"))
-    overlay = {"file": str(out.with_suffix(".safetensors")), "num_classes": 0}
+    num_classes = sidecar["model_args"].get("num_classes", 0)  # a classifier compares logits
+    overlay = {"file": str(out.with_suffix(".safetensors")), "num_classes": num_classes}
     loaded = {
         "safetensors": timm.create_model(
             sidecar["architecture"], pretrained=True, pretrained_cfg_overlay=overlay, **sidecar["model_args"]
@@ -268,10 +321,11 @@ def round_trip_diff(backbone: Backbone, out: str | Path, batch: int = 2) -> dict
     was_training = backbone.training
     backbone.eval()
     device = next(backbone.parameters()).device
-    expected = backbone.forward_pooled(images.to(device)).cpu()
+    x = images.to(device)
+    expected = (backbone.model(x) if num_classes else backbone.forward_pooled(x)).cpu()
     backbone.train(was_training)
     diffs = {}
     for name, model in loaded.items():
-        got = model.eval().to(device)(images.to(device)).cpu()  # num_classes=0: forward() = pooled features
+        got = model.eval().to(device)(x).cpu()  # num_classes=0: forward() = pooled features
         diffs[name] = (got - expected).abs().max().item() if got.shape == expected.shape else float("inf")
     return diffs

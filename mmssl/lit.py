@@ -40,6 +40,7 @@ class PretrainModule(L.LightningModule):
         momentum: float = 0.9,
         min_lr: float = 0.0,
         config: dict | None = None,
+        layer_decay: float | None = None,
     ):
         super().__init__()
         self.objective = objective
@@ -78,8 +79,9 @@ class PretrainModule(L.LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
+        layer_decay = h.get("layer_decay")  # fine-tuning (optim.py); absent from older checkpoints
         opt = create_optimizer(
-            self.objective, h.optimizer, h.lr, h.weight_decay, tuple(h.betas), h.eps, h.momentum
+            self.objective, h.optimizer, h.lr, h.weight_decay, tuple(h.betas), h.eps, h.momentum, layer_decay
         )
         schedule = warmup_cosine_schedule(opt, h.warmup_steps, h.total_steps, h.min_lr)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -18,16 +18,56 @@ def create_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
     momentum: float = 0.9,
+    layer_decay: float | None = None,
 ) -> Optimizer:
     """timm's optimizer factory with its parameter groups: no weight decay on 1-D parameters (norms, biases)
     nor on the names the module lists in ``no_weight_decay()`` (CLS/mask tokens, position embeddings).
-    Frozen parameters are left out. LARS-type optimizers get :func:`lars_param_groups`."""
+    Frozen parameters are left out. LARS-type optimizers get :func:`lars_param_groups`; ``layer_decay`` gives
+    :func:`layer_decay_param_groups` (fine-tuning)."""
     kwargs = {"betas": tuple(betas), "eps": eps} if name.lower() in ("adamw", "adam", "lamb", "lambc") else {}
     if name.lower() in ("sgd", "momentum", "lars", "larc", "nlars", "nlarc"):
         kwargs = {"momentum": momentum}
     if name.lower() in ("lars", "larc", "nlars", "nlarc"):
         return create_optimizer_v2(lars_param_groups(module, weight_decay), opt=name, lr=lr, **kwargs)
+    if layer_decay is not None:
+        groups = layer_decay_param_groups(module, weight_decay, layer_decay, lr)
+        return create_optimizer_v2(groups, opt=name, lr=lr, weight_decay=weight_decay, **kwargs)
     return create_optimizer_v2(module, opt=name, lr=lr, weight_decay=weight_decay, **kwargs)
+
+
+def layer_decay_param_groups(
+    module: nn.Module, weight_decay: float, layer_decay: float, lr: float
+) -> list[dict]:
+    """Layer-wise lr decay (ELECTRA, BEiT; MAE ``util/lr_decay.py``) by timm's ``param_groups_layer_decay`` on
+    the timm model inside ``module`` (the first submodule with a ``group_matcher``, e.g. a wrapper's
+    ``.model``): for a ViT with ``depth`` blocks, block i gets lr x decay^(depth - i), the patch embedding,
+    CLS token and position embedding decay^(depth + 1), the final norm / fc_norm and head 1. Parameters
+    outside the timm model get scale 1. Weight decay as :func:`create_optimizer`.
+
+    Each group's ``lr`` is set to ``lr x lr_scale`` (MAE's lr_sched.py multiplies every step; a LambdaLR
+    multiplies this initial value instead), and the groups are sorted by decreasing scale, so that group 0 is
+    the head's (what ``train/lr`` logs)."""
+    found = next(((n, m) for n, m in module.named_modules() if hasattr(m, "group_matcher")), None)
+    if found is None:
+        raise ValueError(
+            f"layer_decay needs a timm model (with group_matcher) inside {type(module).__name__}"
+        )
+    prefix, inner = found
+    pre = f"{prefix}." if prefix else ""
+    nwd = getattr(module, "no_weight_decay", set)()
+    inner_nwd = {n.removeprefix(pre) for n in nwd if n.startswith(pre)}
+    groups = param_groups_layer_decay(
+        inner, weight_decay, no_weight_decay_list=inner_nwd, layer_decay=layer_decay
+    )
+    inside = {id(p) for p in inner.parameters()}
+    rest = [(n, p) for n, p in module.named_parameters() if p.requires_grad and id(p) not in inside]
+    for decay in (False, True):
+        params = [p for n, p in rest if (p.ndim > 1 and n not in nwd) == decay]
+        if params:
+            groups.append({"lr_scale": 1.0, "weight_decay": weight_decay if decay else 0.0, "params": params})
+    for group in groups:
+        group["lr"] = lr * group["lr_scale"]
+    return sorted(groups, key=lambda g: -g["lr_scale"])
 
 
 def lars_param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -71,5 +111,7 @@ class WarmupCosine:
 def warmup_cosine_schedule(
     optimizer: Optimizer, warmup_steps: int, total_steps: int, min_lr: float = 0.0
 ) -> LambdaLR:
-    base = optimizer.param_groups[0]["lr"]
+    group = optimizer.param_groups[0]
+    base = group["lr"] / group.get("lr_scale", 1.0)  # the unscaled lr (layer decay scales every group's)
+    # one lambda for all groups: lr_scale x (min_lr + (lr - min_lr) x cosine), as MAE's lr_sched.py
     return LambdaLR(optimizer, WarmupCosine(warmup_steps, total_steps, min_lr / base if base else 0.0))

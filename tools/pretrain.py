@@ -69,11 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     L.seed_everything(cfg.seed, workers=True)
     try:
         datamodule = build.build_datamodule(cfg)
+        plan = build.plan(cfg, datamodule)
+        module = build.build_module(cfg, plan)  # backbone.weights are read here
     except (C.ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    plan = build.plan(cfg, datamodule)
-    module = build.build_module(cfg, plan)
     trainer = build.build_trainer(cfg, plan)
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)

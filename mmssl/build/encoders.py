@@ -5,16 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mmssl import config as C
-from mmssl.backbones import Backbone, create_backbone
+from mmssl.backbones import Backbone, CNNBackbone, ViTBackbone, create_backbone
 from mmssl.export import (
     BACKBONE_PREFIX,
     CheckpointError,
+    load_matching,
     load_state_checked,
     read_checkpoint,
+    read_encoder_weights,
     strip_prefix,
 )
 
@@ -44,9 +46,18 @@ def encoder_of(objective: nn.Module, source: str = "objective") -> Backbone:
     return backbone
 
 
-def checkpoint_config(path: str | Path, ckpt: dict) -> DictConfig:
+def checkpoint_config(
+    path: str | Path, ckpt: dict, overrides: list[str] | tuple[str, ...] = ()
+) -> DictConfig:
+    """A checkpoint's run config (+ dotted overrides), with the files it started from left out: the weights in
+    the checkpoint replace them (``backbone.weights``, an iGPT palette kept as a buffer)."""
+    values = OmegaConf.merge(ckpt["hyper_parameters"]["config"], OmegaConf.from_dotlist(list(overrides)))
+    if values.get("objective") == "igpt":
+        values.igpt.palette = None  # the palette is a buffer in the checkpoint; its file need not exist here
+    if "backbone" in values:
+        values.backbone.weights = None
     try:
-        return C.from_dict(ckpt["hyper_parameters"]["config"], source=f"config in {path}")
+        return C.from_dict(OmegaConf.to_container(values), source=f"config in {path}")
     except C.ConfigError as e:
         raise CheckpointError(f"checkpoint {path}: its run config does not load here: {e}") from None
 
@@ -80,3 +91,37 @@ def encoder_info(cfg: DictConfig) -> dict:
         "crop_pct": 0.875,
         "objective": cfg.objective,
     }
+
+
+def load_pretrained_backbone(objective: nn.Module, path: str, name: str = "this") -> dict[str, list[str]]:
+    """Continued pretraining (``backbone.weights``): a freshly built objective (after its own initialisation) takes
+    the encoder weights of ``path`` (``export.read_encoder_weights``: a pretraining ``.ckpt``, an export, a timm
+    file); missing and unexpected keys are reported, a shape mismatch is an error naming the key. A ``.ckpt`` of
+    the same objective whose other weights fit (MAE's decoder, SimCLR's projection head, CLIP's text tower)
+    brings those too: the run continues that pretraining, with a new optimizer and schedule from step 0."""
+    backbone, where = getattr(objective, "backbone", None), f"config key 'backbone.weights': {path}"
+    if not isinstance(backbone, (ViTBackbone, CNNBackbone)):
+        clip = " (set clip.image_tower=backbone)" if name == "clip" else ""
+        raise C.ConfigError(
+            f"{where}: the {name} objective has no timm backbone (.backbone) to start from{clip}"
+        )
+    report = load_matching(backbone.model, read_encoder_weights(path, where), where)
+    rest, why = {}, "only a pretraining .ckpt of the same objective has them"
+    if str(path).endswith(".ckpt"):
+        ckpt = read_checkpoint(path)
+        rest = {k.removeprefix("objective."): v for k, v in ckpt["state_dict"].items()
+                if not k.startswith(f"{BACKBONE_PREFIX}")}  # fmt: skip
+        own = {k: v for k, v in objective.state_dict().items() if not k.startswith("backbone.model.")}
+        if ckpt["hyper_parameters"]["config"].get("objective") != name:
+            rest, why = (
+                {},
+                f"the checkpoint is of another objective ({ckpt['hyper_parameters']['config'].get('objective')})",
+            )
+        elif rest.keys() != own.keys() or any(v.shape != own[k].shape for k, v in rest.items()):
+            rest, why = {}, "they do not fit this config"
+        objective.load_state_dict(rest, strict=False)
+    print(f"mmssl: backbone.weights={path}: {report['loaded']} of {len(backbone.model.state_dict())} backbone "
+          f"tensors loaded; missing (kept at init): {report['missing'] or 'none'}; unexpected (ignored): "
+          f"{report['unexpected'] or 'none'}; the objective's other weights: "
+          f"{f'{len(rest)} tensors loaded too' if rest else f'at init ({why})'}")  # fmt: skip
+    return report | {"other_weights": sorted(rest)}

@@ -18,6 +18,7 @@ from mmssl.build.encoders import (
     encoder_of,
     img_size,
     load_backbone,
+    load_pretrained_backbone,
 )
 from mmssl.data.transforms import (
     CaptionTokens,
@@ -315,7 +316,12 @@ TEXT: dict[str, Callable[[DictConfig], Callable]] = {
 
 
 def build_objective(cfg: DictConfig) -> nn.Module:
-    return OBJECTIVES[cfg.objective](cfg)
+    objective = OBJECTIVES[cfg.objective](cfg)
+    if (
+        cfg.backbone.weights
+    ):  # continued pretraining: after the objective's own init (MAE re-inits everything)
+        load_pretrained_backbone(objective, cfg.backbone.weights, cfg.objective)
+    return objective
 
 
 def objective_from_checkpoint(
@@ -325,13 +331,7 @@ def objective_from_checkpoint(
     ``random_init``: the same architecture at its own (seeded) initialisation, keeping only the checkpoint's
     buffers that are data rather than learned weights (an iGPT palette): the baseline of a probe."""
     ckpt = read_checkpoint(path)
-    values = OmegaConf.merge(ckpt["hyper_parameters"]["config"], OmegaConf.from_dotlist(list(overrides)))
-    if values.get("objective") == "igpt":
-        values.igpt.palette = None  # the palette is a buffer in the checkpoint; its file need not exist here
-    try:
-        cfg = C.from_dict(OmegaConf.to_container(values), source=f"config in {path}")
-    except C.ConfigError as e:
-        raise CheckpointError(f"checkpoint {path}: its run config does not load here: {e}") from None
+    cfg = checkpoint_config(path, ckpt, overrides)
     torch.manual_seed(seed)
     objective = build_objective(cfg)
     state = {k.removeprefix("objective."): v for k, v in ckpt["state_dict"].items()}

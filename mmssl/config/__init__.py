@@ -53,6 +53,9 @@ class BackboneConfig:
     depth: int | None = None
     num_heads: int | None = None
     drop_path_rate: float = 0.0
+    # continued pretraining: a new run (new optimizer and schedule, step 0) from these encoder weights: a
+    # pretraining .ckpt, an exported .safetensors (+ .json) or folder, or a plain timm state dict; local only
+    weights: str | None = None
 
 
 @dataclass
@@ -233,6 +236,20 @@ def _merge(base: DictConfig, delta: Any, source: str) -> DictConfig:
         raise ConfigError(f"config key '{key}' ({source}): {reason}") from None
 
 
+HUB_REFUSED = "a model-hub name; mmssl never downloads weights: pass the path of a local file or folder"
+
+
+def is_hub_name(value: str | None) -> bool:
+    """``hf-hub:``/``timm/`` names and URLs (checked before any file is looked for, so never fetched)."""
+    if value is None:
+        return False
+    return (
+        value.startswith(("hf-hub:", "hf_hub:"))
+        or "://" in value
+        or (value.startswith("timm/") and not Path(value).exists())
+    )
+
+
 def validate(cfg: DictConfig) -> None:
     """Value checks that types alone cannot express; each error names its key."""
 
@@ -241,6 +258,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"config key '{key}': {msg} (got {OmegaConf.select(cfg, key)!r})")
 
     check(cfg.objective in objective_names(), "objective", f"must be one of {objective_names()}")
+    check(not is_hub_name(cfg.backbone.weights), "backbone.weights", HUB_REFUSED)
     check(0.0 <= cfg.mae.mask_ratio < 1.0, "mae.mask_ratio", "must be in [0, 1)")
     llava = cfg.llava
     check(cfg.objective != "llava" or bool(llava.decoder), "llava.decoder", "required: a local model folder")
