@@ -13,6 +13,12 @@ For each objective NAME it
    lr is picked on val, as the papers' grids do) and weighted kNN (k=20, T=0.07 and k=200, T=0.1).
 Objectives without a recipe, or whose pretraining fails on digits, get a row that says so.
 Prints a Markdown table; ``--tsne`` draws t-SNE maps of the val features for the README.
+
+``--finetune`` adds the fine-tuning table: each encoder (pretrained, and the same architecture at random init)
+fine-tuned end to end with ``configs/finetune_digits.yaml`` through tools/finetune.py (the MAE protocol scaled
+to the digits, same budget for both), best-epoch held-out top-1 / top-5 and the last epoch's top-1:
+
+    python tools/digits_table.py --reuse --finetune --json runs/digits_table/results.json
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import torch
 
 from mmssl import build
 from mmssl import config as C
-from mmssl.eval.features import fingerprint, split_features
+from mmssl.eval.features import Features, fingerprint, probe_train_features, split_features
 from mmssl.eval.knn import SETTINGS, knn_accuracy
 from mmssl.eval.linear_probe import best, train_probes
 
@@ -82,11 +88,16 @@ def evaluate(ckpt: Path, random_init: bool, probe: dict, cache: Path, device: st
     common = dict(
         encoder_id=f"{fingerprint(ckpt)}:{'random' if random_init else 'trained'}:{probe['seed']}",
         layers=list(probe["layers"]), pool=probe["pool"], img_size=d["img_size"], crop_pct=d["crop_pct"],
-        batch_size=d["batch_size"], num_workers=d["num_workers"], label_key=d["label_key"], cache_dir=cache,
-        device=device,
+        batch_size=d["batch_size"], num_workers=d["num_workers"], label_key=d["label_key"],
+        crop_scale=tuple(d["crop_scale"]), hflip=d["hflip"], seed=probe["seed"], device=device,
     )  # fmt: skip
-    train = split_features(backbone, info, DIGITS["train"], **common)
-    val = split_features(backbone, info, DIGITS["val"], **common)
+    train = probe_train_features(
+        backbone, info, DIGITS["train"], mode=d["mode"], augment_copies=d["augment_copies"], cache_dir=cache,
+        **common,
+    )  # fmt: skip
+    val = split_features(backbone, info, DIGITS["val"], cache_dir=cache, **common)
+    # kNN needs one fixed memory bank: the evaluation view of the training split
+    bank = train if isinstance(train, Features) else split_features(backbone, info, DIGITS["train"], **common)
     results = train_probes(
         train, val, base_lrs=list(probe["base_lrs"]), optimizer=probe["optimizer"], momentum=probe["momentum"],
         nesterov=probe["nesterov"], weight_decay=probe["weight_decay"], batch_size=probe["batch_size"],
@@ -95,7 +106,7 @@ def evaluate(ckpt: Path, random_init: bool, probe: dict, cache: Path, device: st
     )  # fmt: skip
     top = best(results)
     layer = top.layer
-    knn = knn_accuracy(train.features[layer], train.labels, val.features[layer], val.labels, SETTINGS)
+    knn = knn_accuracy(bank.features[layer], bank.labels, val.features[layer], val.labels, SETTINGS)
     return {
         "linear_top1": top.top1,
         "linear_base_lr": top.base_lr,
@@ -105,6 +116,47 @@ def evaluate(ckpt: Path, random_init: bool, probe: dict, cache: Path, device: st
         "val_features": val.features[layer],
         "val_labels": val.labels,
     }
+
+
+def finetune(name: str, ckpt: Path, random_init: bool, out_dir: Path, cfg_name: str, extra: list[str],
+             reuse: bool) -> dict:  # fmt: skip
+    """tools/finetune.py on one encoder; its results.json, summarised."""
+    run = f"{name}_{'random' if random_init else 'pretrained'}"
+    folder = out_dir / "finetune"
+    results = folder / run / "results.json"
+    if not (reuse and results.is_file()):
+        if (folder / run).exists():
+            shutil.rmtree(folder / run)  # a run directory of this tool's own out_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, str(ROOT / "tools" / "finetune.py"), "--cfg", cfg_name, f"encoder={ckpt}",
+               f"random_init={str(random_init).lower()}", f"out_dir={folder}", f"name={run}", *extra]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        log = folder / f"{run}.log"
+        print(f"[{name}] fine-tuning: {' '.join(cmd[1:])} (log: {log})", flush=True)
+        with open(log, "w") as f:
+            code = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+        if code != 0 or not results.is_file():
+            errors = [ln for ln in log.read_text().splitlines() if ln.startswith("error:")] or ["?"]
+            raise (ValueError if code == 2 else RuntimeError)(
+                f"fine-tuning exited with {code}: {errors[-1][:200]}"
+            )
+    r = json.loads(results.read_text())
+    return {"top1": r["best"]["val/top1"], "top5": r["best"]["val/top5"], "last_top1": r["last"]["val/top1"],
+            "steps": r["global_step"]}  # fmt: skip
+
+
+def markdown_finetune(rows: list[dict]) -> str:
+    head = "| objective | encoder | fine-tuned top-1 (best epoch) | top-5 | top-1, last epoch |"
+    lines = [head, "|---|---|---|---|---|"]
+    for r in rows:
+        if "finetune" in r:
+            f = r["finetune"]
+            lines.append(
+                f"| {r['objective']} | {r['encoder']} | {f['top1']:.1f} | {f['top5']:.1f} | {f['last_top1']:.1f} |"
+            )
+        elif "finetune_error" in r:
+            lines.append(f"| {r['objective']} | {r['encoder']} | {r['finetune_error']} | | |")
+    return "\n".join(lines)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -136,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         "--pretrain", nargs="*", default=[], metavar="key=value", help="extra pretraining overrides"
     )
     parser.add_argument("--probe", nargs="*", default=[], metavar="key=value", help="probe config overrides")
+    parser.add_argument("--finetune", action="store_true", help="also fine-tune every encoder end to end")
+    parser.add_argument("--finetune-cfg", default="finetune_digits")
+    parser.add_argument(
+        "--finetune-args", nargs="*", default=[], metavar="key=value", help="fine-tuning config overrides"
+    )
     parser.add_argument("--tsne", help="write t-SNE maps of the val features here (PNG)")
     parser.add_argument("--json", help="write every number here")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -162,15 +219,25 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"[{name}] {encoder}: linear {result['linear_top1']:.1f}, kNN {result['knn']}", flush=True
                 )
+                if args.finetune:
+                    try:
+                        ft = finetune(name, ckpt, random_init, out_dir, args.finetune_cfg, args.finetune_args,
+                                      args.reuse)  # fmt: skip
+                        rows[-1]["finetune"] = ft
+                        print(f"[{name}] {encoder}: fine-tuned top-1 {ft['top1']:.1f}", flush=True)
+                    except ValueError as e:  # refused before training (e.g. not a timm encoder)
+                        rows[-1]["finetune_error"] = f"not fine-tuned: {e}"
         except (RuntimeError, ValueError, FileNotFoundError) as e:
             rows.append({"objective": name, "error": f"failed: {e}"})
     table = markdown(rows)
     print(table)
+    tables = {"table": table}
+    if args.finetune:
+        tables["finetune_table"] = markdown_finetune(rows)
+        print(tables["finetune_table"])
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(
-            json.dumps({"rows": rows, "probe": probe, "table": table}, indent=1) + "\n"
-        )
+        Path(args.json).write_text(json.dumps({"rows": rows, "probe": probe, **tables}, indent=1) + "\n")
     if args.tsne and panels:
         from mmssl.viz import save_embedding_plot
 

@@ -70,8 +70,9 @@ def load_backbone(path: str | Path) -> tuple[DictConfig, Backbone, dict]:
     state = strip_prefix(ckpt["state_dict"], BACKBONE_PREFIX)
     if not state:
         raise CheckpointError(
-            f"checkpoint {path}: no encoder weights under '{BACKBONE_PREFIX}*' (the {cfg.objective!r} objective "
-            "must expose its encoder as .backbone, see objectives/base.py)"
+            f"checkpoint {path}: the {cfg.objective!r} objective's encoder is not a timm model (no weights under "
+            f"'{BACKBONE_PREFIX}*'), so it cannot be exported to timm or loaded as one; the evaluation tools "
+            "load it through build.load_encoder"
         )
     backbone = build_backbone(cfg)
     what = f"backbone {cfg.backbone.name!r} of its config"

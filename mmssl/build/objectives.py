@@ -30,6 +30,7 @@ from mmssl.data.transforms import (
     simclr_view,
 )
 from mmssl.export import (
+    BACKBONE_PREFIX,
     CheckpointError,
     load_exported,
     load_state_checked,
@@ -349,12 +350,16 @@ def load_encoder(path: str | Path, random_init: bool = False, seed: int = 0) -> 
     checkpoint's architecture and the objective's own initialisation (seeded) but not its weights."""
     path = Path(path)
     if path.suffix == ".ckpt":
-        if random_init:
-            cfg = checkpoint_config(path, read_checkpoint(path))
-            torch.manual_seed(seed)
-            return encoder_of(build_objective(cfg), str(path)).eval(), encoder_info(cfg)
-        cfg, backbone, _ = load_backbone(path)
-        return backbone, encoder_info(cfg)
+        ckpt = read_checkpoint(path)
+        if not random_init and any(k.startswith(BACKBONE_PREFIX) for k in ckpt["state_dict"]):
+            cfg, backbone, _ = load_backbone(path)  # a timm encoder: nothing else of the objective is built
+            return backbone, encoder_info(cfg)
+        # another encoder (iGPT's), or the objective's own initialisation: the objective is built and asked
+        encoder = encoder_of(objective_from_checkpoint(path, random_init=random_init, seed=seed), str(path))
+        info = encoder_info(checkpoint_config(path, ckpt))
+        for key, attribute in (("img_size", "input_size"), ("architecture", "architecture")):  # iGPT's own
+            info[key] = getattr(encoder, attribute, info[key])
+        return encoder.eval(), info
     if random_init:
         raise CheckpointError(
             f"{path}: random_init needs a Lightning checkpoint (.ckpt), which holds the config"
