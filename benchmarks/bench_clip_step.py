@@ -80,7 +80,7 @@ def mmssl_step(objective, opt, batch) -> None:
 
 
 def open_clip_step(model, opt, batch, loss_fn) -> None:
-    image, text, scale = model(batch["image"], batch["text"])
+    image, text, scale = model(batch["image"], batch["tokens"])
     loss = loss_fn(image, text, scale)
     loss.backward()
     opt.step()
@@ -109,7 +109,10 @@ def main() -> None:
     torch.manual_seed(0)
     cfg, ours, peer = build_pair(args.size, args.img)
     captions = [caption for _, _, caption, _, _ in shapes.samples("train", args.batch, 0)]
-    batch = {"image": torch.randn(args.batch, 3, args.img, args.img), "text": build_tokenizer(cfg)(captions)}
+    batch = {
+        "image": torch.randn(args.batch, 3, args.img, args.img),
+        "tokens": build_tokenizer(cfg)(captions),
+    }
     ours_opt = create_optimizer(ours, "adamw", 5e-4, 0.2, (0.9, 0.98), 1e-6)
     peer_opt, loss_fn = open_clip_optimizer(peer), open_clip.ClipLoss()
     impls = {

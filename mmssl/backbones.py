@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import timm
 import torch
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -81,7 +82,10 @@ class ViTBackbone(nn.Module):
         prefix = self._prefix_tokens(patch_tokens.shape[0])
         x = patch_tokens if prefix is None else torch.cat([prefix, patch_tokens], dim=1)
         x = m.norm_pre(m.pos_drop(x))
-        x = m.blocks(x)
+        if m.grad_checkpointing and torch.is_grad_enabled():  # set_grad_checkpointing(), as forward_features
+            x = checkpoint_seq(m.blocks, x)  # recomputes each block's activations in the backward pass
+        else:
+            x = m.blocks(x)
         return m.norm(x)
 
     def forward_tokens(
@@ -103,7 +107,9 @@ class ViTBackbone(nn.Module):
         return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
 
     def no_weight_decay(self) -> set[str]:
-        return {f"model.{n}" for n in self.model.no_weight_decay()}
+        # timm names dist_token / reg_token even for models without them; keep the parameters that exist
+        own = {n for n, _ in self.model.named_parameters()}
+        return {f"model.{n}" for n in self.model.no_weight_decay() if n in own}
 
     def forward_flops(self, num_kept: int | None = None) -> int:
         """Forward FLOPs for one image (counted as in ``mmssl/flops.py``): the patch embedding of every patch,
@@ -159,10 +165,13 @@ def create_backbone(name: str, img_size: int = 224, **timm_kwargs) -> Backbone:
         if vit_only:
             raise ValueError(f"backbone.{vit_only[0]}: size overrides apply to ViTs only, not to {name!r}")
     model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-    if isinstance(model, VisionTransformer):
-        return ViTBackbone(model)
-    if not hasattr(model, "feature_info"):
+    if not isinstance(model, VisionTransformer) and not hasattr(model, "feature_info"):
         raise ValueError(
             f"backbone.name: {name!r} is neither a timm VisionTransformer nor a CNN with feature_info"
         )
-    return CNNBackbone(model, img_size)
+    return as_backbone(model, img_size)
+
+
+def as_backbone(model: nn.Module, img_size: int) -> Backbone:
+    """A timm model (fresh or loaded) -> the backbone contract; ``img_size`` sizes a CNN's token grid."""
+    return ViTBackbone(model) if isinstance(model, VisionTransformer) else CNNBackbone(model, img_size)

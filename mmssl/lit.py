@@ -1,21 +1,29 @@
-"""The one generic LightningModule and the training-system callbacks. It knows only the objective contract
-(``objectives/base.py``): a batch dict in, a dict with ``"loss"`` out. It never imports an objective.
+"""The one generic LightningModule (its callbacks are in ``callbacks.py``). It knows only the objective
+contract (``objectives/base.py``): a batch dict in, a dict with ``"loss"`` out. It never imports an objective.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import hashlib
+import math
 
 import lightning.pytorch as L
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 
-from mmssl.optim import create_optimizer, warmup_cosine_schedule
+from mmssl.optim import create_optimizer, param_groups, warmup_cosine_schedule
 
 
 def scalars(out: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach() for k, v in out.items() if isinstance(v, Tensor) and v.ndim == 0}
+
+
+def step_seed(seed: int, rank: int, step: int, batch_idx: int) -> int:
+    """A 63-bit seed for one training batch of one rank: a hash (BLAKE2b) of all four numbers, so neighbouring
+    ranks and steps get unrelated streams rather than overlapping ``seed + i`` ones."""
+    digest = hashlib.blake2b(repr((seed, rank, step, batch_idx)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def batch_size(batch: dict) -> int:
@@ -24,7 +32,21 @@ def batch_size(batch: dict) -> int:
 
 
 class PretrainModule(L.LightningModule):
-    """Optimizer, per-step warmup-cosine schedule, logging and failure checks around any objective."""
+    """Optimizer, per-step warmup-cosine schedule, logging and failure checks around any objective.
+
+    Randomness: before every training batch the global torch generators (CPU and every accelerator, through
+    ``torch.manual_seed``) are reseeded with ``step_seed(seed, global_rank, global_step, batch_idx)``. The
+    random draws of a training step (MAE / MaskFeat masks, iGPT-BERT masks, drop-path) are therefore a pure
+    function of (seed, rank, step, micro-batch): each rank draws its own masks (facebookresearch/mae
+    ``main_pretrain.py`` seeds each rank with ``seed + rank``; one shared seed would make a 64-GPU run draw
+    every mask 64 times), a rerun draws the same ones, and a run resumed at any step continues exactly where
+    the uninterrupted run would be, with no generator state in the checkpoint. ``batch_idx`` separates the
+    micro-batches of one gradient-accumulation window, which share ``global_step``. Model initialisation
+    happens before this, from ``seed_everything(seed)`` on every rank, so all ranks start from the same
+    weights. Python's ``random`` and numpy are left alone: nothing in a training step draws from their global
+    state (``ops.block_masking`` seeds its own ``random.Random`` from torch). Data workers have their own
+    seeds (``data/module.py``).
+    """
 
     def __init__(
         self,
@@ -39,16 +61,24 @@ class PretrainModule(L.LightningModule):
         eps: float = 1e-8,
         momentum: float = 0.9,
         min_lr: float = 0.0,
+        seed: int = 0,
+        warmup_start_lr: float = 0.0,
         config: dict | None = None,
         layer_decay: float | None = None,
     ):
         super().__init__()
         self.objective = objective
+        # Taken now, before any FSDP wrapping flattens the parameters (see optim.param_groups).
+        # layer_decay: layer-wise lr decay for fine-tuning (optim.layer_decay_param_groups)
+        self._param_groups = param_groups(objective, optimizer, weight_decay, layer_decay)
         # The resolved run config travels inside every checkpoint (plain types: loads with weights_only=True).
         self.save_hyperparameters(ignore=["objective"])
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return self.objective(batch)
+
+    def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        torch.manual_seed(step_seed(self.hparams.seed, self.global_rank, self.global_step, batch_idx))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         out = self.objective(batch)
@@ -79,18 +109,20 @@ class PretrainModule(L.LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
-        layer_decay = h.get("layer_decay")  # fine-tuning (optim.py); absent from older checkpoints
         opt = create_optimizer(
-            self.objective, h.optimizer, h.lr, h.weight_decay, tuple(h.betas), h.eps, h.momentum, layer_decay
+            self._param_groups, h.optimizer, h.lr, h.weight_decay, tuple(h.betas), h.eps, h.momentum
         )
-        schedule = warmup_cosine_schedule(opt, h.warmup_steps, h.total_steps, h.min_lr)
+        schedule = warmup_cosine_schedule(opt, h.warmup_steps, h.total_steps, h.min_lr, h.warmup_start_lr)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # After DDP's all-reduce every rank holds the same gradients, so every rank stops together here and
         # the optimizer never applies a NaN update (a NaN loss otherwise silently turns the weights into NaN).
-        grads = [p.grad for p in self.objective.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        if isinstance(self.trainer.model, FullyShardedDataParallel):  # each rank holds gradient shards
+            norm = self.trainer.model.clip_grad_norm_(math.inf)  # FSDP's norm over all shards; clips nothing
+        else:
+            grads = [p.grad for p in self.objective.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
         if not torch.isfinite(norm):
             raise FloatingPointError(
                 f"non-finite loss or gradient at step {self.global_step} (gradient norm {norm.item()}); "
@@ -99,63 +131,17 @@ class PretrainModule(L.LightningModule):
             )
         self.log("train/grad_norm", norm)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        model = self.trainer.model
+        if gradient_clip_val and isinstance(model, FullyShardedDataParallel):
+            # Lightning's FSDP precision plugin refuses norm clipping: torch.nn.utils.clip_grad_norm_ would see
+            # this rank's shards only. FSDP's own clip_grad_norm_ takes the norm over all of them.
+            model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         hook = getattr(self.objective, "after_optimizer_step", None)
         if hook is not None:
             hook()
-
-
-class LastCheckpoint(L.Callback):
-    """Saves ``last.ckpt`` when training ends (step checkpoints only come every N steps) and on SIGTERM
-    (preemption, scancel), where every rank stops at the same step.
-
-    Lightning notices SIGTERM and raises SIGTERMException (a SystemExit with code 0) but saves nothing; the
-    pretrain CLI turns that into exit code 143 so schedulers see that the job did not finish.
-    """
-
-    def __init__(self, path: str | Path):
-        self.path = str(path)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
-        flag = torch.tensor(float(trainer.received_sigterm), device=pl_module.device)
-        if trainer.world_size > 1:  # ranks may receive the signal at different steps
-            flag = trainer.strategy.reduce(flag, reduce_op="max")
-        if flag.item():
-            trainer.save_checkpoint(self.path, weights_only=False)  # full state: optimizer, schedule, loops
-            trainer._signal_connector.received_sigterm = True  # Lightning then raises on every rank
-
-    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        trainer.save_checkpoint(self.path, weights_only=False)  # full state: optimizer, schedule, loops
-
-
-class RankReport(L.Callback):
-    """Writes ``rank{r}.json`` (steps and batches this rank took) into the run directory at the end of fit."""
-
-    def __init__(self, run_dir: str | Path):
-        self.run_dir = Path(run_dir)
-        self.batches = 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.batches += 1
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        report = {"rank": trainer.global_rank, "global_step": trainer.global_step, "batches": self.batches}
-        (self.run_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
-
-
-class SaveParts(L.Callback):
-    """Calls the objective's optional ``save_parts(directory)`` hook on rank 0 whenever a full checkpoint is
-    saved (step checkpoints, ``last.ckpt`` at the end and on SIGTERM), once per step: files that other tools
-    load without Lightning (e.g. a LLaVA projector as safetensors)."""
-
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-        self.saved_step: int | None = None
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        save = getattr(pl_module.objective, "save_parts", None)
-        if save is None or not trainer.is_global_zero or self.saved_step == trainer.global_step:
-            return
-        save(self.directory)
-        self.saved_step = trainer.global_step

@@ -75,6 +75,19 @@ def nt_xent_logits(
     return logits, positive
 
 
+def nt_xent_from_logits(logits: Tensor, positive: Tensor) -> Tensor:
+    """NT-Xent at the reference's scale from :func:`nt_xent_logits`' (2n, 2N) logits and positive columns.
+
+    The reference (google-research/simclr tf2/objective.py ``add_contrastive_loss``) takes one cross-entropy
+    per direction, view 1 -> view 2 (``loss_a``) and view 2 -> view 1 (``loss_b``), and returns
+    ``reduce_mean(loss_a + loss_b)`` over the n images: the sum of the two directions, which is 2x the mean
+    over the 2n anchors that lightly's ``NTXentLoss`` (and most PyTorch code) returns.
+    """
+    return 2 * F.cross_entropy(
+        logits, positive
+    )  # factor 2: mean over n of (loss_a + loss_b), as the reference
+
+
 def nt_xent(
     z1: Tensor,
     z2: Tensor,
@@ -83,13 +96,11 @@ def nt_xent(
     rank: int = 0,
     temperature: float = 0.1,
 ) -> Tensor:
-    """NT-Xent: cross-entropy of each local view's positive among all other views of the global batch,
-    averaged over the 2n local anchors (see :func:`nt_xent_logits` for the arguments).
+    """NT-Xent of the local views against all other views of the global batch, at the reference's scale (see
+    :func:`nt_xent_from_logits`; :func:`nt_xent_logits` for the arguments).
 
-    The reference sums its two directions (``loss_a + loss_b``), twice this value; lightly and most PyTorch
-    code use the mean, as here. Averaged over ranks it equals the loss of one process holding the whole
-    batch, so DDP's gradient averaging reproduces the single-process gradient (the gather's backward sums
-    every rank's gradient into the rank that owns the row).
+    Averaged over ranks it equals the loss of one process holding the whole batch, so DDP's gradient averaging
+    reproduces the single-process gradient (the gather's backward sums every rank's gradient into the rank
+    that owns the row).
     """
-    logits, positive = nt_xent_logits(z1, z2, z1_all, z2_all, rank, temperature)
-    return F.cross_entropy(logits, positive)
+    return nt_xent_from_logits(*nt_xent_logits(z1, z2, z1_all, z2_all, rank, temperature))

@@ -92,7 +92,7 @@ def block_masking(
     [``min_aspect``, 1 / ``min_aspect``], and a random position; it is accepted only if it covers at least one
     new patch and no more new patches than remain, else it is redrawn (up to ``attempts`` times, after which
     the reference stops short). So a mask never exceeds ``num_masked`` and may stop less than one block
-    short of it. Deterministic given ``generator`` (torch's global RNG when None).
+    short of it. Deterministic given ``generator`` (on any device; torch's global CPU RNG when None).
     """
     h, w = grid
     if not 0 <= num_masked <= h * w:
@@ -102,8 +102,9 @@ def block_masking(
     max_block = num_masked if max_block is None else max_block
     log_aspect = (math.log(min_aspect), -math.log(min_aspect))
     # One integer from the torch generator seeds Python's RNG: the per-block draws are scalar and many, and
-    # torch's per-call overhead would dominate; the mask still follows torch's seeding (seed_everything).
-    rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    # torch's per-call overhead would dominate; the mask still follows torch's seeding (lit.py's step seed).
+    device = generator.device if generator is not None else None
+    rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=generator, device=device)))
     masks = []
     for _ in range(batch_size):
         mask = [[0] * w for _ in range(h)]

@@ -9,9 +9,30 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+LARS_NAMES = ("lars", "larc", "nlars", "nlarc")
+
+
+def param_groups(
+    module: nn.Module, name: str, weight_decay: float, layer_decay: float | None = None
+) -> list[dict]:
+    """timm's parameter groups: no weight decay on 1-D parameters (norms, biases) nor on the names the module
+    lists in ``no_weight_decay()`` (CLS/mask tokens, position embeddings); frozen parameters are left out.
+    LARS-type optimizers get :func:`lars_param_groups`; ``layer_decay`` (fine-tuning) gives
+    :func:`layer_decay_param_groups`.
+
+    Take them before the module is wrapped for sharding: FSDP then shows every parameter as a flat 1-D shard
+    (with ``use_orig_params``, the same Parameter objects), and the 1-D rule would exempt every weight.
+    """
+    if name.lower() in LARS_NAMES:
+        return lars_param_groups(module, weight_decay)
+    if layer_decay is not None:
+        return layer_decay_param_groups(module, weight_decay, layer_decay)
+    nwd = getattr(module, "no_weight_decay", lambda: set())()
+    return param_groups_weight_decay(module, weight_decay, no_weight_decay_list=nwd)
+
 
 def create_optimizer(
-    module: nn.Module,
+    module: nn.Module | list[dict],
     name: str,
     lr: float,
     weight_decay: float,
@@ -20,33 +41,26 @@ def create_optimizer(
     momentum: float = 0.9,
     layer_decay: float | None = None,
 ) -> Optimizer:
-    """timm's optimizer factory with its parameter groups: no weight decay on 1-D parameters (norms, biases)
-    nor on the names the module lists in ``no_weight_decay()`` (CLS/mask tokens, position embeddings).
-    Frozen parameters are left out. LARS-type optimizers get :func:`lars_param_groups`; ``layer_decay`` gives
-    :func:`layer_decay_param_groups` (fine-tuning)."""
+    """timm's optimizer factory on :func:`param_groups` (of ``module``, or groups taken earlier). A group with an
+    ``lr_scale`` (layer decay) starts at ``lr x lr_scale``: the schedule's LambdaLR multiplies each group's
+    initial lr, where MAE's lr_sched.py multiplies the scale in every step; the two are the same."""
     kwargs = {"betas": tuple(betas), "eps": eps} if name.lower() in ("adamw", "adam", "lamb", "lambc") else {}
-    if name.lower() in ("sgd", "momentum", "lars", "larc", "nlars", "nlarc"):
+    if name.lower() in ("sgd", "momentum", *LARS_NAMES):
         kwargs = {"momentum": momentum}
-    if name.lower() in ("lars", "larc", "nlars", "nlarc"):
-        return create_optimizer_v2(lars_param_groups(module, weight_decay), opt=name, lr=lr, **kwargs)
-    if layer_decay is not None:
-        groups = layer_decay_param_groups(module, weight_decay, layer_decay, lr)
-        return create_optimizer_v2(groups, opt=name, lr=lr, weight_decay=weight_decay, **kwargs)
-    return create_optimizer_v2(module, opt=name, lr=lr, weight_decay=weight_decay, **kwargs)
+    groups = (
+        param_groups(module, name, weight_decay, layer_decay) if isinstance(module, nn.Module) else module
+    )
+    groups = [{**g, "lr": lr * g["lr_scale"]} if "lr_scale" in g else g for g in groups]
+    return create_optimizer_v2(groups, opt=name, lr=lr, **kwargs)  # every group carries its weight decay
 
 
-def layer_decay_param_groups(
-    module: nn.Module, weight_decay: float, layer_decay: float, lr: float
-) -> list[dict]:
+def layer_decay_param_groups(module: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
     """Layer-wise lr decay (ELECTRA, BEiT; MAE ``util/lr_decay.py``) by timm's ``param_groups_layer_decay`` on
     the timm model inside ``module`` (the first submodule with a ``group_matcher``, e.g. a wrapper's
     ``.model``): for a ViT with ``depth`` blocks, block i gets lr x decay^(depth - i), the patch embedding,
     CLS token and position embedding decay^(depth + 1), the final norm / fc_norm and head 1. Parameters
-    outside the timm model get scale 1. Weight decay as :func:`create_optimizer`.
-
-    Each group's ``lr`` is set to ``lr x lr_scale`` (MAE's lr_sched.py multiplies every step; a LambdaLR
-    multiplies this initial value instead), and the groups are sorted by decreasing scale, so that group 0 is
-    the head's (what ``train/lr`` logs)."""
+    outside the timm model get scale 1. Weight decay as :func:`param_groups`. The groups are sorted by
+    decreasing ``lr_scale``, so group 0 is the head's (what ``train/lr`` logs)."""
     found = next(((n, m) for n, m in module.named_modules() if hasattr(m, "group_matcher")), None)
     if found is None:
         raise ValueError(
@@ -65,8 +79,6 @@ def layer_decay_param_groups(
         params = [p for n, p in rest if (p.ndim > 1 and n not in nwd) == decay]
         if params:
             groups.append({"lr_scale": 1.0, "weight_decay": weight_decay if decay else 0.0, "params": params})
-    for group in groups:
-        group["lr"] = lr * group["lr_scale"]
     return sorted(groups, key=lambda g: -g["lr_scale"])
 
 
@@ -90,10 +102,16 @@ def lars_param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
-    """lr multiplier: linear warmup from 0, then half-cosine to ``min_ratio`` (MAE util/lr_sched.py, per step)."""
+def warmup_cosine(
+    step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0, start_ratio: float = 0.0
+) -> float:
+    """lr multiplier: linear warmup from ``start_ratio``, then half-cosine to ``min_ratio``, per step.
+
+    MAE util/lr_sched.py warms up from 0 (``lr * epoch / warmup_epochs``); SlowFast lr_policy.py from
+    SOLVER.WARMUP_START_LR (1e-6 in the MaskFeat configs) to the peak, linearly.
+    """
     if step < warmup_steps:
-        return step / warmup_steps
+        return start_ratio + (1 - start_ratio) * step / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -101,17 +119,24 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
 class WarmupCosine:
     """Picklable lr lambda for ``LambdaLR`` (a plain object, so it survives checkpointing)."""
 
-    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
+    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float = 0.0, start_ratio: float = 0.0):
         self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, min_ratio
+        self.start_ratio = start_ratio
 
     def __call__(self, step: int) -> float:
-        return warmup_cosine(step, self.warmup_steps, self.total_steps, self.min_ratio)
+        return warmup_cosine(step, self.warmup_steps, self.total_steps, self.min_ratio, self.start_ratio)
 
 
 def warmup_cosine_schedule(
-    optimizer: Optimizer, warmup_steps: int, total_steps: int, min_lr: float = 0.0
+    optimizer: Optimizer,
+    warmup_steps: int,
+    total_steps: int,
+    min_lr: float = 0.0,
+    warmup_start_lr: float = 0.0,
 ) -> LambdaLR:
+    """Per-step warmup from ``warmup_start_lr`` to the optimizer's lr, then cosine to ``min_lr`` (both absolute,
+    as SlowFast's WARMUP_START_LR and COSINE_END_LR and MAE's min_lr)."""
     group = optimizer.param_groups[0]
     base = group["lr"] / group.get("lr_scale", 1.0)  # the unscaled lr (layer decay scales every group's)
-    # one lambda for all groups: lr_scale x (min_lr + (lr - min_lr) x cosine), as MAE's lr_sched.py
-    return LambdaLR(optimizer, WarmupCosine(warmup_steps, total_steps, min_lr / base if base else 0.0))
+    ratio = (lambda lr: lr / base) if base else (lambda lr: 0.0)
+    return LambdaLR(optimizer, WarmupCosine(warmup_steps, total_steps, ratio(min_lr), ratio(warmup_start_lr)))

@@ -54,9 +54,12 @@ def save_grid(columns: dict[str, Tensor], path: str | Path, title: str = "") -> 
 
 
 class PictureCallback(L.Callback):
-    """Every ``every_n_steps`` and at the end of training, draws ``objective.visualize(batch, denormalize)`` for
-    a fixed batch: the first validation batch (held-out images) when there is one, else the first training
-    batch. Random choices inside (masks) use a fixed seed, so pictures from different steps compare."""
+    """Every ``every_n_steps`` and at the end of training, draws ``objective.visualize(batch, denormalize,
+    generator)`` for a fixed batch: the first validation batch (held-out images) when there is one, else the
+    first training batch. Random choices inside (masks) come from a fresh generator seeded 0 for every
+    picture, so pictures from different steps compare; the global generators of the training step are never
+    read or reseeded (``torch.manual_seed`` would reseed every CUDA generator, which a CPU-only
+    ``fork_rng`` does not restore)."""
 
     def __init__(
         self,
@@ -97,9 +100,9 @@ class PictureCallback(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         batch = {k: v.to(pl_module.device) for k, v in self.batch.items()}
-        with torch.random.fork_rng(devices=[]), trainer.precision_plugin.forward_context():
-            torch.manual_seed(0)
-            columns = visualize(batch, self.denormalize)
+        generator = torch.Generator(device=pl_module.device).manual_seed(0)
+        with trainer.precision_plugin.forward_context():
+            columns = visualize(batch, self.denormalize, generator)
         pl_module.train(was_training)
         split = "held-out" if self.held_out else "train"
         return save_grid(columns, self.out_dir / filename, f"step {trainer.global_step}, {split} images")

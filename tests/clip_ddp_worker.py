@@ -25,7 +25,7 @@ def tiny_clip() -> CLIP:
 def global_batch(n: int = 8) -> dict[str, torch.Tensor]:
     captions = [caption for _, _, caption, _, _ in shapes.samples("train", n, 0)]
     images = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    return {"image": images, "text": clip_tokenizer("ViT-B-32", TEXT["context_length"])(captions)}
+    return {"image": images, "tokens": clip_tokenizer("ViT-B-32", TEXT["context_length"])(captions)}
 
 
 def run(rank: int, world: int, init_file: str, out: str) -> None:

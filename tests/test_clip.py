@@ -43,7 +43,7 @@ def batch(cfg, n: int = 6, seed: int = 0) -> dict:
     """Random images with real shapes captions ("a small red circle at the top left"), tokenised."""
     captions = [caption for _, _, caption, _, _ in shapes.samples("train", n, seed)]
     g = torch.Generator().manual_seed(seed)
-    return {"image": torch.randn(n, 3, 32, 32, generator=g), "text": build_tokenizer(cfg)(captions)}
+    return {"image": torch.randn(n, 3, 32, 32, generator=g), "tokens": build_tokenizer(cfg)(captions)}
 
 
 def reference_model(cfg) -> torch.nn.Module:
@@ -68,7 +68,7 @@ def test_loss_matches_open_clip_model_and_clip_loss_and_the_paper_formula():
     ref.logit_scale.data.copy_(ours.logit_scale.data)
     b = batch(cfg)
     out = ours(b)
-    image, text, scale = ref(b["image"], b["text"])  # normalised features and exp(logit_scale)
+    image, text, scale = ref(b["image"], b["tokens"])  # normalised features and exp(logit_scale)
     assert torch.allclose(out["image_features"], image, atol=1e-6)
     assert torch.allclose(out["text_features"], text, atol=1e-6)
     expected = open_clip.ClipLoss()(image, text, scale)
@@ -90,32 +90,25 @@ def test_text_tower_alone_is_open_clips_text_tower():
     assert {k: v.shape for k, v in ours.state_dict().items()} == {
         k: v.shape for k, v in ref.state_dict().items()
     }
-    tokens = batch(cfg)["text"]
+    tokens = batch(cfg)["tokens"]
     ours.load_state_dict(ref.state_dict())
     assert torch.allclose(ours(tokens), ref(tokens), atol=1e-6)
 
 
 @pytest.mark.parametrize("tower", ["backbone", "open_clip"])
-def test_every_parameter_gets_a_gradient_and_features_are_unit_norm(tower):
+def test_features_are_unit_norm_in_the_joint_space(tower):
+    # gradients (the logit scale included) and checkpoints: tests/test_contract.py
     cfg = tiny(*(OPEN_CLIP_TOWER if tower == "open_clip" else []))
-    objective = build_objective(cfg)
-    out = objective(batch(cfg))
-    assert torch.isfinite(out["loss"]) and out["image_features"].shape == out["text_features"].shape == (
-        6,
-        32,
-    )
+    out = build_objective(cfg)(batch(cfg))
+    assert out["image_features"].shape == out["text_features"].shape == (6, 32)
     assert torch.allclose(out["image_features"].norm(dim=-1), torch.ones(6), atol=1e-5)
-    out["loss"].backward()
-    missing = [n for n, p in objective.named_parameters() if p.requires_grad and p.grad is None]
-    assert not missing, missing
-    assert objective.logit_scale.grad.abs() > 0
 
 
 def test_text_must_be_token_ids():
     cfg = tiny()
     objective = build_objective(cfg)
     with pytest.raises(TypeError, match="token ids"):
-        objective({"image": torch.randn(2, 3, 32, 32), "text": ["a red circle", "a blue star"]})
+        objective({"image": torch.randn(2, 3, 32, 32), "tokens": ["a red circle", "a blue star"]})
 
 
 def test_temperature_clamp_after_each_optimizer_step_through_lightning():
@@ -240,7 +233,7 @@ def test_overfits_one_batch_of_real_shapes_pictures():
     rows = list(shapes.samples("train", 16, 3))
     b = {
         "image": torch.stack([view(img)["image"] for _, img, _, _, _ in rows]),
-        "text": build_tokenizer(cfg)([caption for _, _, caption, _, _ in rows]),
+        "tokens": build_tokenizer(cfg)([caption for _, _, caption, _, _ in rows]),
     }
     opt = create_optimizer(objective, "adamw", 3e-3, 0.2, (0.9, 0.98), 1e-6)
     first = objective(b)["loss"].item()

@@ -194,7 +194,7 @@ def test_clip_objective_equals_open_clips_openai_loader(files, form):
     ref = open_clip.load_openai_model(str(files[form]), precision="fp32", device="cpu").eval()
     x, tokens = images(), torch.randint(1, TEXT["vocab_size"], (2, TEXT["context_length"]))
     with torch.no_grad():
-        out = objective({"image": x, "text": tokens})
+        out = objective({"image": x, "tokens": tokens})
         torch.testing.assert_close(
             out["image_features"], F.normalize(ref.encode_image(x), dim=-1), atol=1e-5, rtol=0
         )

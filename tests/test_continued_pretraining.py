@@ -10,11 +10,13 @@ import torch
 from safetensors.torch import save_file
 
 from mmssl import config as C
+from mmssl.backbones import as_backbone
 from mmssl.build import build_datamodule, build_module, build_objective, plan
+from mmssl.checkpoints import CheckpointError
 from mmssl.data.module import resolve_shards
 from mmssl.data.shards import SampleDecoder, eval_pipeline
 from mmssl.data.transforms import eval_view
-from mmssl.export import CheckpointError, export_backbone, wrap
+from mmssl.export import export_backbone
 
 TINY_MAE = ["backbone.depth=2", "backbone.embed_dim=64", "backbone.num_heads=4", "mae.decoder_embed_dim=32",
             "mae.decoder_depth=1", "mae.decoder_num_heads=4", "data.num_workers=0"]  # fmt: skip
@@ -77,7 +79,7 @@ def test_simclr_from_an_export_and_clip_tower_from_a_plain_timm_file(tmp_path, c
     simclr_cfg = ["backbone.name=resnet18", "backbone.img_size=32"]
     torch.manual_seed(3)
     resnet = timm.create_model("resnet18", num_classes=0)
-    export_backbone(wrap(resnet, 32), tmp_path / "r18", img_size=32, mean=[0.5] * 3, std=[0.5] * 3)
+    export_backbone(as_backbone(resnet, 32), tmp_path / "r18", img_size=32, mean=[0.5] * 3, std=[0.5] * 3)
     for source in (tmp_path / "r18.safetensors", tmp_path / "r18_hf"):
         objective = build_objective(C.load("simclr_digits", [*simclr_cfg, f"backbone.weights={source}"]))
         assert same_state(objective.backbone.model, resnet)

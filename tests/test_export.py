@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from mmssl import build
 from mmssl import config as C
-from mmssl.export import CheckpointError, load_exported, read_checkpoint
+from mmssl.checkpoints import CheckpointError, load_exported, read_checkpoint
 from mmssl.lit import PretrainModule
 from mmssl.ops import sincos_2d
 
@@ -72,7 +72,7 @@ def test_export_then_timm_gives_identical_features(which, request, tmp_path, cap
     assert export_tool.main([str(ckpt), "--out", str(out)]) == 0, capsys.readouterr().err
     assert '"safetensors": 0.0, "hf_folder": 0.0' in capsys.readouterr().out  # the tool checks itself
 
-    _, trained, _ = build.load_backbone(ckpt)  # the encoder as the checkpoint holds it
+    trained, _ = build.load_encoder(ckpt)  # the encoder as the checkpoint holds it
     sidecar = json.loads(out.with_suffix(".json").read_text())
     images = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
@@ -109,7 +109,7 @@ def test_weights_of_another_architecture_are_refused_clearly(vit_ckpt, cnn_ckpt,
     with pytest.raises(
         CheckpointError, match=r"another architecture.*shape mismatch.*\(1, 17, 64\) vs \(1, 17, 128\)"
     ):
-        build.load_backbone(tmp_path / "mixed.ckpt")
+        build.load_encoder(tmp_path / "mixed.ckpt")
 
 
 class Payload:

@@ -175,16 +175,12 @@ def test_matches_transformers_imagegpt_logits():
 
 
 @pytest.mark.parametrize("mode", ["ar", "bert"])
-def test_loss_is_log_k_at_init_and_every_parameter_gets_a_gradient(mode):
+def test_loss_is_log_k_at_init(mode):
+    # gradients, weight-decay names, the palette as a checkpointed buffer: tests/test_contract.py
     objective = tiny(mode)
     out = objective({"image": torch.rand(4, 3, 8, 8)})
     assert math.isclose(out["loss"].item(), math.log(8), rel_tol=1e-5)  # zero-initialised logits: uniform
-    randomise_head(objective)
-    objective({"image": torch.rand(4, 3, 8, 8)})["loss"].backward()
-    params = dict(objective.named_parameters())
-    assert not [n for n, p in params.items() if p.grad is None or not p.grad.abs().sum() > 0]
     assert "palette.centroids" in objective.state_dict() and not objective.palette.centroids.requires_grad
-    assert objective.no_weight_decay() <= set(params)
 
 
 def test_bert_loss_counts_masked_positions_only():
@@ -258,9 +254,9 @@ def test_completions_keep_the_top_half_and_are_deterministic_for_a_seed(pretrain
     objective, _, _ = pretrained
     (_, _), (val, _) = digit_images
     batch = {"image": val[:3]}
-    a = objective.visualize(batch, lambda x: x, seed=0)
-    b = objective.visualize(batch, lambda x: x, seed=0)
-    c = objective.visualize(batch, lambda x: x, seed=1)
+    a = objective.visualize(batch, lambda x: x, torch.Generator().manual_seed(0))
+    b = objective.visualize(batch, lambda x: x, torch.Generator().manual_seed(0))
+    c = objective.visualize(batch, lambda x: x, torch.Generator().manual_seed(1))
     assert list(a) == ["original", "quantised", "given half", "completion 1", "completion 2"]
     assert all(v.shape == (3, 3, 8, 8) and 0 <= v.min() and v.max() <= 1 for v in a.values())
     assert all(torch.equal(a[k], b[k]) for k in a)

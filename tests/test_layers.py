@@ -5,10 +5,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LEVELS = {
-    "config": 0, "ops": 0, "dist": 0, "optim": 0, "flops": 0,
+    "config": 0, "ops": 0, "dist": 0, "optim": 0, "flops": 0, "launch": 0,
     "backbones": 1, "heads": 1, "losses": 1, "targets": 1, "sequence": 1,
     "objectives": 2, "vlm": 2,
-    "lit": 3, "data": 3, "eval": 3, "export": 3, "viz": 3, "throughput": 3,
+    "lit": 3, "callbacks": 3, "data": 3, "eval": 3, "checkpoints": 3, "export": 3, "viz": 3, "throughput": 3,
     "build": 4,
 }  # fmt: skip
 NO_LIGHTNING = {
@@ -22,6 +22,7 @@ NO_LIGHTNING = {
     "ops",
     "flops",
     "config",
+    "launch",
     "dist",
     "optim",
 }
@@ -33,7 +34,9 @@ DATA_MAY_NOT = {
     "targets",
     "vlm",
     "lit",
+    "callbacks",
     "eval",
+    "checkpoints",
     "export",
     "viz",
     "build",

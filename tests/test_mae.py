@@ -113,18 +113,6 @@ def test_vitb_recipe_has_reference_parameter_count():
     assert ours == sum(p.numel() for p in hf.parameters()) == 111_907_840
 
 
-def test_every_trainable_parameter_gets_a_gradient_and_frozen_ones_none():
-    objective = build_objective(tiny_cfg())
-    objective({"image": torch.randn(2, 3, 32, 32)})["loss"].backward()
-    for name, p in objective.named_parameters():
-        if p.requires_grad:
-            assert p.grad is not None and p.grad.abs().sum() > 0, name
-        else:
-            assert p.grad is None, name
-    frozen = {n for n, p in objective.named_parameters() if not p.requires_grad}
-    assert frozen == {"backbone.model.pos_embed", "decoder.pos_embed"}
-
-
 def test_encoder_sees_only_visible_patches():
     """Changing a masked patch must not change the encoder output (MAE §3: encoder on visible tokens only)."""
     objective = build_objective(tiny_cfg()).eval()
@@ -142,7 +130,8 @@ def test_encoder_sees_only_visible_patches():
 
 def test_reconstruction_picture_columns():
     objective = build_objective(tiny_cfg())
-    pics = objective.visualize({"image": torch.randn(2, 3, 32, 32)}, lambda x: (x * 0.2 + 0.5).clamp(0, 1))
+    images, generator = torch.randn(2, 3, 32, 32), torch.Generator().manual_seed(0)
+    pics = objective.visualize({"image": images}, lambda x: (x * 0.2 + 0.5).clamp(0, 1), generator)
     assert set(pics) == {"original", "masked", "recon. (true patch μ/σ)"}
     for img in pics.values():
         assert img.shape == (2, 3, 32, 32) and img.min() >= 0 and img.max() <= 1

@@ -39,7 +39,9 @@ CHANCE = {"color": 1 / len(shapes.COLORS), "shape": 1 / len(shapes.SHAPES),
 
 def view_for(model: LLaVA):
     p = model.image_processing
-    return llava_view(p["img_size"], p["interpolation"], tuple(p["mean"]), tuple(p["std"]))
+    # parts saved before llava.image_aspect_ratio existed were trained on padded pictures
+    aspect = p.get("image_aspect_ratio", "pad")
+    return llava_view(p["img_size"], p["interpolation"], tuple(p["mean"]), tuple(p["std"]), aspect)
 
 
 def normalise(answer: str) -> str:

@@ -16,10 +16,10 @@ import sys
 import torch
 
 from mmssl.build import objective_from_checkpoint
+from mmssl.checkpoints import CheckpointError
 from mmssl.data.module import resolve_shards
 from mmssl.data.shards import SampleDecoder, eval_pipeline
 from mmssl.data.transforms import eval_view
-from mmssl.export import CheckpointError
 from mmssl.viz import Denormalize, save_grid
 
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [f"igpt.temperature={a.temperature}", f"igpt.num_completions={a.num_completions}"]
     overrides.append(f"igpt.top_k={a.top_k if a.top_k is not None else 'null'}")
     try:
-        objective = objective_from_checkpoint(a.ckpt, overrides)
+        objective, _ = objective_from_checkpoint(a.ckpt, overrides)
         if not hasattr(objective, "complete"):
             raise CheckpointError(f"checkpoint {a.ckpt}: not an iGPT run ({type(objective).__name__})")
         side = int(objective.transformer.seq_len**0.5)
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     with torch.no_grad():
-        columns = objective.visualize({"image": batch["image"]}, Denormalize(mean, std), seed=a.seed)
+        generator = torch.Generator().manual_seed(a.seed)  # the objective and the images are on the CPU
+        columns = objective.visualize({"image": batch["image"]}, Denormalize(mean, std), generator)
     title = f"{a.ckpt}: T={a.temperature}, top-k={a.top_k}, seed {a.seed}"
     print(
         f"{len(batch['image'])} images x {a.num_completions} completions -> {save_grid(columns, a.out, title)}"

@@ -1,5 +1,6 @@
 """The README's digits table: linear probe and kNN accuracy on scikit-learn's handwritten digits for every
-objective in ``build.OBJECTIVES``, random initialisation against a brief pretraining, on CPU.
+objective in ``build.OBJECTIVES`` that trains an image encoder, random initialisation against a brief
+pretraining, on CPU.
 
     python tools/digits_table.py --tsne assets/digits_tsne.png --json runs/digits_table/results.json
 
@@ -10,7 +11,7 @@ For each objective NAME it
    pretrained (the run's last.ckpt);
 3. extracts features of ``demo:digits/train`` (1257 real digits) and ``demo:digits/val`` (540) and runs the
    linear probe of ``configs/linprobe_digits.yaml`` (the MAE protocol at batch 256 with an lr grid; the best
-   lr is picked on val, as the papers' grids do) and weighted kNN (k=20, T=0.07 and k=200, T=0.1).
+   lr is picked on val, as the papers' grids do) and weighted kNN (``mmssl.eval.knn.SETTINGS``: k=20, T=0.07 and k=200, T=0.07).
 Objectives without a recipe, or whose pretraining fails on digits, get a row that says so.
 Prints a Markdown table; ``--tsne`` draws t-SNE maps of the val features for the README.
 
@@ -36,6 +37,7 @@ import torch
 
 from mmssl import build
 from mmssl import config as C
+from mmssl.checkpoints import read_checkpoint
 from mmssl.eval.features import Features, fingerprint, probe_train_features, split_features
 from mmssl.eval.knn import SETTINGS, knn_accuracy
 from mmssl.eval.linear_probe import best, train_probes
@@ -160,17 +162,17 @@ def markdown_finetune(rows: list[dict]) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = "| objective | encoder | linear probe top-1 | kNN k=20, T=0.07 | kNN k=200, T=0.1 |"
-    lines = [head, "|---|---|---|---|---|"]
+    knn_keys = [f"k{k}_T{t:g}" for k, t in SETTINGS]
+    head = "| objective | encoder | linear probe top-1 | " + " | ".join(
+        f"kNN k={k}, T={t:g}" for k, t in SETTINGS
+    )
+    lines = [head + " |", "|---|---|---|" + "---|" * len(SETTINGS)]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['objective']} | — | {r['error']} | | |")
+            lines.append(f"| {r['objective']} | — | {r['error']} |" + " |" * len(SETTINGS))
             continue
-        knn = r["knn"]
-        lines.append(
-            f"| {r['objective']} | {r['encoder']} | {r['linear_top1']:.1f} | {knn['k20_T0.07']:.1f} | "
-            f"{knn['k200_T0.1']:.1f} |"
-        )
+        knn = " | ".join(f"{r['knn'][key]:.1f}" for key in knn_keys)
+        lines.append(f"| {r['objective']} | {r['encoder']} | {r['linear_top1']:.1f} | {knn} |")
     return "\n".join(lines)
 
 
@@ -179,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--objectives", nargs="+", default=None, help="default: every objective in build.OBJECTIVES"
+        "--objectives",
+        nargs="+",
+        default=None,
+        help="default: every objective in build.OBJECTIVES with an encoder",
     )
     parser.add_argument("--out-dir", default="runs/digits_table")
     parser.add_argument("--reuse", action="store_true", help="keep existing pretraining runs in --out-dir")
@@ -200,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out_dir = Path(args.out_dir).resolve()
     probe = C.to_dict(C.load(args.probe_cfg, args.probe, schema=C.LinearProbeConfig))
-    names = args.objectives or list(build.OBJECTIVES)
+    # by default every objective that trains an image encoder (iGPT and LLaVA have their own probes)
+    names = args.objectives or [name for name, spec in build.OBJECTIVES.items() if spec.encoder]
     rows, panels = [], {}
     for name in names:
         found = recipe(name)
@@ -209,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         try:
             ckpt, seconds = pretrain(name, found[0], [*found[1], *args.pretrain], out_dir, args.reuse)
-            steps = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+            steps = read_checkpoint(ckpt)["global_step"]
             for random_init in (True, False):
                 result = evaluate(ckpt, random_init, probe, out_dir / "features", args.device)
                 encoder = "random init" if random_init else f"pretrained, {steps} steps"

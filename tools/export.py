@@ -23,7 +23,8 @@ from pathlib import Path
 
 from mmssl import build
 from mmssl import config as C
-from mmssl.export import CheckpointError, export_backbone, round_trip_diff
+from mmssl.checkpoints import CheckpointError
+from mmssl.export import export_backbone, round_trip_diff
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,16 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        cfg, backbone, ckpt = build.load_backbone(args.checkpoint)
+        backbone, info = build.load_encoder(args.checkpoint)
     except (CheckpointError, C.ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = (
-        Path(args.out)
-        if args.out
-        else Path(args.checkpoint).with_name(f"{cfg.name}_{cfg.objective}_backbone")
-    )
-    info = build.encoder_info(cfg)
+    if "config" not in info:
+        print(f"error: {args.checkpoint}: not a Lightning checkpoint of tools/pretrain.py", file=sys.stderr)
+        return 2
+    name, objective = info["config"]["name"], info["objective"]
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"{name}_{objective}_backbone")
     sidecar = export_backbone(
         backbone,
         out,
@@ -54,13 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         std=info["std"],
         interpolation=info["interpolation"],
         crop_pct=info["crop_pct"],
-        objective=cfg.objective,
-        extra={"source": str(args.checkpoint), "global_step": int(ckpt.get("global_step", -1))},
+        objective=objective,
+        extra={"source": str(args.checkpoint), "global_step": info["global_step"]},
         hf_folder=not args.no_hf,
     )
     diffs = round_trip_diff(backbone, out)
     args_text = "".join(f", {k}={v!r}" for k, v in sidecar["model_args"].items())
-    print(f"exported {cfg.objective} encoder ({sidecar['architecture']}) to {out}.safetensors + .json")
+    print(f"exported {objective} encoder ({sidecar['architecture']}) to {out}.safetensors + .json")
     print(
         f"  timm.create_model({sidecar['architecture']!r}, pretrained=True, "
         f"pretrained_cfg_overlay=dict(file={str(out.with_suffix('.safetensors'))!r}){args_text})"

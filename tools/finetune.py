@@ -32,9 +32,11 @@ from omegaconf import OmegaConf
 
 from mmssl import build
 from mmssl import config as C
+from mmssl.backbones import as_backbone
 from mmssl.build import finetune as FT
+from mmssl.checkpoints import CheckpointError, strip_prefix
 from mmssl.config import finetune as F
-from mmssl.export import CheckpointError, export_backbone, round_trip_diff, strip_prefix, wrap
+from mmssl.export import export_backbone, round_trip_diff
 
 EXIT_SIGTERM = 143
 
@@ -67,10 +69,10 @@ def export_best(module, cfg, best: Path, out: Path, extra: dict) -> dict[str, fl
     model.load_state_dict(strip_prefix(state, "objective.model."))
     d = cfg.data
     export_backbone(
-        wrap(model.cpu().eval(), d.img_size), out, img_size=d.img_size, mean=list(d.mean), std=list(d.std),
+        as_backbone(model.cpu().eval(), d.img_size), out, img_size=d.img_size, mean=list(d.mean), std=list(d.std),
         interpolation=d.interpolation, crop_pct=d.crop_pct, objective="finetune", extra=extra, keep_head=True,
     )  # fmt: skip
-    return round_trip_diff(wrap(model, d.img_size), out)
+    return round_trip_diff(as_backbone(model, d.img_size), out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
     python tools/knn.py runs/mae_digits/checkpoints/last.ckpt --train demo:digits/train --val demo:digits/val
     python tools/knn.py exported/mae_vitb.safetensors --train /data/imagenet/train --val /data/imagenet/val
 
-Defaults: k=20, T=0.07 (DINO) and k=200, T=0.1 (Wu et al. 2018), both from one similarity pass; ``--k``/``--t``
+Defaults: k=20, T=0.07 (DINO) and k=200, T=0.07 (Wu et al. 2018), both from one similarity pass; ``--k``/``--t``
 give other pairs. Encoders and data as in tools/linear_probe.py. Exit codes: 0 done, 2 bad input.
 """
 
@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from mmssl import build
+from mmssl.checkpoints import CheckpointError
 from mmssl.eval.features import fingerprint, split_features
 from mmssl.eval.knn import SETTINGS, knn_accuracy
-from mmssl.export import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:

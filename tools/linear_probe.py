@@ -30,9 +30,9 @@ import torch
 
 from mmssl import build
 from mmssl import config as C
+from mmssl.checkpoints import CheckpointError
 from mmssl.eval.features import fingerprint, probe_train_features, split_features
 from mmssl.eval.linear_probe import as_rows, best, markdown_table, train_probes
-from mmssl.export import CheckpointError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

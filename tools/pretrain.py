@@ -4,20 +4,28 @@
     python tools/pretrain.py --cfg mae_vitb data.train_shards='/data/in1k/train-{000000..001023}.tar'
     python tools/pretrain.py --cfg mae_vitb --print-config       # the resolved recipe, then exit
     python tools/pretrain.py --cfg mae_demo --resume             # continue from <run dir>/checkpoints/last.ckpt
+    python tools/pretrain.py --cfg mae_demo --resume auto        # continue if last.ckpt exists, else start
+    torchrun --nproc_per_node 8 tools/pretrain.py --cfg mae_vitb trainer.devices=auto    # devices from torchrun
+    sbatch tools/slurm/pretrain.sbatch --cfg mae_vitb ...        # SLURM, requeued on time limit / preemption
 
-Exit codes: 0 finished, 2 bad config or input, 143 stopped by SIGTERM after saving last.ckpt.
+Under torchrun or srun, trainer.devices / trainer.num_nodes follow the launcher (mmssl/launch.py). Rank 0
+holds <run dir>/run.lock while the run lasts: a second run into the same folder is refused.
+Exit codes: 0 finished, 2 bad config or input (or the run folder is in use), 143 stopped by SIGTERM after
+saving last.ckpt.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from pathlib import Path
 
 import lightning.pytorch as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 
-from mmssl import build
+from mmssl import build, launch
 from mmssl import config as C
 
 EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a job killed by the signal
@@ -29,11 +37,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--cfg", help="config file, or a name in configs/ (e.g. mae_vitb)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("--resume", action="store_true", help="continue from the run's last.ckpt")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="last",
+        metavar="auto|PATH",
+        help="continue the run: bare --resume needs <run dir>/checkpoints/last.ckpt; --resume auto continues "
+        "from it when it exists and starts fresh otherwise (requeued jobs); --resume PATH continues from PATH",
+    )
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.base_lr=3e-4"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    if args.resume not in (None, "last", "auto") and "=" in args.resume and not Path(args.resume).exists():
+        args.overrides.insert(0, args.resume)  # `--resume key=value`: an override, not a checkpoint path
+        args.resume = "last"
+    return args
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -41,40 +60,97 @@ def count_parameters(model) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
+def print_config(cfg) -> int:
+    """The resolved recipe as YAML, then its parameter count as a comment: needs none of the recipe's files."""
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # whatever building prints stays out of the YAML
+            total, trainable = count_parameters(build.build_objective(cfg))
+        count = f"# {cfg.objective} objective: {total:,} parameters ({trainable:,} trainable)"
+    except Exception as e:  # a missing decoder or weights file must not stop the printing
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        count = f"# parameters: not counted ({type(e).__name__}: {reason})"
+    print(OmegaConf.to_yaml(C.active(cfg)), end="")
+    print(count)
+    return 0
+
+
+def checkpoint_to_resume(resume: str | None, out: Path) -> Path | None:
+    """``--resume`` value -> the checkpoint to continue from (None: start fresh); ConfigError when unusable."""
+    last = out / "checkpoints" / "last.ckpt"
+    if resume is None:
+        if last.is_file():
+            raise C.ConfigError(
+                f"{out} already holds a run; continue it with --resume (or --resume auto), or start another "
+                "with name=... or out_dir=..."
+            )
+        return None
+    if resume == "auto":
+        return last if last.is_file() else None
+    path = last if resume == "last" else Path(resume)
+    if not path.is_file():
+        raise C.ConfigError(
+            f"--resume: no checkpoint at {path} (--resume auto starts fresh when there is none)"
+        )
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = C.load(args.cfg, args.overrides)
+        cfg = launch.configure(C.load(args.cfg, args.overrides))
     except (C.ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     if args.print_config:
-        total, trainable = count_parameters(build.build_objective(cfg))
-        print(OmegaConf.to_yaml(C.active(cfg)), end="")
-        print(f"# {cfg.objective} objective: {total:,} parameters ({trainable:,} trainable)")
-        return 0
+        return print_config(cfg)
+    try:
+        C.validate_machine(
+            cfg
+        )  # e.g. trainer.strategy=fsdp without CUDA GPUs: before any folder, model or data
+    except C.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     out = build.run_dir(cfg)
-    last = out / "checkpoints" / "last.ckpt"
-    if args.resume and not last.is_file():
-        print(f"error: --resume: no checkpoint at {last}", file=sys.stderr)
+    lock = launch.RunLock(out) if launch.is_global_zero() else None
+    try:
+        if lock is not None:
+            lock.acquire()
+        ckpt = checkpoint_to_resume(args.resume, out)
+    except (launch.RunFolderInUse, C.ConfigError) as e:
+        if lock is not None:
+            lock.release()
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    if not args.resume and last.is_file():
-        print(
-            f"error: {out} already holds a run; pass --resume to continue it or set name=...", file=sys.stderr
-        )
-        return 2
+    try:
+        return train(cfg, out, ckpt)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def train(cfg, out: Path, ckpt: Path | None) -> int:
+    last = out / "checkpoints" / "last.ckpt"
+    # The same seed on every rank, so every rank builds the same initial weights; from the first training step
+    # on, PretrainModule reseeds per (seed, rank, step) so each rank draws its own masks (lit.py).
     L.seed_everything(cfg.seed, workers=True)
     try:
+        C.validate_machine(cfg)  # e.g. trainer.strategy=fsdp without CUDA GPUs, before any model or data work
         datamodule = build.build_datamodule(cfg)
         plan = build.plan(cfg, datamodule)
         module = build.build_module(cfg, plan)  # backbone.weights are read here
     except (C.ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    trainer = build.build_trainer(cfg, plan)
+    trainer = build.build_trainer(cfg, plan, objective=module.objective)
+    if trainer.world_size != plan.world_size:  # the lr and schedule assume plan.world_size processes
+        print(
+            f"error: Lightning will train with {trainer.world_size} processes but the schedule was planned for "
+            f"{plan.world_size} (trainer.devices x trainer.num_nodes); set trainer.devices / trainer.num_nodes",
+            file=sys.stderr,
+        )
+        return 2
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(C.active(cfg), out / "config.yaml")
@@ -84,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=last if args.resume else None, weights_only=True)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
     except SIGTERMException:
         print(
             f"mmssl: SIGTERM at step {trainer.global_step}: saved {last}; continue with --resume",

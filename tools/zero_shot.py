@@ -21,10 +21,8 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from mmssl import build
-from mmssl import config as C
 from mmssl.data.module import resolve_shards
 from mmssl.data.shards import SampleDecoder, eval_pipeline, read_manifest
 from mmssl.data.transforms import CaptionTokens
@@ -43,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "checkpoint", help="a Lightning checkpoint written by tools/pretrain.py (objective clip)"
+        "checkpoint", help="a Lightning checkpoint written by tools/pretrain.py (an image-text objective)"
     )
     parser.add_argument("--shards", required=True, help="image-text shards: pattern or demo:NAME/SPLIT")
     parser.add_argument("--classes", help="file with one class name per line (default: from the manifest)")
@@ -61,22 +59,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_objective(path: str | Path):
-    """(objective, config) from a pretrain checkpoint, read with ``weights_only=True``."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        saved = ckpt["hyper_parameters"]["config"]
-    except (KeyError, TypeError):
-        raise ValueError(f"{path}: not a tools/pretrain.py checkpoint (no hyper_parameters.config)") from None
-    cfg = OmegaConf.merge(OmegaConf.structured(C.Config), saved)
-    if cfg.objective != "clip":
-        raise ValueError(f"{path}: objective {cfg.objective!r}, zero-shot evaluation needs clip")
-    # Every weight comes from the checkpoint; the files the run started from need not exist here.
-    cfg.clip.pretrained, cfg.clip.backbone_weights = None, None
-    objective = build.build_objective(cfg)
-    prefix = "objective."
-    state = {k.removeprefix(prefix): v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    objective.load_state_dict(state, strict=True)
-    return objective.eval(), cfg
+    """(objective, config) of an image-text checkpoint (an objective that reads caption tokens and embeds
+    images and texts in one space), through the shared checkpoint loader."""
+    objective, cfg = build.objective_from_checkpoint(path)
+    if build.spec_of(cfg).text != "tokens" or not hasattr(objective, "encode_text"):
+        raise ValueError(
+            f"{path}: objective {cfg.objective!r} does not embed captions; zero-shot evaluation needs an "
+            "image-text objective (encode_image / encode_text)"
+        )
+    return objective, cfg
 
 
 def class_names(args: argparse.Namespace, urls: list[str]) -> list[str]:
@@ -109,7 +100,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     objective.to(args.device)
     tokenizer = build.build_tokenizer(cfg)
     urls = resolve_shards(args.shards, "--shards")
-    _, view = build.VIEWS["clip"](cfg)
+    _, view = build.build_views(cfg)
     pipeline = eval_pipeline(
         urls,
         view,

@@ -1,9 +1,10 @@
-"""The only place where a config becomes objects (DESIGN.md §1): plain name -> constructor tables.
+"""The only place where a config becomes objects (DESIGN.md §1): plain name -> spec tables.
 
-``objectives.py`` holds the tables (objectives, data views, caption tokenisers) and their constructors,
-``encoders.py`` a config's encoder and the encoders inside checkpoints; this module wires a run together
+``objectives.py`` holds the build table (one ``ObjectiveSpec`` per objective, ``spec.py``: builder, data
+views, text handling, encoder, checkpoint fix-ups) and rebuilds objectives and encoders from checkpoints;
+``encoders.py`` a config's backbone and the run config inside a checkpoint; this module wires a run together
 (data module, schedule, Lightning module, trainer) and is the one entry point: ``from mmssl import build``.
-Nothing in mmssl imports this package; tools do.
+Shared code asks an objective's spec, never its name. Nothing in mmssl imports this package; tools do.
 """
 
 from __future__ import annotations
@@ -14,52 +15,55 @@ from datetime import timedelta
 from pathlib import Path
 
 import lightning.pytorch as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig
 from torch import nn
 
 from mmssl import config as C
+from mmssl import launch
 from mmssl.build.encoders import (  # re-exported: mmssl.build is the one entry point for tools
     build_backbone,
-    checkpoint_config,
     encoder_info,
-    encoder_of,
     img_size,
-    load_backbone,
 )
+from mmssl.build.fsdp import block_classes, fsdp_kwargs, fsdp_strategy
 from mmssl.build.objectives import (
     OBJECTIVES,
-    TEXT,
-    VIEWS,
     build_objective,
     build_tokenizer,
+    build_views,
     load_encoder,
     objective_from_checkpoint,
+    spec_of,
 )
+from mmssl.build.spec import ObjectiveSpec
+from mmssl.callbacks import LastCheckpoint, RankReport, SaveParts
 from mmssl.data.module import ShardDataModule, resolve_shards
 from mmssl.data.shards import SampleDecoder
-from mmssl.data.transforms import (
-    eval_view,
-)
+from mmssl.data.transforms import CaptionTokens, eval_view
 from mmssl.eval.online import KNNMonitor, OnlineLinearProbe
-from mmssl.lit import LastCheckpoint, PretrainModule, RankReport, SaveParts
+from mmssl.lit import PretrainModule
 from mmssl.throughput import ThroughputLogger
 from mmssl.viz import PictureCallback
 
 __all__ = [
-    "OBJECTIVES", "TEXT", "VIEWS", "Plan", "build_backbone", "build_datamodule", "build_module",
-    "build_objective", "build_tokenizer", "build_trainer", "checkpoint_config", "encoder_info", "encoder_of",
-    "eval_callbacks", "img_size", "load_backbone", "load_encoder", "objective_from_checkpoint", "plan",
-    "run_dir",
+    "OBJECTIVES", "ObjectiveSpec", "Plan", "block_classes", "build_backbone", "build_datamodule", "build_module",
+    "build_objective", "build_tokenizer", "build_trainer", "build_views", "encoder_info", "eval_callbacks",
+    "fsdp_kwargs", "fsdp_strategy", "img_size", "load_encoder", "objective_from_checkpoint", "plan", "run_dir",
+    "spec_of",
 ]  # fmt: skip
 
 
 def build_datamodule(cfg: DictConfig) -> ShardDataModule:
     if not cfg.data.train_shards:
         raise C.ConfigError("config key 'data.train_shards': required (a shard pattern or demo:NAME/SPLIT)")
-    train_view, val_view = VIEWS[cfg.objective](cfg)
+    C.validate_training(cfg)  # what only training needs (an iGPT palette file), before any model or process
+    spec = spec_of(cfg)
+    train_view, val_view = spec.views(cfg)
+    tokens = spec.text == "tokens"  # token ids made in the workers; samples without a caption are skipped
     d = cfg.data
     return ShardDataModule(
         d.train_shards,
@@ -70,9 +74,13 @@ def build_datamodule(cfg: DictConfig) -> ShardDataModule:
         num_workers=d.num_workers,
         samples_per_epoch=d.samples_per_epoch,
         seed=cfg.seed,
-        decoder=SampleDecoder(max_image_pixels=d.max_image_pixels, require_text=cfg.objective in TEXT),
+        decoder=SampleDecoder(
+            max_image_pixels=d.max_image_pixels,
+            require_text=tokens,
+            image_optional=spec.image_optional is not None and spec.image_optional(cfg),
+        ),
         shuffle_buffer=d.shuffle_buffer,
-        text_fn=TEXT[cfg.objective](cfg) if cfg.objective in TEXT else None,
+        text_fn=CaptionTokens(spec.tokenizer(cfg)) if tokens else None,
     )
 
 
@@ -122,6 +130,8 @@ def build_module(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) -
         eps=o.eps,
         momentum=o.momentum,
         min_lr=o.min_lr,
+        seed=cfg.seed,
+        warmup_start_lr=o.warmup_start_lr,
         config=C.to_dict(cfg),
     )
 
@@ -130,15 +140,19 @@ def run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.out_dir) / cfg.name
 
 
-def _strategy(cfg: DictConfig):
+def _strategy(cfg: DictConfig, objective: nn.Module | None):
     t = cfg.trainer
+    if t.strategy == "fsdp":
+        if objective is None:
+            raise TypeError(
+                "build_trainer: trainer.strategy=fsdp needs objective= (its blocks are the FSDP units)"
+            )
+        return fsdp_strategy(cfg, objective)
     timeout = timedelta(seconds=t.ddp_timeout_s)
     if t.strategy in ("ddp", "ddp_spawn", "ddp_fork") or (t.strategy == "auto" and C.world_size(cfg) > 1):
         start = {"ddp_spawn": "spawn", "ddp_fork": "fork"}.get(t.strategy, "popen")
         # broadcast_buffers=False: validation sees unequal batch counts per rank and must not synchronise
         return DDPStrategy(start_method=start, timeout=timeout, broadcast_buffers=False)
-    if t.strategy == "fsdp":
-        return FSDPStrategy(timeout=timeout)
     return t.strategy
 
 
@@ -165,9 +179,15 @@ def eval_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return callbacks
 
 
-def build_trainer(cfg: DictConfig, p: Plan) -> L.Trainer:
+def build_trainer(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) -> L.Trainer:
+    """``objective`` (the one being trained) is needed by trainer.strategy=fsdp: its blocks become the units."""
     t, out = cfg.trainer, run_dir(cfg)
     ckpt_dir = out / "checkpoints"
+    strategy = _strategy(cfg, objective)
+    # Pictures are drawn on rank 0 outside the training step, where FSDP holds only shards of the weights.
+    pictures = [] if t.strategy == "fsdp" else [
+        PictureCallback(out / "pictures", cfg.data.mean, cfg.data.std, every_n_steps=t.picture_every_n_steps)
+    ]  # fmt: skip
     callbacks = [
         ModelCheckpoint(
             dirpath=ckpt_dir,
@@ -181,17 +201,19 @@ def build_trainer(cfg: DictConfig, p: Plan) -> L.Trainer:
             enable_version_counter=False,  # last.ckpt is always the newest state, never last-v1.ckpt
         ),
         LastCheckpoint(ckpt_dir / "last.ckpt"),
-        PictureCallback(out / "pictures", cfg.data.mean, cfg.data.std, every_n_steps=t.picture_every_n_steps),
+        *pictures,
         RankReport(out),
         ThroughputLogger(),  # train/images_per_s, tokens_per_s, mfu
-        SaveParts(out / cfg.objective),  # objectives with a save_parts hook (llava) write loadable parts
         *eval_callbacks(cfg),
     ]
+    save_parts = spec_of(cfg).save_parts  # files other tools load without Lightning (LLaVA's parts)
+    if save_parts is not None:
+        callbacks.append(SaveParts(out / cfg.objective, save_parts))
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=_strategy(cfg),
+        strategy=strategy,
         precision=t.precision,
         max_steps=p.total_steps,
         max_epochs=math.ceil(p.total_steps / p.steps_per_epoch),
@@ -206,4 +228,13 @@ def build_trainer(cfg: DictConfig, p: Plan) -> L.Trainer:
         logger=CSVLogger(out, name="logs"),  # logs/version_N: a resumed run keeps earlier metrics
         callbacks=callbacks,
         default_root_dir=out,
+        plugins=_cluster_plugins(),
     )
+
+
+def _cluster_plugins() -> list:
+    """Under srun, Lightning's SLURM auto-requeue (SIGUSR1: hpc_ckpt_N.ckpt + scontrol requeue, and a silent
+    resume from that file) is switched off: mmssl has one scheme, SIGTERM -> last.ckpt -> exit 143 ->
+    tools/slurm/pretrain.sbatch requeues -> --resume auto."""
+    found = launch.detect()
+    return [SLURMEnvironment(auto_requeue=False)] if found is not None and found.name == "SLURM" else []

@@ -20,6 +20,8 @@ from mmssl import config as C
 from mmssl.backbones import CNNBackbone, ViTBackbone
 from mmssl.build import Plan, _strategy, run_dir
 from mmssl.build.objectives import load_encoder
+from mmssl.callbacks import LastCheckpoint, RankReport
+from mmssl.checkpoints import CheckpointError
 from mmssl.config import finetune as F
 from mmssl.data.folder import FolderDataModule
 from mmssl.data.module import ShardDataModule, resolve_shards
@@ -32,8 +34,7 @@ from mmssl.eval.finetune import (
     finetune_views,
     make_mixup,
 )
-from mmssl.export import CheckpointError
-from mmssl.lit import LastCheckpoint, PretrainModule, RankReport
+from mmssl.lit import PretrainModule
 from mmssl.throughput import ThroughputLogger
 
 VAL_LABELS_CHECKED = 100_000  # held-out labels read before training (all of an ImageNet-size val split)
@@ -129,7 +130,7 @@ def build_module(cfg: DictConfig, p: Plan, classifier: Classifier) -> PretrainMo
     return PretrainModule(
         classifier, lr=p.lr, total_steps=p.total_steps, warmup_steps=p.warmup_steps, optimizer=o.name,
         weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps, momentum=o.momentum, min_lr=o.min_lr,
-        config=C.to_dict(cfg), layer_decay=o.layer_decay,
+        seed=cfg.seed, warmup_start_lr=o.warmup_start_lr, config=C.to_dict(cfg), layer_decay=o.layer_decay,
     )  # fmt: skip
 
 
@@ -166,7 +167,7 @@ def build_trainer(cfg: DictConfig, p: Plan) -> L.Trainer:
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=_strategy(cfg),
+        strategy=_strategy(cfg, None),  # fsdp is refused by the config (mmssl.config.finetune)
         precision=t.precision,
         max_steps=p.total_steps,
         max_epochs=math.ceil(p.total_steps / p.steps_per_epoch),

@@ -1,8 +1,9 @@
-"""Name -> constructor tables for the objectives and their data views, and objectives from checkpoints."""
+"""The build table: one :class:`ObjectiveSpec` per objective (its builder, views, text handling, encoder,
+checkpoint fix-ups), and the objectives and encoders inside checkpoints, rebuilt through it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -15,13 +16,22 @@ from mmssl.build.encoders import (
     build_backbone,
     checkpoint_config,
     encoder_info,
-    encoder_of,
     img_size,
-    load_backbone,
-    load_pretrained_backbone,
+    trained_encoder,
+)
+from mmssl.build.spec import ObjectiveSpec
+from mmssl.checkpoints import (
+    CheckpointError,
+    load_backbone_weights,
+    load_exported,
+    load_matching,
+    load_state_checked,
+    read_checkpoint,
+    read_encoder_weights,
+    strip_prefix,
 )
 from mmssl.data.transforms import (
-    CaptionTokens,
+    View,
     clip_view,
     eval_view,
     igpt_view,
@@ -29,52 +39,37 @@ from mmssl.data.transforms import (
     mae_view,
     simclr_view,
 )
-from mmssl.export import (
-    BACKBONE_PREFIX,
-    CheckpointError,
-    load_exported,
-    load_state_checked,
-    read_checkpoint,
-)
-from mmssl.heads import MAEDecoder, ProjectionHead, mae_init_
+from mmssl.heads import ProjectionHead
 from mmssl.objectives.clip import (
     CLIP,
     clip_tokenizer,
-    load_backbone_weights,
     open_clip_model,
     open_clip_text_tower,
 )
 from mmssl.objectives.igpt import ImageGPT
-from mmssl.objectives.masked import MaskedModeling
+from mmssl.objectives.masked import MaskedModeling, mae
 from mmssl.objectives.simclr import SimCLR
 from mmssl.sequence import SequenceTransformer
 from mmssl.targets.hog import HOGTarget
 from mmssl.targets.palette import Palette
-from mmssl.targets.pixels import PixelTarget
 from mmssl.vlm.decoders import load_decoder
 from mmssl.vlm.llava import LLaVA
-from mmssl.vlm.parts import MANIFEST, load_vision_tower
+from mmssl.vlm.parts import MANIFEST, load_vision_tower, save_parts
 from mmssl.vlm.projector import Projector, load_projector
 from mmssl.vlm.prompt import PromptEncoder
 from mmssl.vlm.vision import VisionTower, create_encoder
 
 
 def _mae(cfg: DictConfig) -> nn.Module:
-    backbone = build_backbone(cfg)
-    backbone.use_fixed_sincos_pos_embed()  # MAE §A.1
-    target = PixelTarget(backbone.patch_size, normalize=cfg.mae.norm_pix_loss)
-    decoder = MAEDecoder(
-        backbone.embed_dim,
-        backbone.grid_size,
-        target.out_dim,
-        num_prefix_tokens=backbone.num_prefix_tokens,
-        embed_dim=cfg.mae.decoder_embed_dim,
-        depth=cfg.mae.decoder_depth,
-        num_heads=cfg.mae.decoder_num_heads,
+    m = cfg.mae
+    return mae(
+        build_backbone(cfg),
+        mask_ratio=m.mask_ratio,
+        norm_pix_loss=m.norm_pix_loss,
+        decoder_embed_dim=m.decoder_embed_dim,
+        decoder_depth=m.decoder_depth,
+        decoder_num_heads=m.decoder_num_heads,
     )
-    objective = MaskedModeling(backbone, target, decoder, mask_ratio=cfg.mae.mask_ratio)
-    mae_init_(objective)
-    return objective
 
 
 def _timm_spec(cfg: DictConfig) -> dict:
@@ -94,8 +89,8 @@ def _llava_vision(cfg: DictConfig) -> VisionTower:
         spec = {"source": "open_clip", "name": o.vision.removeprefix("open_clip:")}
         encoder = create_encoder(spec, o.vision_weights)
     elif o.vision.endswith(".ckpt"):  # an mmssl run's encoder (MAE, ...), via the shared checkpoint loader
-        run_cfg, backbone, _ = load_backbone(o.vision)
-        encoder, spec = backbone.model, _timm_spec(run_cfg)
+        backbone, info = load_encoder(o.vision)
+        encoder, spec = backbone.model, _timm_spec(OmegaConf.create(info["config"]))
     elif Path(o.vision, MANIFEST).is_file():
         vision = load_vision_tower(o.vision)
         if vision.layer != o.vision_layer:
@@ -135,6 +130,7 @@ def _llava(cfg: DictConfig) -> nn.Module:
         "interpolation": d.interpolation,
         "mean": list(d.mean),
         "std": list(d.std),
+        "image_aspect_ratio": o.image_aspect_ratio,
     }
     return LLaVA(vision, projector, decoder, prompt, train_decoder=o.train_decoder, image_processing=image)
 
@@ -160,7 +156,7 @@ def _clip(cfg: DictConfig) -> nn.Module:
     if c.image_tower == "backbone":
         backbone = build_backbone(cfg)
         if c.backbone_weights:
-            load_backbone_weights(backbone, c.backbone_weights)
+            load_backbone_weights(backbone, c.backbone_weights, "clip.backbone_weights")
         image_tower = backbone  # + a linear projection into the text tower's joint space, in CLIP
     return CLIP(image_tower, text_tower, logit_scale=scale, max_logit_scale=c.max_logit_scale)
 
@@ -182,6 +178,7 @@ def _maskfeat(cfg: DictConfig) -> nn.Module:
         mask_ratio=m.mask_ratio,
         min_block=m.min_block,
         min_aspect=m.min_aspect,
+        decay_mask_token=m.mask_token_weight_decay,
     )
 
 
@@ -236,16 +233,6 @@ def _igpt(cfg: DictConfig) -> nn.Module:
     )
 
 
-OBJECTIVES: dict[str, Callable[[DictConfig], nn.Module]] = {
-    "mae": _mae,
-    "llava": _llava,
-    "clip": _clip,
-    "maskfeat": _maskfeat,
-    "simclr": _simclr,
-    "igpt": _igpt,
-}
-
-
 def _mae_views(cfg: DictConfig):
     d = cfg.data
     train = mae_view(
@@ -258,7 +245,9 @@ def _mae_views(cfg: DictConfig):
 
 def _llava_views(cfg: DictConfig):
     d = cfg.data
-    view = llava_view(img_size(cfg), d.interpolation, tuple(d.mean), tuple(d.std))
+    view = llava_view(
+        img_size(cfg), d.interpolation, tuple(d.mean), tuple(d.std), cfg.llava.image_aspect_ratio
+    )
     return view, view
 
 
@@ -282,62 +271,158 @@ def _simclr_views(cfg: DictConfig):
 
 def _igpt_views(cfg: DictConfig):
     d, g = cfg.data, cfg.igpt
-    # Checked here rather than in config.validate: --print-config and checkpoint loading need no palette
-    # file, but a training run does, and this runs before any model is built or process spawned.
-    if not g.palette:
-        raise C.ConfigError(
-            "config key 'igpt.palette': required for training; fit one with tools/fit_palette.py "
-            "(e.g. --shards <train shards> --k 512 --out palette.safetensors) and pass igpt.palette=<file>"
-        )
     norm = {"interpolation": d.interpolation, "mean": tuple(d.mean), "std": tuple(d.std)}
     return igpt_view(g.resolution, tuple(g.resize_range), **norm), eval_view(
         g.resolution, crop_pct=1.0, **norm
     )
 
 
-VIEWS: dict[str, Callable[[DictConfig], tuple]] = {
-    "mae": _mae_views,
-    "maskfeat": _mae_views,  # RandomResizedCrop(data.crop_scale: 0.5-1 for MaskFeat) + flip, as MAE's
-    "simclr": _simclr_views,
-    "clip": _clip_views,
-    "llava": _llava_views,
-    "igpt": _igpt_views,
-}
-
-
-def build_tokenizer(cfg: DictConfig):
+def _clip_tokenizer(cfg: DictConfig):
     """open_clip's tokenizer at the text tower's context length (``clip.text_cfg.context_length`` or the model's)."""
     return clip_tokenizer(cfg.clip.model, cfg.clip.text_cfg.get("context_length"))
 
 
-# Objectives that read captions: name -> caption-to-tokens function run in the data workers.
-TEXT: dict[str, Callable[[DictConfig], Callable]] = {
-    "clip": lambda cfg: CaptionTokens(build_tokenizer(cfg)),
+# The build table: one spec per objective (spec.py says what each field means). Adding an objective adds its
+# builder and views above and one entry here, its config section (config/objectives.py) and its recipe.
+OBJECTIVES: dict[str, ObjectiveSpec] = {
+    "mae": ObjectiveSpec(_mae, _mae_views),
+    "llava": ObjectiveSpec(
+        _llava,
+        _llava_views,
+        text="strings",
+        encoder=None,
+        save_parts=save_parts,
+        # LLaVA's chat stage trains on text-only conversations too (part of the 665K mix); a caption needs its picture
+        image_optional=lambda cfg: cfg.llava.conversation == "chat",
+    ),
+    "clip": ObjectiveSpec(
+        _clip,
+        _clip_views,
+        text="tokens",
+        tokenizer=_clip_tokenizer,
+        weight_files=("clip.pretrained", "clip.backbone_weights"),
+    ),
+    # RandomResizedCrop(data.crop_scale: 0.5-1 for MaskFeat) + flip, as MAE's
+    "maskfeat": ObjectiveSpec(_maskfeat, _mae_views),
+    "simclr": ObjectiveSpec(_simclr, _simclr_views),
+    # the palette is a buffer in the checkpoint (data, kept by a random-init baseline); its file need not exist.
+    # Its encoder (.backbone, an IGPTEncoder over palette-id sequences) is read from the rebuilt objective.
+    "igpt": ObjectiveSpec(
+        _igpt,
+        _igpt_views,
+        timm_encoder=False,
+        weight_files=("igpt.palette",),
+        data_buffers=("palette.",),
+    ),
 }
 
 
+def spec_of(cfg: DictConfig) -> ObjectiveSpec:
+    return OBJECTIVES[cfg.objective]
+
+
 def build_objective(cfg: DictConfig) -> nn.Module:
-    objective = OBJECTIVES[cfg.objective](cfg)
+    objective = spec_of(cfg).build(cfg)
     if (
         cfg.backbone.weights
     ):  # continued pretraining: after the objective's own init (MAE re-inits everything)
-        load_pretrained_backbone(objective, cfg.backbone.weights, cfg.objective)
+        load_pretrained_backbone(objective, cfg)
     return objective
 
 
-def objective_from_checkpoint(
-    path: str | Path, overrides: list[str] | tuple[str, ...] = (), random_init: bool = False, seed: int = 0
-) -> nn.Module:
-    """The objective of a pretraining checkpoint (config and weights from the file), in eval mode.
-    ``random_init``: the same architecture at its own (seeded) initialisation, keeping only the checkpoint's
-    buffers that are data rather than learned weights (an iGPT palette): the baseline of a probe."""
+def encoder_weights(path: str | Path, where: str) -> dict[str, torch.Tensor]:
+    """The timm state dict of any local encoder file: a pretraining ``.ckpt`` (its spec's encoder), an export
+    or a plain timm state dict (``checkpoints.read_encoder_weights``)."""
+    if not str(path).endswith(".ckpt") or C.is_hub_name(str(path)):
+        return read_encoder_weights(path, where)
+    ckpt, cfg, spec = _read(path)
+    state = strip_prefix(ckpt["state_dict"], f"objective.{spec.encoder}.model.") if spec.timm_encoder else {}
+    if spec.encoder is None or not state:
+        raise CheckpointError(
+            f"{where}: the {cfg.objective!r} objective of this checkpoint has no timm encoder weights "
+            f"(no 'objective.{spec.encoder}.model.*')"
+        )
+    return state
+
+
+def load_pretrained_backbone(objective: nn.Module, cfg: DictConfig) -> dict[str, list[str]]:
+    """Continued pretraining (``backbone.weights``): a freshly built objective (after its own initialisation)
+    takes the encoder weights of that file (:func:`encoder_weights`); missing and unexpected keys are reported,
+    a shape mismatch is an error naming the key. A ``.ckpt`` of the same objective whose other weights fit
+    (MAE's decoder, SimCLR's projection head, CLIP's text tower) brings those too: the run continues that
+    pretraining, with a new optimizer and schedule from step 0."""
+    path, spec = cfg.backbone.weights, spec_of(cfg)
+    where = f"config key 'backbone.weights': {path}"
+    backbone = getattr(objective, spec.encoder, None) if spec.encoder and spec.timm_encoder else None
+    if not hasattr(backbone, "model"):
+        raise C.ConfigError(
+            f"{where}: the {cfg.objective!r} objective as configured has no timm backbone to start from (only "
+            "objectives that train an mmssl ViT/CNN backbone do; CLIP needs clip.image_tower=backbone)"
+        )
+    report = load_matching(backbone.model, encoder_weights(path, where), where)
+    rest, why = {}, "only a pretraining .ckpt of the same objective has them"
+    if str(path).endswith(".ckpt"):
+        ckpt = read_checkpoint(path)
+        prefix = f"{spec.encoder}.model."
+        rest = {k.removeprefix("objective."): v for k, v in ckpt["state_dict"].items()}
+        rest = {k: v for k, v in rest.items() if not k.startswith(prefix)}
+        own = {k: v for k, v in objective.state_dict().items() if not k.startswith(prefix)}
+        source = ckpt["hyper_parameters"]["config"].get("objective", C.Config.objective)
+        if source != cfg.objective:
+            rest, why = {}, f"the checkpoint is of another objective ({source})"
+        elif rest.keys() != own.keys() or any(v.shape != own[k].shape for k, v in rest.items()):
+            rest, why = {}, "they do not fit this config"
+        objective.load_state_dict(rest, strict=False)
+    print(f"mmssl: backbone.weights={path}: {report['loaded']} of {len(backbone.model.state_dict())} backbone "
+          f"tensors loaded; missing (kept at init): {report['missing'] or 'none'}; unexpected (ignored): "
+          f"{report['unexpected'] or 'none'}; the objective's other weights: "
+          f"{f'{len(rest)} tensors loaded too' if rest else f'at init ({why})'}")  # fmt: skip
+    return report | {"other_weights": sorted(rest)}
+
+
+def build_views(cfg: DictConfig) -> tuple[View, View]:
+    """(train view, validation view) of the config's objective."""
+    return spec_of(cfg).views(cfg)
+
+
+def build_tokenizer(cfg: DictConfig):
+    """The caption tokenizer of an objective that reads token ids (``text="tokens"``, e.g. CLIP)."""
+    spec = spec_of(cfg)
+    if spec.tokenizer is None:
+        raise C.ConfigError(f"config key 'objective': {cfg.objective!r} reads no caption tokens")
+    return spec.tokenizer(cfg)
+
+
+def _read(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict, DictConfig, ObjectiveSpec]:
+    """(checkpoint, its run config, its objective's spec); the config's ``weight_files`` keys are reset to
+    null: the checkpoint's weights hold what those files provided, and they need not exist here."""
     ckpt = read_checkpoint(path)
-    cfg = checkpoint_config(path, ckpt, overrides)
+    spec = OBJECTIVES.get(ckpt["hyper_parameters"]["config"].get("objective", C.Config.objective))
+    # backbone.weights: the run's starting point, already inside the checkpoint's weights
+    reset = ("backbone.weights", *(spec.weight_files if spec is not None else ()))
+    cfg = checkpoint_config(path, ckpt, overrides, reset)
+    return ckpt, cfg, spec_of(cfg)
+
+
+def objective_from_checkpoint(
+    path: str | Path, overrides: Sequence[str] = (), random_init: bool = False, seed: int = 0
+) -> tuple[nn.Module, DictConfig]:
+    """(the objective of a pretraining checkpoint in eval mode, its run config): config and weights from the
+    file, ``key=value`` ``overrides`` on top. ``random_init``: the same architecture at its own (seeded)
+    initialisation, keeping only the checkpoint's ``data_buffers`` (an iGPT palette): the baseline of a probe."""
+    ckpt, cfg, spec = _read(path, overrides)
+    return _rebuild(path, ckpt, cfg, spec, random_init, seed), cfg
+
+
+def _rebuild(
+    path, ckpt: dict, cfg: DictConfig, spec: ObjectiveSpec, random_init: bool, seed: int
+) -> nn.Module:
     torch.manual_seed(seed)
-    objective = build_objective(cfg)
+    objective = spec.build(cfg)
     state = {k.removeprefix("objective."): v for k, v in ckpt["state_dict"].items()}
     if random_init:
-        state = {**objective.state_dict(), **{k: v for k, v in state.items() if k.startswith("palette.")}}
+        kept = {k: v for k, v in state.items() if k.startswith(spec.data_buffers)}
+        state = {**objective.state_dict(), **kept}
     load_state_checked(
         objective, state, f"checkpoint {path}", f"the {cfg.objective!r} objective of its config"
     )
@@ -345,23 +430,29 @@ def objective_from_checkpoint(
 
 
 def load_encoder(path: str | Path, random_init: bool = False, seed: int = 0) -> tuple[Backbone, dict]:
-    """Any trained encoder -> (backbone in eval mode, info): a Lightning ``.ckpt``, an exported
-    ``.safetensors`` (with its ``.json``), or a Hugging Face-style folder. ``random_init`` keeps a Lightning
-    checkpoint's architecture and the objective's own initialisation (seeded) but not its weights."""
+    """Any trained encoder -> (backbone in eval mode, info): a Lightning ``.ckpt`` (info: image size, mean/std,
+    interpolation, objective, plus the run ``config`` and ``global_step``), an exported ``.safetensors`` (with
+    its ``.json``), or a Hugging Face-style folder. ``random_init`` keeps a Lightning checkpoint's architecture
+    and the objective's own initialisation (seeded) but not its weights."""
     path = Path(path)
-    if path.suffix == ".ckpt":
-        ckpt = read_checkpoint(path)
-        if not random_init and any(k.startswith(BACKBONE_PREFIX) for k in ckpt["state_dict"]):
-            cfg, backbone, _ = load_backbone(path)  # a timm encoder: nothing else of the objective is built
-            return backbone, encoder_info(cfg)
-        # another encoder (iGPT's), or the objective's own initialisation: the objective is built and asked
-        encoder = encoder_of(objective_from_checkpoint(path, random_init=random_init, seed=seed), str(path))
-        info = encoder_info(checkpoint_config(path, ckpt))
-        for key, attribute in (("img_size", "input_size"), ("architecture", "architecture")):  # iGPT's own
-            info[key] = getattr(encoder, attribute, info[key])
-        return encoder.eval(), info
-    if random_init:
+    if path.suffix != ".ckpt":
+        if random_init:
+            raise CheckpointError(
+                f"{path}: random_init needs a Lightning checkpoint (.ckpt), which holds the config"
+            )
+        return load_exported(path)
+    ckpt, cfg, spec = _read(path)
+    if spec.encoder is None:
         raise CheckpointError(
-            f"{path}: random_init needs a Lightning checkpoint (.ckpt), which holds the config"
+            f"checkpoint {path}: the {cfg.objective!r} objective trains no image encoder to evaluate or export"
         )
-    return load_exported(path)
+    if not random_init and spec.timm_encoder:
+        return trained_encoder(path, ckpt, cfg, spec.encoder)
+    # the objective's own initialisation, or an encoder that is not a timm model: the objective is rebuilt
+    objective = _rebuild(path, ckpt, cfg, spec, random_init=random_init, seed=seed)
+    encoder = getattr(objective, spec.encoder).eval()
+    step = 0 if random_init else int(ckpt.get("global_step", -1))
+    info = {**encoder_info(cfg), "config": C.to_dict(cfg), "global_step": step}
+    for key, attribute in (("img_size", "input_size"), ("architecture", "architecture")):  # an encoder's own
+        info[key] = getattr(encoder, attribute, info[key])
+    return encoder, info

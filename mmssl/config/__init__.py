@@ -8,30 +8,32 @@ the constructor argument names they feed (see ``mmssl/build/``).
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mmssl.config.objectives import (  # per-objective sections and their checks
+from mmssl.config.checks import Check
+from mmssl.config.objectives import (  # per-objective sections, each with its own checks
     CLIPConfig,
     IGPTConfig,
     LlavaConfig,
     MAEConfig,
     MaskFeatConfig,
     SimCLRConfig,
-    validate_clip,
-    validate_igpt,
 )
-from mmssl.config.paths import CONFIG_DIR
+from mmssl.config.paths import CONFIG_DIR, HUB_REFUSED, is_hub_name
 from mmssl.config.paths import find_file as find_file  # re-exported: C.find_file
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
+# torch.distributed.fsdp.ShardingStrategy names (what Lightning's FSDPStrategy(sharding_strategy=) takes)
+SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
+# Optimizers whose update uses each whole tensor's norm (LARS/LAMB trust ratio): FSDP hands them shards
+TRUST_RATIO_OPTIMIZERS = ("lars", "larc", "nlars", "nlarc", "lamb", "lambc")
 
 
 class ConfigError(ValueError):
@@ -56,6 +58,9 @@ class BackboneConfig:
     # continued pretraining: a new run (new optimizer and schedule, step 0) from these encoder weights: a
     # pretraining .ckpt, an exported .safetensors (+ .json) or folder, or a plain timm state dict; local only
     weights: str | None = None
+    # timm's set_grad_checkpointing: recompute each block's activations in the backward pass (memory for
+    # compute; ViT-L/H at large batches). Under trainer.strategy=fsdp use trainer.fsdp.activation_checkpointing.
+    grad_checkpointing: bool = False
 
 
 @dataclass
@@ -71,6 +76,8 @@ class OptimConfig:
     warmup_epochs: float = 40.0
     warmup_steps: int | None = None  # overrides warmup_epochs when set
     min_lr: float = 0.0
+    # absolute lr at step 0 of the warmup: 0 as MAE's util/lr_sched.py; SlowFast's MaskFeat: WARMUP_START_LR 1e-6
+    warmup_start_lr: float = 0.0
 
 
 @dataclass
@@ -88,6 +95,17 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     shuffle_buffer: int = 2000
     max_image_pixels: int = 89_478_485  # PIL's own decompression-bomb limit
+
+
+@dataclass
+class FSDPConfig:
+    """Used with ``trainer.strategy=fsdp`` only, ignored otherwise (Lightning's FSDPStrategy, wired in
+    ``build/fsdp.py``). Every transformer block of the objective is one FSDP unit; checkpoints always hold full
+    (gathered) state dicts."""
+
+    sharding_strategy: str = "FULL_SHARD"  # FULL_SHARD | SHARD_GRAD_OP | HYBRID_SHARD | NO_SHARD
+    activation_checkpointing: bool = False  # recompute the blocks' activations in the backward pass
+    cpu_offload: bool = False  # parameters and gradients wait in CPU memory between uses
 
 
 @dataclass
@@ -109,6 +127,7 @@ class TrainerConfig:
     ddp_timeout_s: int = 1800
     sync_batchnorm: bool = False
     compile: bool = False  # torch.compile the objective's forward (Module.compile: state-dict keys unchanged)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
 
 @dataclass
@@ -190,6 +209,11 @@ def objective_names() -> list[str]:
     return [f.name for f in fields(Config) if f.metadata.get("objective")]
 
 
+def active_objectives(cfg: DictConfig) -> list[str]:
+    """The objective sections a run uses (their checks apply in full; --print-config shows only these)."""
+    return [cfg.objective]
+
+
 def resolve_path(name: str) -> Path:
     """``--cfg`` value -> file: an existing path, else ``configs/NAME`` (``.yaml`` optional)."""
     candidates = [
@@ -242,52 +266,9 @@ def _merge(base: DictConfig, delta: Any, source: str) -> DictConfig:
         raise ConfigError(f"config key '{key}' ({source}): {reason}") from None
 
 
-HUB_REFUSED = "a model-hub name; mmssl never downloads weights: pass the path of a local file or folder"
-
-
-def is_hub_name(value: str | None) -> bool:
-    """``hf-hub:``/``timm/`` names and URLs (checked before any file is looked for, so never fetched)."""
-    if value is None:
-        return False
-    return (
-        value.startswith(("hf-hub:", "hf_hub:"))
-        or "://" in value
-        or (value.startswith("timm/") and not Path(value).exists())
-    )
-
-
-def validate(cfg: DictConfig) -> None:
-    """Value checks that types alone cannot express; each error names its key."""
-
-    def check(ok: bool, key: str, msg: str) -> None:
-        if not ok:
-            raise ConfigError(f"config key '{key}': {msg} (got {OmegaConf.select(cfg, key)!r})")
-
-    check(cfg.objective in objective_names(), "objective", f"must be one of {objective_names()}")
+def _check_core(cfg: DictConfig, check: Check) -> None:
+    """The checks of the run-wide sections (trainer, optim, data, eval); objective sections check themselves."""
     check(not is_hub_name(cfg.backbone.weights), "backbone.weights", HUB_REFUSED)
-    check(0.0 <= cfg.mae.mask_ratio < 1.0, "mae.mask_ratio", "must be in [0, 1)")
-    llava = cfg.llava
-    check(cfg.objective != "llava" or bool(llava.decoder), "llava.decoder", "required: a local model folder")
-    check(llava.conversation in ("plain", "chat"), "llava.conversation", "must be plain or chat")
-    check(
-        llava.projector == "linear" or re.fullmatch(r"mlp[1-9]\d*x_gelu", llava.projector) is not None,
-        "llava.projector",
-        "must be linear or mlpNx_gelu (e.g. mlp2x_gelu)",
-    )
-    check(
-        bool(llava.vision), "llava.vision", "must be backbone, PATH.ckpt, open_clip:MODEL or a parts folder"
-    )
-    check(llava.max_length > 0, "llava.max_length", "must be > 0")
-    mf = cfg.maskfeat
-    check(0.0 < mf.mask_ratio < 1.0, "maskfeat.mask_ratio", "must be in (0, 1)")
-    check(mf.min_block is None or mf.min_block >= 1, "maskfeat.min_block", "must be >= 1 or null")
-    check(0.0 < mf.min_aspect <= 1.0, "maskfeat.min_aspect", "must be in (0, 1]")
-    check(mf.cell_size >= 1 and mf.nbins >= 1, "maskfeat.cell_size", "cell_size and nbins must be >= 1")
-    check(mf.gradient in ("sobel", "central"), "maskfeat.gradient", "must be sobel or central")
-    check(mf.gaussian_window >= 0, "maskfeat.gaussian_window", "must be >= 0 (0: none)")
-    check(cfg.simclr.temperature > 0, "simclr.temperature", "must be > 0")
-    check(cfg.simclr.proj_num_layers >= 1, "simclr.proj_num_layers", "must be >= 1")
-    check(0 <= cfg.simclr.blur_p <= 1, "simclr.blur_p", "must be in [0, 1]")
     check(
         not (cfg.trainer.sync_batchnorm and cfg.trainer.accelerator == "cpu"),
         "trainer.sync_batchnorm",
@@ -300,6 +281,7 @@ def validate(cfg: DictConfig) -> None:
     check(cfg.optim.lr is None or cfg.optim.lr > 0, "optim.lr", "must be > 0")
     check(len(cfg.optim.betas) == 2, "optim.betas", "must be two numbers")
     check(cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
+    check(cfg.optim.warmup_start_lr >= 0, "optim.warmup_start_lr", "must be >= 0")
     check(cfg.data.batch_size > 0, "data.batch_size", "must be > 0")
     check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     check(len(cfg.data.crop_scale) == 2, "data.crop_scale", "must be [min, max]")
@@ -313,7 +295,6 @@ def validate(cfg: DictConfig) -> None:
     check(cfg.trainer.max_epochs > 0, "trainer.max_epochs", "must be > 0")
     check(cfg.trainer.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", "must be >= 1")
     check(cfg.trainer.ckpt_every_n_steps > 0, "trainer.ckpt_every_n_steps", "must be > 0")
-    validate_igpt(cfg, check)
     devices = cfg.trainer.devices
     check(
         devices == "auto" or (isinstance(devices, int) and devices > 0),
@@ -326,7 +307,98 @@ def validate(cfg: DictConfig) -> None:
     for key in ("knn_train_shards", "knn_val_shards"):
         check(not e.knn_every_n_epochs or bool(e[key]), f"eval.{key}", "required when knn_every_n_epochs > 0")
     check(e.knn_k >= 1 and e.knn_t > 0, "eval.knn_k", "needs knn_k >= 1 and knn_t > 0")
-    validate_clip(cfg, check)
+    validate_fsdp(cfg, check)
+
+
+def validate_fsdp(cfg: DictConfig, check) -> None:
+    """``trainer.fsdp.*`` and what FSDP cannot run with (machine-independent: see :func:`validate_machine`)."""
+    t, f = cfg.trainer, cfg.trainer.fsdp
+    check(
+        f.sharding_strategy.upper() in SHARDING_STRATEGIES,
+        "trainer.fsdp.sharding_strategy",
+        f"must be one of {', '.join(SHARDING_STRATEGIES)}",
+    )
+    if t.strategy != "fsdp":  # a recipe's fsdp section stays valid when the command line picks ddp
+        return
+    check(
+        not cfg.backbone.grad_checkpointing,
+        "backbone.grad_checkpointing",
+        "with trainer.strategy=fsdp use trainer.fsdp.activation_checkpointing=true (it checkpoints inside the "
+        "FSDP units)",
+    )
+    check(
+        cfg.optim.name.lower() not in TRUST_RATIO_OPTIMIZERS,
+        "optim.name",
+        "LARS/LAMB scale each update by whole-tensor norms, but under trainer.strategy=fsdp every rank holds "
+        "shards; use adamw or sgd, or trainer.strategy=ddp",
+    )
+    for key in ("online_probe", "knn_every_n_epochs"):
+        check(
+            not cfg.eval[key],
+            f"eval.{key}",
+            "online evaluation calls the encoder outside the training step, where trainer.strategy=fsdp holds "
+            "only shards of its weights; evaluate the checkpoints instead (tools/linear_probe.py, tools/knn.py)",
+        )
+
+
+def validate_machine(cfg: DictConfig) -> None:
+    """Checks that depend on this machine rather than on the config, run before any model or data work of a
+    training run; not part of :func:`validate`, so that a checkpoint's config loads on any machine."""
+    t = cfg.trainer
+    if t.strategy != "fsdp":
+        return
+    import torch
+
+    if t.accelerator not in ("auto", "gpu", "cuda"):
+        why = f"trainer.accelerator={t.accelerator}"
+    elif not torch.cuda.is_available():
+        why = "this machine has no CUDA GPU"
+    else:
+        return
+    raise ConfigError(
+        f"config key 'trainer.strategy': fsdp needs CUDA GPUs (Lightning's FSDPStrategy runs on CUDA only), but "
+        f"{why}; use trainer.strategy=ddp (or auto) here"
+    )
+
+
+def _checker(cfg: DictConfig) -> Check:
+    def check(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"config key '{key}': {msg} (got {OmegaConf.select(cfg, key)!r})")
+
+    return check
+
+
+def _sections(cfg: DictConfig):
+    """(name, section config, section class, whether the run uses it) for every section of ``Config``."""
+    used = set(active_objectives(cfg))
+    for f in fields(Config):
+        if is_dataclass(f.default_factory):
+            yield f.name, cfg[f.name], f.default_factory, not f.metadata.get("objective") or f.name in used
+
+
+def validate(cfg: DictConfig) -> None:
+    """Value checks that types alone cannot express; each error names its key. Every section checks itself:
+    its choice fields, then its own ``validate`` (config/objectives.py); the run-wide ones in ``_check_core``."""
+    check = _checker(cfg)
+    check(cfg.objective in objective_names(), "objective", f"must be one of {objective_names()}")
+    _check_core(cfg, check)
+    for name, section, cls, active in _sections(cfg):
+        for f in fields(cls):
+            options = f.metadata.get("choices")
+            if options is not None:
+                check(section[f.name] in options, f"{name}.{f.name}", f"must be one of {', '.join(options)}")
+        if hasattr(cls, "validate"):
+            cls.validate(section, cfg, check, active)
+
+
+def validate_training(cfg: DictConfig) -> None:
+    """What only a training run needs, beyond :func:`validate` (e.g. an iGPT palette file): each section in use
+    checks it with its ``validate_training``. Called before the data module is built."""
+    check = _checker(cfg)
+    for _, section, cls, active in _sections(cfg):
+        if active and hasattr(cls, "validate_training"):
+            cls.validate_training(section, cfg, check)
 
 
 def validate_probe(cfg: DictConfig) -> None:
@@ -382,7 +454,7 @@ def active(cfg: DictConfig) -> DictConfig:
     """The config without the sections of objectives that are not in use (what --print-config shows)."""
     out = OmegaConf.to_container(cfg)
     for name in objective_names():
-        if name != cfg.objective:
+        if name not in active_objectives(cfg):
             out.pop(name)
     return OmegaConf.create(out)
 

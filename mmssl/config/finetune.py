@@ -146,6 +146,7 @@ def validate(cfg: DictConfig) -> None:
     check(t.precision in C.PRECISIONS, "trainer.precision", f"must be one of {C.PRECISIONS}")
     check(t.max_epochs > 0 and t.accumulate_grad_batches >= 1, "trainer.max_epochs", "must be > 0")
     check(t.ckpt_every_n_steps > 0, "trainer.ckpt_every_n_steps", "must be > 0")
+    check(t.strategy != "fsdp", "trainer.strategy", "fine-tuning runs with auto, ddp or ddp_spawn (not fsdp)")
     check(t.devices == "auto" or (isinstance(t.devices, int) and t.devices > 0), "trainer.devices",
           "must be 'auto' or > 0")  # fmt: skip
 

@@ -1,15 +1,24 @@
-"""Per-objective config sections (one dataclass each, fields = the constructor arguments they feed) and the
-checks that need more than a type (called from ``mmssl.config.validate``)."""
+"""Per-objective config sections: one dataclass each, fields = the constructor arguments they feed. Each
+section checks itself: choice fields list their options (``choice``), and ``validate(c, cfg, check, active)``
+holds the checks that need more than a type (``c`` the section, ``cfg`` the whole config, ``active`` whether
+the run uses this objective); ``validate_training`` what only a training run needs. ``mmssl.config.validate``
+calls them for every section and names no objective.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
+from mmssl.config.checks import Check, choice
 from mmssl.config.paths import find_file
+
+# LLaVA's builder.py: "linear" or mlp{N}x_gelu with N >= 1 (vlm/projector.py parses the same pattern)
+PROJECTOR_PATTERN = r"linear|mlp[1-9]\d*x_gelu"
 
 
 @dataclass
@@ -19,6 +28,10 @@ class MAEConfig:
     decoder_embed_dim: int = 512  # MAE §3 / Table 1: 512-d, 8 blocks for ViT-B/L/H
     decoder_depth: int = 8
     decoder_num_heads: int = 16
+
+    @staticmethod
+    def validate(c: DictConfig, cfg: DictConfig, check: Check, active: bool) -> None:
+        check(0.0 <= c.mask_ratio < 1.0, "mae.mask_ratio", "must be in [0, 1)")
 
 
 @dataclass
@@ -34,9 +47,28 @@ class LlavaConfig:
     projector: str = "mlp2x_gelu"  # LLaVA-1.5 §3.1 (two-layer MLP); "linear" is LLaVA's (v1)
     projector_weights: str | None = None  # stage 2: stage 1's <run dir>/llava/projector.safetensors
     train_decoder: bool = False  # stage 1 (feature alignment): projector only; stage 2: projector + decoder
-    conversation: str = "plain"  # plain: <image> caption (stage 1, .txt) | chat: Vicuna v1 turns (.json)
-    system: str | None = None  # chat system prompt; None: Vicuna v1's ("A chat between a curious human ...")
+    # plain: <image> caption\n (stage 1, .txt) | chat: Vicuna v1 turns (.json)
+    conversation: str = choice("plain", ("plain", "chat"))
+    system: str | None = (
+        None  # chat system prompt; None: conv_vicuna_v1's ("A chat between a curious user ...")
+    )
+    # pad: mean-colour padding to a square, then resize (finetune.sh --image_aspect_ratio pad) | crop: shortest
+    # side resized, centre crop (CLIPImageProcessor; the reference's default 'square', pretrain.sh)
+    image_aspect_ratio: str = choice("crop", ("pad", "crop"))
     max_length: int = 2048  # LLaVA-1.5 model_max_length
+
+    @staticmethod
+    def validate(c: DictConfig, cfg: DictConfig, check: Check, active: bool) -> None:
+        check(not active or bool(c.decoder), "llava.decoder", "required: a local model folder")
+        check(
+            re.fullmatch(PROJECTOR_PATTERN, c.projector) is not None,
+            "llava.projector",
+            "must be linear or mlpNx_gelu (e.g. mlp2x_gelu)",
+        )
+        check(
+            bool(c.vision), "llava.vision", "must be backbone, PATH.ckpt, open_clip:MODEL or a parts folder"
+        )
+        check(c.max_length > 0, "llava.max_length", "must be > 0")
 
 
 @dataclass
@@ -44,7 +76,8 @@ class CLIPConfig:
     """CLIP (Radford et al. 2021) on open_clip towers (objectives/clip.py). Weights only from local files."""
 
     model: str = "ViT-B-32"  # open_clip architecture: text tower (+ image tower if image_tower=open_clip)
-    image_tower: str = "open_clip"  # open_clip: the model's own | backbone: backbone.* + linear projection
+    # open_clip: the model's own | backbone: backbone.* + linear projection
+    image_tower: str = choice("open_clip", ("open_clip", "backbone"))
     # local open_clip checkpoint of the whole model (a hub tag is refused); OpenAI's weights need the -quickgelu
     # model (ViT-B-32-quickgelu): the activation is not in a state dict (objectives/clip.py create_open_clip)
     pretrained: str | None = None
@@ -55,6 +88,28 @@ class CLIPConfig:
     init_temperature: float = 0.07  # CLIP §2.5: tau initialised to 0.07 (Wu et al. 2018), logit scale 1/tau
     max_logit_scale: float = 100.0  # CLIP §2.5: "clipped to prevent scaling the logits by more than 100"
 
+    @staticmethod
+    def validate(c: DictConfig, cfg: DictConfig, check: Check, active: bool) -> None:
+        check(0 < c.init_temperature, "clip.init_temperature", "must be > 0")
+        check(1 <= c.max_logit_scale, "clip.max_logit_scale", "must be >= 1")
+        check(1 / c.init_temperature <= c.max_logit_scale, "clip.init_temperature", "1/tau > max_logit_scale")
+        if not active:
+            return
+        # Offline by design: open_clip would download a hub tag ("laion2b_s34b_b79k") or an hf-hub: model.
+        hub = "mmssl never downloads weights: pass the path of a local file (download it beforehand)"
+        check(
+            not c.model.startswith("hf-hub:"),
+            "clip.model",
+            f"hf-hub: models need the Hugging Face hub; {hub}",
+        )
+        for key in ("pretrained", "backbone_weights"):
+            local = c[key] is None or Path(c[key]).expanduser().is_file()
+            check(local, f"clip.{key}", f"not an existing local file; {hub}")
+        # Left and right are part of captions ("at the top left"); open_clip's train transform has no flip.
+        check(
+            cfg.data.hflip == 0, "data.hflip", "CLIP trains without flips (open_clip's transform has none): 0"
+        )
+
 
 @dataclass
 class MaskFeatConfig:
@@ -63,8 +118,19 @@ class MaskFeatConfig:
     min_aspect: float = 0.3  # BEiT masking_generator.py: block aspect ratio in [0.3, 1/0.3]
     cell_size: int = 8  # HOG: 8x8-pixel cells (SlowFast masked.py), 2x2 cells per 16-px patch
     nbins: int = 9  # 9 unsigned orientation bins
-    gradient: str = "sobel"  # sobel (SlowFast HOGLayerC) | central ([-1, 0, 1], skimage / Dalal-Triggs)
+    # sobel (SlowFast HOGLayerC) | central ([-1, 0, 1], skimage / Dalal-Triggs); targets/hog.py GRADIENTS
+    gradient: str = choice("sobel", ("sobel", "central"))
     gaussian_window: int = 0  # 0: none (SlowFast); 16: MMPretrain's HOGGenerator (std 8, tiled)
+    # SlowFast decays the mask token (no skip list under ZERO_DECAY_POS_CLS False); MMPretrain exempts it: false
+    mask_token_weight_decay: bool = True
+
+    @staticmethod
+    def validate(c: DictConfig, cfg: DictConfig, check: Check, active: bool) -> None:
+        check(0.0 < c.mask_ratio < 1.0, "maskfeat.mask_ratio", "must be in (0, 1)")
+        check(c.min_block is None or c.min_block >= 1, "maskfeat.min_block", "must be >= 1 or null")
+        check(0.0 < c.min_aspect <= 1.0, "maskfeat.min_aspect", "must be in (0, 1]")
+        check(c.cell_size >= 1 and c.nbins >= 1, "maskfeat.cell_size", "cell_size and nbins must be >= 1")
+        check(c.gaussian_window >= 0, "maskfeat.gaussian_window", "must be >= 0 (0: none)")
 
 
 @dataclass
@@ -79,12 +145,19 @@ class SimCLRConfig:
     blur_p: float = 0.5  # Appendix A: Gaussian blur with p=0.5 on ImageNet, none on CIFAR-10
     # crop area and flip come from data.crop_scale (SimCLR: [0.08, 1.0]), data.interpolation and data.hflip
 
+    @staticmethod
+    def validate(c: DictConfig, cfg: DictConfig, check: Check, active: bool) -> None:
+        check(c.temperature > 0, "simclr.temperature", "must be > 0")
+        check(c.proj_num_layers >= 1, "simclr.proj_num_layers", "must be >= 1")
+        check(0 <= c.blur_p <= 1, "simclr.blur_p", "must be in [0, 1]")
+
 
 @dataclass
 class IGPTConfig:
     """iGPT (Chen et al. 2020); defaults are iGPT-S at 32x32 with the 9-bit palette (configs/igpt_s32.yaml)."""
 
-    mode: str = "ar"  # ar: next-pixel prediction | bert: masked-pixel prediction (§"Pre-training")
+    # ar: next-pixel prediction | bert: masked-pixel prediction (§"Pre-training"); objectives/igpt.py MODES
+    mode: str = choice("ar", ("ar", "bert"))
     palette: str | None = None  # safetensors file from tools/fit_palette.py (path, or relative to the repo)
     num_colors: int = 512  # §"Context Reduction": 9-bit palette, k-means with k = 512
     resolution: int = 32  # images downsampled to resolution x resolution; context = resolution^2 = 1024
@@ -95,54 +168,41 @@ class IGPTConfig:
     depth: int = 24
     num_heads: int = 8
     mlp_ratio: float = 4.0
-    norm: str = "rmsnorm"  # the reference's norm (no centring, no bias) | layernorm (GPT-2's)
+    # the reference's norm (no centring, no bias) | layernorm (GPT-2's); sequence.py NORMS
+    norm: str = choice("rmsnorm", ("rmsnorm", "layernorm"))
     mask_prob: float = 0.15  # BERT: 15% of tokens masked (run.py --bert_mask_prob)
     feature_layer: int | None = None  # probe features from this block's output; None: depth // 2
     temperature: float = 1.0  # completions in pictures: sampling temperature (0 = argmax) and top-k
     top_k: int | None = None
     num_completions: int = 2
 
-
-def validate_clip(cfg: DictConfig, check) -> None:
-    c = cfg.clip
-    check(c.image_tower in ("open_clip", "backbone"), "clip.image_tower", "must be open_clip or backbone")
-    check(0 < c.init_temperature, "clip.init_temperature", "must be > 0")
-    check(1 <= c.max_logit_scale, "clip.max_logit_scale", "must be >= 1")
-    check(1 / c.init_temperature <= c.max_logit_scale, "clip.init_temperature", "1/tau > max_logit_scale")
-    if cfg.objective != "clip":
-        return
-    # Offline by design: open_clip would download a hub tag ("laion2b_s34b_b79k") or an hf-hub: model, retrying.
-    hub = "mmssl never downloads weights: pass the path of a local file (download it beforehand)"
-    check(not c.model.startswith("hf-hub:"), "clip.model", f"hf-hub: models need the Hugging Face hub; {hub}")
-    for key in ("pretrained", "backbone_weights"):
-        local = c[key] is None or Path(c[key]).expanduser().is_file()
-        check(local, f"clip.{key}", f"not an existing local file; {hub}")
-    # Left and right are part of captions ("at the top left"); open_clip's train transform has no flip.
-    check(cfg.data.hflip == 0, "data.hflip", "CLIP trains without flips (open_clip's transform has none): 0")
-
-
-def validate_igpt(cfg: DictConfig, check) -> None:
-    g = cfg.igpt
-    check(g.mode in ("ar", "bert"), "igpt.mode", "must be ar or bert")
-    check(0.0 < g.mask_prob < 1.0, "igpt.mask_prob", "must be in (0, 1)")
-    check(g.num_colors >= 2, "igpt.num_colors", "must be >= 2")
-    check(g.resolution >= 2, "igpt.resolution", "must be >= 2")
-    check(len(g.resize_range) == 2 and 1.0 <= g.resize_range[0] <= g.resize_range[1], "igpt.resize_range",
-          "needs [min, max] with 1 <= min <= max (the crop must fit)")  # fmt: skip
-    check(g.embed_dim % g.num_heads == 0, "igpt.embed_dim", "must be divisible by igpt.num_heads")
-    check(g.norm in ("rmsnorm", "layernorm"), "igpt.norm", "must be rmsnorm or layernorm")
-    check(
-        g.feature_layer is None or 0 <= g.feature_layer <= g.depth,
-        "igpt.feature_layer",
-        "must be in 0..depth",
-    )
-    check(g.temperature >= 0, "igpt.temperature", "must be >= 0")
-    check(g.top_k is None or g.top_k >= 1, "igpt.top_k", "must be >= 1")
-    if cfg.objective == "igpt":
-        check(g.palette is None or find_file(g.palette) is not None, "igpt.palette",
-              "no such file; fit one with tools/fit_palette.py")  # fmt: skip
+    @staticmethod
+    def validate(c: DictConfig, cfg: DictConfig, check: Check, active: bool) -> None:
+        check(0.0 < c.mask_prob < 1.0, "igpt.mask_prob", "must be in (0, 1)")
+        check(c.num_colors >= 2, "igpt.num_colors", "must be >= 2")
+        check(c.resolution >= 2, "igpt.resolution", "must be >= 2")
+        check(len(c.resize_range) == 2 and 1.0 <= c.resize_range[0] <= c.resize_range[1], "igpt.resize_range",
+              "needs [min, max] with 1 <= min <= max (the crop must fit)")  # fmt: skip
+        check(c.embed_dim % c.num_heads == 0, "igpt.embed_dim", "must be divisible by igpt.num_heads")
         check(
-            cfg.data.img_size in (None, g.resolution),
-            "data.img_size",
-            "iGPT uses igpt.resolution; leave unset",
+            c.feature_layer is None or 0 <= c.feature_layer <= c.depth,
+            "igpt.feature_layer",
+            "must be in 0..depth",
         )
+        check(c.temperature >= 0, "igpt.temperature", "must be >= 0")
+        check(c.top_k is None or c.top_k >= 1, "igpt.top_k", "must be >= 1")
+        if active:
+            check(c.palette is None or find_file(c.palette) is not None, "igpt.palette",
+                  "no such file; fit one with tools/fit_palette.py")  # fmt: skip
+            check(
+                cfg.data.img_size in (None, c.resolution),
+                "data.img_size",
+                "iGPT uses igpt.resolution; leave unset",
+            )
+
+    @staticmethod
+    def validate_training(c: DictConfig, cfg: DictConfig, check: Check) -> None:
+        # Only here: --print-config and checkpoint loading need no palette file, but a training run does.
+        check(bool(c.palette), "igpt.palette",
+              "required for training; fit one with tools/fit_palette.py (e.g. --shards <train shards> --k 512 "
+              "--out palette.safetensors) and pass igpt.palette=<file>")  # fmt: skip

@@ -11,7 +11,10 @@ fresh stream, and a run resumed at step ``s`` draws a stream that is reproducibl
 ``reload_dataloaders_every_n_epochs``. Leave that at 0: with reloading, Lightning 2.6 calls ``iter()`` on the
 new loader twice per epoch (``FitLoop.setup_data`` and ``_TrainingEpochLoop.on_run_start``), starting the
 workers twice. Augmentations use torch's RNG in each worker, which Lightning seeds through
-``seed_everything(..., workers=True)``.
+``seed_everything(..., workers=True)``: its worker_init_fn mixes the rank and worker id into each worker's
+seed, so workers and ranks draw distinct augmentations even though ``seed_everything`` itself gives every rank
+the same seed (for identical initial weights). The training processes' own generators (masks, drop-path,
+and augmentations when ``num_workers=0``) are reseeded per rank and step by ``PretrainModule`` (``lit.py``).
 """
 
 from __future__ import annotations
@@ -152,6 +155,9 @@ class ShardDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=False,
             pin_memory=self._pin_memory(),
+            # The workers' base seed (augmentations) comes from this generator, not the global one, so a run
+            # resumed at step s draws the augmentations an uninterrupted run would, not epoch 0's again.
+            generator=torch.Generator().manual_seed(wds.utils.make_seed(self.seed, step, rank)),
         )
 
     def val_dataloader(self) -> DataLoader | list:

@@ -101,8 +101,12 @@ def _worker_id() -> int:
 
 
 class SampleDecoder:
-    """Raw webdataset sample -> ``{"image": PIL RGB, "label"?: int, "text"?: str, "json"?: object,
-    "__key__", "__url__"}``.
+    """Raw webdataset sample -> ``{"image": PIL RGB, "label"?: int, "caption"?: str, "json"?: object,
+    "has_image"?: bool, "__key__", "__url__"}`` (the batch keys of objectives/base.py).
+
+    ``image_optional``: a sample without an image but with a caption or json (LLaVA's text-only conversations,
+    part of the 665K instruction mix) is kept with a black placeholder picture, and every sample says whether its
+    picture is real in ``has_image`` (as the reference gives such samples a zero image that is never used).
 
     Returns ``None`` (sample dropped) for a corrupt or missing image, a decompression bomb, a bad label,
     non-UTF-8 text, a missing label when ``require_label``, or missing or blank text when ``require_text``
@@ -126,6 +130,7 @@ class SampleDecoder:
         json_key: str | None = "json",
         require_label: bool = False,
         require_text: bool = False,
+        image_optional: bool = False,
         max_image_pixels: int = 89_478_485,
         max_failures_without_success: int = 50,
         log_first: int = 5,
@@ -137,6 +142,7 @@ class SampleDecoder:
         self.json_key = json_key or None
         self.require_label = require_label
         self.require_text = require_text
+        self.image_optional = image_optional
         self.max_image_pixels = max_image_pixels
         self.max_failures_without_success = max_failures_without_success
         self.log_first = log_first
@@ -163,10 +169,10 @@ class SampleDecoder:
         if self.text_key is not None and self.text_key in sample:
             raw = sample[self.text_key]
             try:
-                out["text"] = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+                out["caption"] = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
             except UnicodeDecodeError:
                 return self._skip("non-UTF-8 text", url, key)
-            if self.require_text and not out["text"].strip():
+            if self.require_text and not out["caption"].strip():
                 return self._skip("empty text", url, key)
         elif self.require_text:
             return self._skip(f"missing text key '{self.text_key}'", url, key)
@@ -176,6 +182,9 @@ class SampleDecoder:
             except (ValueError, UnicodeDecodeError) as exn:
                 return self._skip("bad json", url, key, str(exn)[:60])
         data = next((sample[k] for k in self.image_keys if k in sample), None)
+        if data is None and self.image_optional and ("json" in out or "caption" in out):
+            self.successes += 1
+            return {**out, "image": Image.new("RGB", (8, 8)), "has_image": False}
         if data is None:
             return self._skip(f"missing image key '{';'.join(self.image_keys)}'", url, key)
         try:
@@ -185,6 +194,8 @@ class SampleDecoder:
         # PIL raises a zoo of types for bad bytes (OSError, SyntaxError, ValueError, struct.error...)
         except Exception as exn:
             return self._skip("corrupt image", url, key, f"{type(exn).__name__}: {exn}")
+        if self.image_optional:
+            out["has_image"] = True
         self.successes += 1
         return out
 

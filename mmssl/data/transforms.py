@@ -62,8 +62,9 @@ class ImageView:
 
 
 class ApplyView:
-    """Decoded sample ``{"image", "label"?, "text"?, "json"?}`` -> view outputs + label + ``text_fn(text)``
-    + json (passed through; batches carry it as a list)."""
+    """Decoded sample ``{"image", "label"?, "caption"?, "json"?, "has_image"?}`` -> view outputs + label +
+    caption (a string; batches carry a list) + ``tokens = text_fn(caption)`` when a ``text_fn`` is given + json
+    (passed through; batches carry it as a list) + has_image. Keys as declared in objectives/base.py."""
 
     def __init__(self, view: Callable, text_fn: Callable | None = None) -> None:
         self.view, self.text_fn = view, text_fn
@@ -72,10 +73,14 @@ class ApplyView:
         out = dict(self.view(sample["image"]))
         if "label" in sample:
             out["label"] = sample["label"]
-        if "text" in sample:
-            out["text"] = self.text_fn(sample["text"]) if self.text_fn is not None else sample["text"]
+        if "caption" in sample:
+            out["caption"] = sample["caption"]
+            if self.text_fn is not None:
+                out["tokens"] = self.text_fn(sample["caption"])
         if "json" in sample:
             out["json"] = sample["json"]
+        if "has_image" in sample:
+            out["has_image"] = sample["has_image"]
         return out
 
 
@@ -162,28 +167,36 @@ class PadToSquare:
         return f"PadToSquare(fill={self.fill})"
 
 
+LLAVA_ASPECT_RATIOS = ("pad", "crop")
+
+
 def llava_view(
     img_size: int,
     interpolation: str = "bicubic",
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    image_aspect_ratio: str = "crop",
 ) -> View:
-    """LLaVA-1.5 image preparation (``image_aspect_ratio="pad"``, llava/train/train.py ``expand2square``):
-    pad the whole picture to a square with the mean colour, then resize; no crop (nothing at the borders is
-    lost) and no flip (left and right can be answers). The same view serves training and evaluation.
+    """LLaVA-1.5 image preparation (llava/train/train.py ``LazySupervisedDataset``), by ``image_aspect_ratio``:
+
+    * ``pad`` (``--image_aspect_ratio pad``, scripts/v1_5/finetune.sh): ``expand2square`` pads the whole
+      picture to a square with the mean colour, then the resize; nothing at the borders is lost.
+    * ``crop`` (any other value: pretrain.sh leaves the default ``'square'``): the CLIPImageProcessor alone,
+      shortest side to ``img_size`` and a centre crop.
+
+    No flip in either (left and right can be answers). The same view serves training and evaluation.
     """
-    fill = tuple(round(255 * m) for m in mean)
-    return ImageView(
-        T.Compose(
-            [
-                PadToSquare(fill),
-                T.Resize(
-                    (img_size, img_size), interpolation=T.InterpolationMode(interpolation), antialias=True
-                ),
-                *_to_normalized_tensor(mean, std),
-            ]
+    if image_aspect_ratio not in LLAVA_ASPECT_RATIOS:
+        raise ValueError(
+            f"llava.image_aspect_ratio: must be one of {LLAVA_ASPECT_RATIOS}, got {image_aspect_ratio!r}"
         )
-    )
+    resample = T.InterpolationMode(interpolation)
+    if image_aspect_ratio == "pad":
+        fill = tuple(int(255 * m) for m in mean)  # expand2square's background: int(x * 255), truncated
+        geometry = [PadToSquare(fill), T.Resize((img_size, img_size), interpolation=resample, antialias=True)]
+    else:
+        geometry = [T.Resize(img_size, interpolation=resample, antialias=True), T.CenterCrop(img_size)]
+    return ImageView(T.Compose([*geometry, *_to_normalized_tensor(mean, std)]))
 
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip/constants.py OPENAI_DATASET_MEAN/STD

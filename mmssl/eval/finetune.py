@@ -32,9 +32,10 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from mmssl.backbones import Backbone, ViTBackbone
+from mmssl.checkpoints import CheckpointError
 from mmssl.data.shards import read_manifest
 from mmssl.data.transforms import ImageView, View, eval_view
-from mmssl.export import CheckpointError, timm_args
+from mmssl.export import timm_args
 from mmssl.flops import TRAIN_PER_FORWARD
 
 

@@ -2,9 +2,10 @@
 
 Wu et al. 2018, "Unsupervised Feature Learning via Non-Parametric Instance Discrimination" (§3.4): each of
 the k most cosine-similar training samples votes for its class with weight exp(similarity / T). The two
-settings in common use are k=200, T=0.1 (Wu et al.; also MoCo/InstDisc-style monitors) and k=20, T=0.07
+settings in common use are k=200, T=0.07 (Wu et al.: zhirongw/lemniscate.pytorch main.py calls test.py's
+``kNN(..., 200, args.nce_t)`` with ``--nce-t`` 0.07, the temperature of its NCE softmax) and k=20, T=0.07
 (DINO, Caron et al. 2021, ``eval_knn.py``). Top-5 counts a hit when the label is among the 5 best-scored
-classes, as DINO does.
+classes, as both do.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-SETTINGS = ((20, 0.07), (200, 0.1))  # (k, T): DINO, and Wu et al. 2018
+SETTINGS = ((20, 0.07), (200, 0.07))  # (k, T): DINO, and Wu et al. 2018 (lemniscate: K=200, nce_t)
 
 
 @torch.no_grad()

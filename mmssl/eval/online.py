@@ -133,7 +133,10 @@ class KNNMonitor(L.Callback):
         decoder = SampleDecoder(label_key=self.label_key, require_label=True)
         pipeline = eval_pipeline(urls, self.view, self.batch_size, rank=0, world_size=1, decoder=decoder)
         feats, labels = [], []
-        for batch in DataLoader(pipeline, batch_size=None, num_workers=0):
+        # A private generator: a DataLoader draws its base seed when iterated, which would otherwise take a
+        # number from the global generator mid-training. The eval view draws nothing at random.
+        loader = DataLoader(pipeline, batch_size=None, num_workers=0, generator=torch.Generator())
+        for batch in loader:
             feats.append(pooled_features(pl_module, batch["image"].to(pl_module.device)).cpu())
             labels.append(batch["label"])
         if not labels:

@@ -21,13 +21,13 @@ def embed(
     model, batches: Iterable[dict], device: str | torch.device = "cpu", total: int | None = None
 ) -> dict:
     """Normalised ``image`` (N, E) and ``text`` (N, E) embeddings, ``tokens`` (N, L) and ``label`` (N,) where the
-    batches have them, for every sample of ``batches`` (dicts with ``image``, ``text`` token ids, ``label``)."""
+    batches have them, for every sample of ``batches`` (dicts with ``image``, caption ``tokens``, ``label``)."""
     parts: dict[str, list[Tensor]] = {}
     for batch in tqdm(batches, desc="embedding", unit="batch", total=total, disable=None):
         images = batch["image"].to(device)
         parts.setdefault("image", []).append(model.encode_image(images, normalize=True).float().cpu())
-        if isinstance(batch.get("text"), Tensor):
-            tokens = batch["text"].to(device)
+        if isinstance(batch.get("tokens"), Tensor):
+            tokens = batch["tokens"].to(device)
             parts.setdefault("text", []).append(model.encode_text(tokens, normalize=True).float().cpu())
             parts.setdefault("tokens", []).append(tokens.cpu())
         if "label" in batch:

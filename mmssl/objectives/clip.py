@@ -23,7 +23,6 @@ import zipfile
 from pathlib import Path
 
 import open_clip
-import timm.models
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg, _build_text_tower
@@ -211,27 +210,9 @@ def clip_tokenizer(name: str, context_length: int | None = None):
     return open_clip.get_tokenizer(name, context_length=context_length)
 
 
-def load_backbone_weights(backbone: Backbone, path: str | Path) -> None:
-    """A local timm state dict (``.safetensors`` as written by tools/export.py, or a ``.pt``/``.pth`` read with
-    ``weights_only=True``) into ``backbone.model``; every backbone weight must be present."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"clip.backbone_weights={str(path)!r}: not an existing local file; {OFFLINE}")
-    state = timm.models.load_state_dict(str(path), weights_only=True)
-    state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc.", "classifier."))}
-    try:
-        backbone.model.load_state_dict(state, strict=True)
-    except RuntimeError as exn:
-        detail = str(exn).splitlines()
-        raise ValueError(
-            f"clip.backbone_weights={str(path)!r} does not fit backbone.* ({type(backbone.model).__name__}): "
-            + " ".join(line.strip() for line in detail[1:4])
-        ) from None
-
-
 class CLIP(nn.Module):
-    """The CLIP objective. Batch: ``image`` (B, 3, H, W) and ``text`` (B, L) int64 token ids (tokenised in
-    the data workers). Returns ``loss``, ``logit_scale`` (1/tau) and the normalised features (B, E).
+    """The CLIP objective. Batch: ``image`` (B, 3, H, W) and ``tokens`` (B, L) int64 caption token ids
+    (tokenised in the data workers). Returns ``loss``, ``logit_scale`` (1/tau) and the normalised features (B, E).
 
     ``image_tower`` is either a module mapping images to (B, E) (open_clip's ``model.visual``), kept as
     ``.image_tower``, or an mmssl backbone, kept as ``.backbone`` (the objective contract, so that online
@@ -273,10 +254,10 @@ class CLIP(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        tokens = batch["text"]
+        tokens = batch["tokens"]
         if not isinstance(tokens, Tensor) or tokens.ndim != 2:
             raise TypeError(
-                "CLIP needs batch['text'] as (B, L) token ids: tokenise captions in the data workers "
+                "CLIP needs batch['tokens'] as (B, L) token ids: tokenise captions in the data workers "
                 "(ShardDataModule(text_fn=CaptionTokens(tokenizer)))"
             )
         image_features = self.encode_image(batch["image"])

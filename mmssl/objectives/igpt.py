@@ -166,13 +166,15 @@ class ImageGPT(nn.Module):
         return out
 
     @torch.no_grad()
-    def visualize(self, batch: dict[str, Tensor], denormalize: Callable, seed: int = 0) -> dict[str, Tensor]:
-        """original | quantised | given half | completions, each (B, 3, R, R) in [0, 1]."""
+    def visualize(
+        self, batch: dict[str, Tensor], denormalize: Callable, generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        """original | quantised | given half | completions, each (B, 3, R, R) in [0, 1]; the completions are
+        sampled from ``generator`` (on the batch's device)."""
         images = batch["image"]
         ids = self.tokens(images)
         size = tuple(images.shape[-2:])
         given = (size[0] // 2) * size[1]  # the top half, in raster order
-        generator = torch.Generator(device=ids.device).manual_seed(seed)
         n = self.num_completions
         done = self.complete(ids.repeat(n, 1), given, generator=generator).view(n, *ids.shape)
         half = self.palette.dequantize(ids, size)

@@ -21,7 +21,7 @@ from mmssl import dist
 from mmssl.backbones import Backbone, CNNBackbone
 from mmssl.flops import TRAIN_PER_FORWARD, linears_flops
 from mmssl.heads import ProjectionHead
-from mmssl.losses import nt_xent_logits
+from mmssl.losses import nt_xent_from_logits, nt_xent_logits
 
 
 class SimCLR(nn.Module):
@@ -63,15 +63,18 @@ class SimCLR(nn.Module):
         else:
             z1_all, z2_all, rank = z1, z2, 0
         logits, positive = nt_xent_logits(z1, z2, z1_all, z2_all, rank, self.temperature)  # (2n, 2N)
-        loss = nn.functional.cross_entropy(logits, positive)
+        loss = nt_xent_from_logits(logits, positive)  # the reference's scale: both directions summed
         with torch.no_grad():
             acc = (logits.argmax(dim=1) == positive).float().mean()  # reference's "contrast_acc"
         return {"loss": loss, "contrast_acc": acc}
 
     @torch.no_grad()
-    def visualize(self, batch: dict[str, Tensor], denormalize) -> dict[str, Tensor]:
+    def visualize(
+        self, batch: dict[str, Tensor], denormalize, generator: torch.Generator
+    ) -> dict[str, Tensor]:
         """Picture columns (viz.PictureCallback): each image's two views, and the view 2 of the batch whose
-        projection is nearest to its view 1, which is its own second view when the task is solved."""
+        projection is nearest to its view 1, which is its own second view when the task is solved. Draws
+        nothing at random (``generator`` is unused)."""
         view1, view2 = batch["view1"], batch["view2"]
         z = nn.functional.normalize(self.head(self.embed(torch.cat([view1, view2]))).float(), dim=1)
         z1, z2 = z.split(view1.shape[0])

@@ -65,11 +65,17 @@ def tiny_llama(
     return LlamaForCausalLM(config)
 
 
-def save_decoder(model: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> Path:
-    """Model (safetensors) + config + tokenizer into ``folder``, loadable with :func:`load_decoder`."""
+def save_decoder(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    folder: str | Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Model (safetensors) + config + tokenizer into ``folder``, loadable with :func:`load_decoder`; the
+    weights come from ``state_dict`` when given (e.g. gathered from FSDP shards)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
     return folder
 

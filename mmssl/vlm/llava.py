@@ -9,14 +9,16 @@ text's input embeddings; the causal decoder is trained with next-token cross-ent
 1. feature alignment: only the projector trains (``train_decoder=False``), on captions (``plain``);
 2. instruction tuning: projector and decoder train (``train_decoder=True``), on conversations (``chat``).
 
-The vision encoder never trains. Batches are the data contract: ``image`` (B, 3, H, W) plus ``text`` (list of
-captions) for ``plain`` or ``json`` (list of dicts with LLaVA ``conversations``) for ``chat``. Tokenisation
-happens here, on the model side: the tokenizer belongs to the decoder, and data stays model-free.
+The vision encoder never trains. Batches are the data contract: ``image`` (B, 3, H, W) plus ``caption`` (list
+of captions) for ``plain`` or ``json`` (list of dicts with LLaVA ``conversations``) for ``chat``, and optionally
+``has_image`` (B,) bool: False marks a text-only conversation whose ``image`` is a dummy, encoded with the
+others but never spliced (the reference's zero image and ``cur_image_features[0:0]``), so every trainable
+parameter stays in the graph. Tokenisation happens here, on the model side: the tokenizer belongs to the
+decoder, and data stays model-free.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,27 +30,40 @@ from mmssl.vlm.vision import VisionTower
 
 
 def splice_image_features(
-    input_ids: Tensor, text_embeds: Tensor, image_features: Tensor, image_token_id: int = IMAGE_TOKEN_ID
+    input_ids: Tensor,
+    text_embeds: Tensor,
+    image_features: Tensor,
+    image_token_id: int = IMAGE_TOKEN_ID,
+    has_image: Tensor | None = None,
 ) -> Tensor:
     """Put each sample's image tokens at its placeholder positions, in order.
 
     ``input_ids`` (B, L) with ``image_token_id`` at image positions; ``text_embeds`` (B, L, D) the decoder's
-    embeddings of those ids (whatever sits at image positions is replaced); ``image_features`` (B, N, D).
-    Every sample must hold exactly N image positions: anything else (no ``<image>``, two of them, a sequence
-    cut inside the image) raises, naming the samples, instead of training on misplaced features.
+    embeddings of those ids (whatever sits at image positions is replaced); ``image_features`` (B, N, D);
+    ``has_image`` (B,) bool, None: all True. A sample with an image must hold exactly N image positions, one
+    without none: anything else (no ``<image>``, a placeholder in a text-only sample, a sequence cut inside
+    the image) raises, naming the samples, instead of training on misplaced features.
     """
     B, N = image_features.shape[:2]
+    if has_image is None:
+        has_image = torch.ones(B, dtype=torch.bool, device=input_ids.device)
+    has_image = has_image.to(device=input_ids.device, dtype=torch.bool)
     is_image = input_ids == image_token_id  # (B, L)
     counts = is_image.sum(1)
-    bad = (counts != N).nonzero().flatten().tolist()
+    bad = (counts != has_image.long() * N).nonzero().flatten().tolist()
     if bad:
-        found = ", ".join(f"sample {i}: {counts[i].item()}" for i in bad[:8])
+        found = ", ".join(
+            f"sample {i}: {counts[i].item()}" + ("" if has_image[i] else " (no image)") for i in bad[:8]
+        )
         raise ValueError(
             f"image placeholder positions do not match the {N} image tokens per image ({found}); each "
-            f"sample needs exactly one '<image>' in its text (expanded to {N} positions) and must not be "
-            "truncated inside it (llava.max_length)"
+            f"sample with an image needs exactly one '<image>' in its text (expanded to {N} positions) and "
+            "must not be truncated inside it (llava.max_length); a sample without one (has_image false: a "
+            "text-only conversation) needs none"
         )
-    return text_embeds.masked_scatter(is_image.unsqueeze(-1), image_features.to(text_embeds.dtype))
+    # Dummy images' features drop out here but stay in the graph: their parameters get zero gradients
+    source = image_features[has_image].to(text_embeds.dtype)  # (B_image, N, D)
+    return text_embeds.masked_scatter(is_image.unsqueeze(-1), source)
 
 
 class LLaVA(nn.Module):
@@ -83,18 +98,19 @@ class LLaVA(nn.Module):
         self.projector.requires_grad_(True)
         self.decoder.requires_grad_(train_decoder)
 
-    def embed(self, images: Tensor, input_ids: Tensor) -> Tensor:
-        """(B, 3, H, W), (B, L) -> decoder input embeddings (B, L, D) with the image spliced in."""
+    def embed(self, images: Tensor, input_ids: Tensor, has_image: Tensor | None = None) -> Tensor:
+        """(B, 3, H, W), (B, L) -> decoder input embeddings (B, L, D) with the images spliced in; ``has_image``
+        (B,) marks the real images (None: all)."""
         image_tokens = self.projector(self.vision(images))  # (B, N, D)
         text = self.decoder.get_input_embeddings()(input_ids.clamp(min=0))  # placeholders embed as id 0
-        return splice_image_features(input_ids, text, image_tokens)
+        return splice_image_features(input_ids, text, image_tokens, has_image=has_image)
 
     def encode_batch(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        key = "text" if self.prompt.conversation == "plain" else "json"
+        key = "caption" if self.prompt.conversation == "plain" else "json"
         if key not in batch:
             raise KeyError(
                 f"llava.conversation={self.prompt.conversation!r} reads the batch key {key!r} "
-                f"({'captions: .txt' if key == 'text' else 'conversations: .json'} in the shards), "
+                f"({'captions: .txt' if key == 'caption' else 'conversations: .json'} in the shards), "
                 f"but the batch has only {sorted(batch)}"
             )
         encoded = [self.prompt.encode(sample) for sample in batch[key]]
@@ -109,7 +125,7 @@ class LLaVA(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         tokens = self.encode_batch(batch)
-        embeds = self.embed(batch["image"], tokens["input_ids"])
+        embeds = self.embed(batch["image"], tokens["input_ids"], batch.get("has_image"))
         out = self.decoder(
             inputs_embeds=embeds, attention_mask=tokens["attention_mask"], labels=tokens["labels"]
         )
@@ -140,14 +156,11 @@ class LLaVA(nn.Module):
             eos_token_id=tok.eos_token_id,
             pad_token_id=self.prompt.pad,
         )
-        return [text.strip() for text in tok.batch_decode(out, skip_special_tokens=True)]
+        texts = [text.strip() for text in tok.batch_decode(out, skip_special_tokens=True)]
+        if self.prompt.conversation == "plain":  # stage 1 learned to end a caption with a newline, not </s>
+            texts = [text.split("\n")[0].strip() for text in texts]
+        return texts
 
     def _prompt_only(self, question: str) -> Encoded:
         ids = self.prompt.prompt(question)
         return Encoded(ids, [IGNORE_INDEX] * len(ids))
-
-    def save_parts(self, directory: str | Path) -> None:
-        """The hook the training system calls at checkpoints and at the end (see ``vlm/parts.py``)."""
-        from mmssl.vlm.parts import save_parts  # parts builds LLaVA objects, so it imports this module
-
-        save_parts(self, directory)

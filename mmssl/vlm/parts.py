@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from mmssl.vlm.decoders import load_decoder, save_decoder
 from mmssl.vlm.llava import LLaVA
@@ -31,20 +32,27 @@ def _atomic_text(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def save_parts(model: LLaVA, directory: str | Path) -> Path:
+def _part(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
+
+def save_parts(model: LLaVA, directory: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
+    """Write ``model``'s parts into ``directory``. The tensors come from ``state_dict`` (keys as in
+    ``model.state_dict()``) when given: a checkpoint's gathered weights, where under FSDP ``model`` itself holds
+    only this rank's shards; otherwise from ``model``."""
+    state = model.state_dict() if state_dict is None else state_dict
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    save_projector(model.projector, out / "projector.safetensors")
+    save_projector(model.projector, out / "projector.safetensors", _part(state, "projector."))
     vision = out / "vision.safetensors"
     if not vision.is_file():
         tmp = vision.with_name(f".{vision.name}.tmp")
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in model.vision.encoder.state_dict().items()}, str(tmp)
-        )
+        weights = _part(state, "vision.encoder.")
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp))
         tmp.replace(vision)
     source = str(getattr(model.decoder, "name_or_path", "") or "")
     if model.train_decoder or not source or not Path(source, "config.json").is_file():
-        save_decoder(model.decoder, model.prompt.tokenizer, out / "decoder")
+        save_decoder(model.decoder, model.prompt.tokenizer, out / "decoder", _part(state, "decoder."))
         decoder = "decoder"
     else:
         decoder = str(Path(source).resolve())

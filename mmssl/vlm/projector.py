@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-_MLP = re.compile(r"^mlp(\d+)x_gelu$")
+from mmssl.config.objectives import PROJECTOR_PATTERN  # the one definition of the kinds (llava.projector)
 
 
 def projector_kinds() -> str:
@@ -28,16 +28,11 @@ class Projector(nn.Sequential):
     """(B, N, in_dim) -> (B, N, out_dim). Layer layout as in the reference: Linear (GELU Linear)*(N-1)."""
 
     def __init__(self, kind: str, in_dim: int, out_dim: int):
-        if kind == "linear":
-            depth = 1
-        elif m := _MLP.match(kind):
-            depth = int(m.group(1))
-        else:
+        if re.fullmatch(PROJECTOR_PATTERN, kind) is None:
             raise ValueError(
                 f"llava.projector: unknown projector {kind!r}; choose one of {projector_kinds()}"
             )
-        if depth < 1:
-            raise ValueError(f"llava.projector: {kind!r} needs at least one layer")
+        depth = 1 if kind == "linear" else int(kind.removeprefix("mlp").removesuffix("x_gelu"))
         layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
         for _ in range(depth - 1):
             layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
@@ -45,12 +40,16 @@ class Projector(nn.Sequential):
         self.kind, self.in_dim, self.out_dim = kind, in_dim, out_dim
 
 
-def save_projector(projector: Projector, path: str | Path) -> Path:
-    """Write ``path`` (safetensors) atomically: a reader never sees half a file."""
+def save_projector(
+    projector: Projector, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Write ``path`` (safetensors) atomically: a reader never sees half a file. The tensors come from
+    ``state_dict`` when given (e.g. gathered from FSDP shards), else from ``projector``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in projector.state_dict().items()}
+    state = projector.state_dict() if state_dict is None else state_dict
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
     meta = {"kind": projector.kind, "in_dim": str(projector.in_dim), "out_dim": str(projector.out_dim)}
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)

@@ -2,11 +2,15 @@
 
 Two layouts, as in the reference (llava/train/train.py and conversation.py):
 
-* ``plain`` (stage 1, feature alignment; ``preprocess_plain``): ``<s> <image> caption </s>``; only the
-  caption and its end token carry labels.
-* ``chat`` (stage 2, instruction tuning; Vicuna v1 template, ``conv_vicuna_v1``):
+* ``plain`` (stage 1, feature alignment; ``preprocess_plain``): ``<s> <image> caption\\n``: the caption ends
+  with ``conv_llava_plain.sep``, a newline, not ``</s>``; only the caption and that newline carry labels.
+* ``chat`` (stage 2, instruction tuning; ``--version v1``, the ``conv_vicuna_v1`` template):
   ``<s> system USER: <image>\\n q1 ASSISTANT: a1 </s> USER: q2 ASSISTANT: a2 </s> ...``; only the answers
   and their end tokens carry labels: system text, questions, role markers and image positions are -100.
+
+A turn holding ``<image>`` gets it once, at its start, followed by a newline, wherever the data put it
+(``preprocess_multimodal``); a conversation without ``<image>`` is text-only (part of the 665K mix) and gets
+no image positions at all.
 
 Sequences are built by concatenating separately tokenised pieces, so every label comes from a known token
 span (the reference re-tokenises prefixes of the joined string to find its masks, which drifts whenever a
@@ -29,10 +33,13 @@ IMAGE_TOKEN = "<image>"
 IMAGE_TOKEN_ID = -200  # LLaVA's IMAGE_TOKEN_INDEX
 IGNORE_INDEX = -100  # the label torch's cross_entropy (and transformers' loss) skips
 USER, ASSISTANT = "USER:", "ASSISTANT:"  # Vicuna v1 roles
+# conversation.py conv_vicuna_v1, which --version v1 selects (conv_templates["v1"]); conv_llava_v1 (the
+# "curious human" wording) is the template of --version llava_v1, which the LLaVA-1.5 scripts do not use.
 VICUNA_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
+PLAIN_SEP = "\n"  # conv_llava_plain.sep: what preprocess_plain appends to every caption
 CONVERSATIONS = ("plain", "chat")
 
 
@@ -80,21 +87,25 @@ class PromptEncoder:
         return ids
 
     def _finish(self, spans: list[tuple[list[int], bool]]) -> Encoded:
-        """(ids, supervised) spans -> Encoded, truncated to ``max_length`` as the reference does."""
+        """(ids, supervised) spans -> Encoded, truncated to ``max_length`` as the reference does. Image
+        positions never carry a label (the reference labels its spliced image features IGNORE_INDEX)."""
         ids = [t for span, _ in spans for t in span]
-        labels = [t if sup else IGNORE_INDEX for span, sup in spans for t in span]
+        labels = [t if sup and t != IMAGE_TOKEN_ID else IGNORE_INDEX for span, sup in spans for t in span]
         return Encoded(ids[: self.max_length], labels[: self.max_length])
 
     def encode(self, sample: dict | str) -> Encoded:
         """A caption (``plain``) or a LLaVA ``conversations`` list / a dict holding one (``chat``)."""
         if self.conversation == "plain":
+            # preprocess_plain: "<image>" + caption + sep, the question dropped; the caption is tokenised
+            # together with its newline, as the reference tokenises the chunk after the image
             caption = sample if isinstance(sample, str) else _first_answer(sample)
             return self._finish(
-                [(self.bos + self.tokens(IMAGE_TOKEN), False), (self.tokens(caption) + [self.eos], True)]
+                [(self.bos + self.tokens(IMAGE_TOKEN), False), (self.tokens(caption + PLAIN_SEP), True)]
             )
         turns = sample.get("conversations") if isinstance(sample, dict) else sample
         spans = [(self.bos + self.tokens(self.system), False)]
         for question, answer in _pairs(turns):
+            question, answer = image_first(question), image_first(answer)
             spans.append((self.tokens(USER) + self.tokens(question) + self.tokens(ASSISTANT), False))
             spans.append((self.tokens(answer) + [self.eos], True))
         return self._finish(spans)
@@ -102,13 +113,13 @@ class PromptEncoder:
     def prompt(self, question: str = "") -> list[int]:
         """Ids that end where the model should start answering (``chat``: after ``ASSISTANT:``).
 
-        The image goes before the question unless the question places ``<image>`` itself (as in the data);
-        ``plain`` ignores the question: a stage-1 model only describes the image.
+        The image goes first, then a newline and the question, as the reference's evaluation (``model_vqa.py``:
+        ``DEFAULT_IMAGE_TOKEN + '\\n' + qs``) and its training data; ``plain`` ignores the question: a stage-1
+        model only describes the image.
         """
         if self.conversation == "plain":
             return self.bos + self.tokens(IMAGE_TOKEN)
-        if IMAGE_TOKEN not in question:
-            question = f"{IMAGE_TOKEN}\n{question}"
+        question = image_first(IMAGE_TOKEN + question)
         return (
             self.bos
             + self.tokens(self.system)
@@ -134,6 +145,13 @@ class PromptEncoder:
             labels[i, where] = torch.tensor(s.labels, dtype=torch.long)
             mask[i, where] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def image_first(text: str) -> str:
+    """``preprocess_multimodal``: text holding ``<image>`` gets it once, at its start, then a newline."""
+    if IMAGE_TOKEN not in text:
+        return text
+    return (IMAGE_TOKEN + "\n" + text.replace(IMAGE_TOKEN, "").strip()).strip()
 
 
 def _pairs(turns) -> list[tuple[str, str]]:

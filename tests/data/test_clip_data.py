@@ -79,9 +79,10 @@ def test_bad_captions_are_skipped_with_counted_reasons(tmp_path, tokenizer, capl
                          decoder=decoder, text_fn=CaptionTokens(tokenizer))  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="mmssl.data.shards"):
         (batch,) = list(pipe)
-    assert batch["text"].shape == (2, 16) and batch["text"].dtype == torch.int64
+    assert batch["tokens"].shape == (2, 16) and batch["tokens"].dtype == torch.int64
+    assert batch["caption"][0] == "a small red square at the center" and len(batch["caption"]) == 2
     assert batch["image"].shape == (2, 3, 16, 16) and batch["label"].tolist() == [1, 1]
     assert decoder.failures == Counter({"empty text": 2, "missing text key 'txt'": 1, "non-UTF-8 text": 1})
     assert all(key in caplog.text for key in ("'empty'", "'blank'", "'nocaption'", "'latin1'"))
     # without require_text (image-only methods) a missing or empty caption is no reason to drop the picture
-    assert SampleDecoder()({"__key__": "k", "jpg": jpg, "txt": b""})["text"] == ""
+    assert SampleDecoder()({"__key__": "k", "jpg": jpg, "txt": b""})["caption"] == ""

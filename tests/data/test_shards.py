@@ -194,7 +194,7 @@ def test_decoder_skips_and_counts_bad_samples(caplog):
             for r in caplog.records
         )
     ok = dec({"__key__": "fine", "__url__": "u", "jpg": good, "cls": b" 3\n", "txt": b"a caption"})
-    assert ok["label"] == 3 and ok["text"] == "a caption" and ok["image"].size == (8, 8)
+    assert ok["label"] == 3 and ok["caption"] == "a caption" and ok["image"].size == (8, 8)
 
 
 def test_decoder_warnings_are_rate_limited(caplog):

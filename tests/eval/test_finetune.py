@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from timm.optim import param_groups_layer_decay
 
 from mmssl.backbones import create_backbone
+from mmssl.checkpoints import CheckpointError
 from mmssl.data import demo
 from mmssl.data.module import resolve_shards
 from mmssl.eval.finetune import (
@@ -20,7 +21,6 @@ from mmssl.eval.finetune import (
     classifier_from_encoder,
     make_mixup,
 )
-from mmssl.export import CheckpointError
 from mmssl.optim import create_optimizer, warmup_cosine_schedule
 
 

@@ -56,3 +56,24 @@ def test_topk_accuracy_counts_hits():
     scores = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.05], [0.2, 0.3, 0.5]])
     acc = topk_accuracy(scores, torch.tensor([1, 1, 0]), ks=(1, 2))
     assert acc["top1"] == pytest.approx(100 / 3) and acc["top2"] == pytest.approx(200 / 3)
+
+
+def test_wu_et_al_setting_is_lemniscates_k200_at_the_nce_temperature(digits):
+    """The default 'Wu et al.' setting scores as zhirongw/lemniscate.pytorch test.py ``kNN`` does when main.py
+    calls it: K=200 neighbours weighted exp(sim / sigma) with sigma = ``--nce-t`` (default 0.07)."""
+    from mmssl.eval.knn import SETTINGS
+
+    xtr, xte, ytr, _ = digits
+    bank = torch.nn.functional.normalize(torch.tensor(xtr), dim=1)
+    queries = torch.nn.functional.normalize(torch.tensor(xte), dim=1)
+    # lemniscate's kNN, step by step: topk over the memory, one-hot votes weighted by exp(sim / sigma)
+    K, sigma, C = 200, 0.07, 10
+    yd, yi = (queries @ bank.T).topk(K, dim=1, largest=True, sorted=True)
+    retrieval = torch.tensor(ytr)[yi]  # (Q, K)
+    one_hot = torch.zeros(len(queries) * K, C).scatter_(1, retrieval.view(-1, 1), 1)
+    probs = (one_hot.view(len(queries), K, C) * (yd / sigma).exp().view(len(queries), K, 1)).sum(1)
+    ours = dict(zip(SETTINGS, knn_scores_multi(torch.tensor(xtr), torch.tensor(ytr), torch.tensor(xte),
+                                               list(SETTINGS), num_classes=C), strict=True))  # fmt: skip
+    wu = [s for s in SETTINGS if s[0] == K]
+    assert wu, f"no k={K} setting in {SETTINGS}"
+    torch.testing.assert_close(ours[wu[0]], probs, rtol=1e-4, atol=0)
