@@ -59,9 +59,13 @@ def export_backbone(
 ) -> dict[str, Any]:
     """Write ``out.safetensors`` + ``out.json`` (+ ``out_hf/``); return the sidecar dict. ``keep_head``: the
     timm model's classifier is part of the export (a fine-tuned model; ``model_args.num_classes`` says so)."""
+    model = getattr(backbone, "model", None)
+    if not hasattr(model, "default_cfg"):  # e.g. iGPT's encoder over palette ids (ObjectiveSpec.timm_encoder)
+        raise ValueError(
+            f"a {type(backbone).__name__} is not a timm model: only timm encoders (ViTs, CNNs) export to timm"
+        )
     out = Path(out).with_suffix("")
     out.parent.mkdir(parents=True, exist_ok=True)
-    model = backbone.model
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     weights = out.with_suffix(".safetensors")
     save_file(state, weights, metadata={"format": FORMAT, "architecture": model.default_cfg["architecture"]})

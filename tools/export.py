@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         backbone, info = build.load_encoder(args.checkpoint)
+        if "config" in info and not build.OBJECTIVES[info["objective"]].timm_encoder:
+            raise CheckpointError(
+                f"{args.checkpoint}: the {info['objective']!r} objective's encoder is not a timm model, so it "
+                "cannot be exported to timm (the evaluation tools read it from the checkpoint directly)"
+            )
     except (CheckpointError, C.ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
