@@ -111,7 +111,8 @@ def test_bad_weights_are_named(tmp_path):
     ):
         build_objective(C.load("mae_digits", [*TINY_MAE, f"backbone.weights={tmp_path / 'wide.pth'}"]))
     with pytest.raises(
-        C.ConfigError, match="the 'clip' objective as configured has no timm backbone.*clip.image_tower=backbone"
+        C.ConfigError,
+        match="the 'clip' objective as configured has no timm backbone.*clip.image_tower=backbone",
     ):
         build_objective(
             C.load("clip_demo", ["clip.image_tower=open_clip", f"backbone.weights={tmp_path / 'wide.pth'}"])
