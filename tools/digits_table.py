@@ -145,7 +145,7 @@ def finetune(name: str, ckpt: Path, random_init: bool, out_dir: Path, cfg_name: 
         if code != 0 or not results.is_file():
             errors = [ln for ln in log.read_text().splitlines() if ln.startswith("error:")] or ["?"]
             raise (ValueError if code == 2 else RuntimeError)(
-                f"fine-tuning exited with {code}: {errors[-1][:200]}"
+                f"fine-tuning exited with {code}: {errors[-1][:400]}"
             )
     r = json.loads(results.read_text())
     return {"top1": r["best"]["val/top1"], "top5": r["best"]["val/top5"], "last_top1": r["last"]["val/top1"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -111,3 +112,26 @@ def test_linear_probe_cli_augments_every_epoch_and_says_so(digits_run, tmp_path,
     assert summary["mode"] == "augment: RandomResizedCrop(0.5-1) + flip(0) drawn every epoch (the protocol)"
     assert summary["train_samples"] == 1257 and summary["best"]["top1"] > 30
     assert "training features: augment" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_digits_table_keeps_finished_rows_when_one_objective_crashes(digits_run, tmp_path, monkeypatch):
+    shutil.copytree(digits_run / "mae", tmp_path / "mae")  # reused: no pretraining here
+    table = tool("digits_table")
+    evaluate = table.evaluate
+
+    def crash_on_the_pretrained_encoder(ckpt, random_init, *args, **kwargs):
+        if not random_init:
+            raise KeyError("a bug")  # not one of the expected failures (RuntimeError, ValueError...)
+        return evaluate(ckpt, random_init, *args, **kwargs)
+
+    monkeypatch.setattr(table, "evaluate", crash_on_the_pretrained_encoder)
+    args = ["--objectives", "mae", "norecipe", "--out-dir", str(tmp_path), "--reuse", "--probe", "epochs=5"]
+    assert table.main(args) == 1  # a failed row
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(r["objective"], r.get("encoder")) for r in rows] == [("mae", "random init"), ("mae", None),
+                                                                  ("norecipe", None)]  # fmt: skip
+    assert rows[0]["linear_top1"] > 50 and rows[1]["error"] == "failed: KeyError: 'a bug'"
+    assert "KeyError" in (tmp_path / "mae" / "error.log").read_text()  # the traceback, for the bug report
+    assert "no configs/norecipe_digits.yaml" in rows[2]["error"]
+    assert "| mae | random init |" in (tmp_path / "table.md").read_text()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +133,21 @@ def test_linear_probe_and_knn_tools_read_the_igpt_encoder(ddp_run, tmp_path, cap
     assert tool("export").main([ckpt, "--out", str(tmp_path / "exported")]) == 2
     err = capsys.readouterr().err
     assert "the 'igpt' objective's encoder is not a timm model" in err and "cannot be exported to timm" in err
+
+
+@pytest.mark.slow
+def test_digits_table_has_an_igpt_row(ddp_run, tmp_path):
+    run, _, _ = ddp_run
+    shutil.copytree(run, tmp_path / "igpt")  # the pretraining run, reused as the table's iGPT run
+    args = ["--objectives", "igpt", "--out-dir", str(tmp_path), "--reuse", "--probe", "epochs=10", "--finetune",
+            "--finetune-args", "trainer.max_steps=1"]  # fmt: skip
+    assert tool("digits_table").main(args) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["encoder"]: r for r in result["rows"]}
+    assert set(rows) == {"random init", "pretrained, 8 steps"}
+    assert all(r["objective"] == "igpt" and r["linear_top1"] > 10 for r in rows.values())  # chance 10%
+    assert rows["random init"]["linear_top1"] != rows["pretrained, 8 steps"]["linear_top1"]
+    assert "| igpt | pretrained, 8 steps |" in result["table"]
+    # fine-tuning rebuilds a timm classifier: iGPT's row says why it has none, in the table too
+    assert all("not a timm model" in r["finetune_error"] for r in rows.values())
+    assert "| igpt | random init | not fine-tuned: " in result["finetune_table"]
