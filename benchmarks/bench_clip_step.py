@@ -1,7 +1,7 @@
 """CLIP training-step throughput: mmssl's objective vs a plain open_clip training step, same model, same batch.
 
-    python benchmarks/bench_clip_step.py                     # open_clip ViT-B-32, 224 px, batch 16
-    python benchmarks/bench_clip_step.py --size tiny --batch 64
+    python benchmarks/bench_clip_step.py                     # tiny, then open_clip ViT-B-32; 224 px, batch 16
+    python benchmarks/bench_clip_step.py --size tiny --batch 64 --precision both
 
 Both sides hold the same open_clip towers with the same weights. A step is forward + symmetric contrastive loss +
 backward + AdamW update (wd 0.2 except gains, biases and the temperature) + the logit-scale clamp:
@@ -9,7 +9,8 @@ backward + AdamW update (wd 0.2 except gains, biases and the temperature) + the 
   mmssl's param groups (``mmssl.optim.create_optimizer``), ``objective.after_optimizer_step()``;
 * open_clip: ``model(images, tokens)`` -> ``ClipLoss()`` -> AdamW with open_clip_train/main.py's groups and
   train.py's ``logit_scale.clamp_(0, ln 100)``.
-Rounds alternate between the two so machine drift hits both alike; the median round counts.
+Rounds alternate between the two so machine drift hits both alike; the median round counts. fp32, and bf16
+autocast (around forward and loss, on both sides) where the CPU has native bf16 (``--precision``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 
 import open_clip
 import torch
+from common import Ratio, add_precision_arg, machine_line, precisions
 
 from mmssl import config as C
 from mmssl.build import build_objective, build_tokenizer
@@ -71,17 +73,19 @@ def open_clip_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
 
 
-def mmssl_step(objective, opt, batch) -> None:
-    loss = objective(batch)["loss"]
+def mmssl_step(objective, opt, batch, bf16: bool) -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = objective(batch)["loss"]
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     objective.after_optimizer_step()
 
 
-def open_clip_step(model, opt, batch, loss_fn) -> None:
-    image, text, scale = model(batch["image"], batch["tokens"])
-    loss = loss_fn(image, text, scale)
+def open_clip_step(model, opt, batch, loss_fn, bf16: bool) -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        image, text, scale = model(batch["image"], batch["tokens"])
+        loss = loss_fn(image, text, scale)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -96,18 +100,27 @@ def images_per_second(step, batch, steps: int) -> float:
     return batch["image"].shape[0] * steps / (time.perf_counter() - start)
 
 
-def main() -> None:
+QUICK = ["--size", "tiny", "b32", "--batch", "8", "--steps", "1", "--rounds", "2"]
+
+
+def measure(argv: list[str] | None = None) -> list[Ratio]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--size", choices=SIZES, default="b32")
+    parser.add_argument("--size", choices=SIZES, nargs="+", default=["tiny", "b32"])
     parser.add_argument("--img", type=int, default=224)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=2, help="steps per round")
     parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    add_precision_arg(parser)
+    args = parser.parse_args(argv)
+    print(machine_line())
+    return [r for size in args.size for r in compare(size, args)]
+
+
+def compare(size: str, args: argparse.Namespace) -> list[Ratio]:
     torch.manual_seed(0)
-    cfg, ours, peer = build_pair(args.size, args.img)
+    cfg, ours, peer = build_pair(size, args.img)
     captions = [caption for _, _, caption, _, _ in shapes.samples("train", args.batch, 0)]
     batch = {
         "image": torch.randn(args.batch, 3, args.img, args.img),
@@ -115,22 +128,28 @@ def main() -> None:
     }
     ours_opt = create_optimizer(ours, "adamw", 5e-4, 0.2, (0.9, 0.98), 1e-6)
     peer_opt, loss_fn = open_clip_optimizer(peer), open_clip.ClipLoss()
-    impls = {
-        "mmssl": lambda b: mmssl_step(ours, ours_opt, b),
-        "open_clip": lambda b: open_clip_step(peer, peer_opt, b, loss_fn),
-    }
     params = sum(p.numel() for p in ours.parameters())
-    print(f"CLIP {args.size} ({params / 1e6:.1f}M parameters), {args.img}px, batch {args.batch}, "
+    print(f"CLIP {size} ({params / 1e6:.1f}M parameters), {args.img}px, batch {args.batch}, "
           f"torch {torch.__version__}, open_clip {open_clip.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
-    for step in impls.values():
-        step(batch)  # warm-up
-    rates: dict[str, list[float]] = {name: [] for name in impls}
-    for _ in range(args.rounds):
-        for name, step in impls.items():
-            rates[name].append(images_per_second(step, batch, args.steps))
-    a, b = statistics.median(rates["mmssl"]), statistics.median(rates["open_clip"])
-    print(f"fp32: mmssl {a:7.2f} img/s | open_clip {b:7.2f} img/s | ratio {a / b:.2f}x")
+    results = []
+    for label in precisions(args.precision):
+        bf16 = label == "bf16"
+        impls = {
+            "mmssl": lambda b, bf16=bf16: mmssl_step(ours, ours_opt, b, bf16),
+            "open_clip": lambda b, bf16=bf16: open_clip_step(peer, peer_opt, b, loss_fn, bf16),
+        }
+        for step in impls.values():
+            step(batch)  # warm-up
+        rates: dict[str, list[float]] = {name: [] for name in impls}
+        for _ in range(args.rounds):
+            for name, step in impls.items():
+                rates[name].append(images_per_second(step, batch, args.steps))
+        a, b = statistics.median(rates["mmssl"]), statistics.median(rates["open_clip"])
+        print(f"{label}: mmssl {a:7.2f} img/s | open_clip {b:7.2f} img/s | ratio {a / b:.2f}x")
+        case = f"{'ViT-B/32' if size == 'b32' else size} {args.img}px, batch {args.batch}"
+        results.append(Ratio.of_rates("CLIP step", case, label, a, b, "img/s", "open_clip"))
+    return results
 
 
 if __name__ == "__main__":
-    main()
+    measure()

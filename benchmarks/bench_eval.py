@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 import torch
+from common import Ratio, machine_line
 from sklearn.neighbors import KNeighborsClassifier
 
 from mmssl.eval.features import Features
@@ -40,7 +41,10 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+QUICK = ["--bank", "5000", "--queries", "500", "--rounds", "1", "--probe-epochs", "2"]
+
+
+def measure(argv: list[str] | None = None) -> list[Ratio]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -51,7 +55,7 @@ def main() -> None:
     parser.add_argument("--grid", type=int, default=4)
     parser.add_argument("--probe-epochs", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     bank, bank_y = clusters(args.bank, args.dim, args.classes, 1)
     queries, query_y = clusters(args.queries, args.dim, args.classes, 2)
 
@@ -86,6 +90,7 @@ def main() -> None:
         )
 
     med = {k: statistics.median(v) for k, v in {**knn_times, **probe_times}.items()}
+    print(machine_line())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; bank {args.bank} x {args.dim}, "
           f"{args.queries} queries, {args.classes} classes; median of {args.rounds} rounds")  # fmt: skip
     print(f"kNN, settings {list(SETTINGS)}: mmssl {med['mmssl']:.3f} s, sklearn {med['sklearn']:.3f} s "
@@ -93,7 +98,13 @@ def main() -> None:
           f"{[round(float(a), 2) for a in ref_acc]}")  # fmt: skip
     print(f"linear probe, grid of {args.grid} lrs x {args.probe_epochs} epochs: one pass {med['one pass']:.2f} s, "
           f"one by one {med['one by one']:.2f} s -> {med['one by one'] / med['one pass']:.2f}x")  # fmt: skip
+    return [
+        Ratio.of_times("kNN eval", f"{args.bank} x {args.dim} bank, {len(SETTINGS)} settings", "-",
+                       med["mmssl"], med["sklearn"], "sklearn KNeighborsClassifier"),
+        Ratio.of_times("linear probe grid", f"{args.grid} lrs x {args.probe_epochs} epochs", "-",
+                       med["one pass"], med["one by one"], "the same probes one by one"),
+    ]  # fmt: skip
 
 
 if __name__ == "__main__":
-    main()
+    measure()

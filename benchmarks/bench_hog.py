@@ -1,8 +1,8 @@
 """HOG target throughput: mmssl's HOGTarget (torch, the whole batch at once) vs skimage.feature.hog (one call per
 image and colour channel, which is what a per-channel HOG costs there), on the same real photos, same process.
 
-    python benchmarks/bench_hog.py                   # 224 px, batch 32, torch's default thread count
-    python benchmarks/bench_hog.py --threads 1       # single-threaded torch, like skimage
+    python benchmarks/bench_hog.py                   # 224 px, batch 32, one torch thread (skimage has one)
+    python benchmarks/bench_hog.py --threads 0       # torch's default thread count
 
 Both sides compute the same thing: 8x8 cells, 9 unsigned bins, per-cell L2 norm, for each of 3 channels
 (skimage: ``cells_per_block=(1, 1)``, ``block_norm="L2"``). mmssl runs twice: with its training default (Sobel
@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 import torch
+from common import Ratio, machine_line
 from skimage.feature import hog
 
 from mmssl.data import demo
@@ -45,15 +46,18 @@ def skimage_hog(images: np.ndarray) -> list[np.ndarray]:
     ]  # fmt: skip
 
 
-def main() -> None:
+QUICK = ["--batch", "16", "--rounds", "3"]
+
+
+def measure(argv: list[str] | None = None) -> list[Ratio]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--img", type=int, default=224)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    args = parser.parse_args()
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's choice)")
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -83,6 +87,7 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
 
+    print(machine_line())
     print(
         f"HOG {args.img}px, batch {args.batch}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
     )
@@ -91,12 +96,19 @@ def main() -> None:
     for name in runs:
         print(f"  {name:34s} {rate[name]:8.1f} images/s {work[name]:8.1f} images/CPU-s")
     peer = "skimage.feature.hog x3 channels"
+    results = []
     for name in list(runs)[:2]:
         print(
             f"  ratio {name} / skimage: {rate[name] / rate[peer]:.1f}x wall-clock, "
             f"{work[name] / work[peer]:.1f}x per CPU-second"
         )
+        gradient = name.split("(")[1].rstrip(")")
+        case = f"{gradient}, {args.img}px, batch {args.batch}, {torch.get_num_threads()} thread(s)"
+        results.append(
+            Ratio.of_rates("HOG target", case, "-", work[name], work[peer], "img/CPU-s", "skimage hog")
+        )
+    return results
 
 
 if __name__ == "__main__":
-    main()
+    measure()

@@ -10,6 +10,7 @@ same size, with the same weights, in the same process:
     python benchmarks/bench_igpt.py --side 32 --dim 512 --depth 8 --batch 16   # on a GPU: --device cuda
 
 Rounds alternate between the two sides so machine drift hits both alike; the median of the rounds counts.
+The training step runs in fp32, and in bf16 autocast where the CPU has native bf16 (``--precision``).
 """
 
 from __future__ import annotations
@@ -20,35 +21,19 @@ import time
 
 import torch
 import torch.nn.functional as F
-from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
+from common import Ratio, add_precision_arg, machine_line, precisions
+from transformers import ImageGPTForCausalImageModeling
 
+from mmssl.interop.hf_igpt import to_imagegpt
 from mmssl.objectives.igpt import ImageGPT
 from mmssl.sequence import SequenceTransformer
 from mmssl.targets.palette import Palette
 
 
 def hf_twin(ours: SequenceTransformer, num_heads: int) -> ImageGPTForCausalImageModeling:
-    """HF ImageGPT with our weights (sos = the extra last token id; zero biases, as the reference has none)."""
-    k, L, d = ours.vocab_size, ours.seq_len, ours.embed_dim
-    cfg = ImageGPTConfig(vocab_size=k + 1, n_positions=L, n_embd=d, n_layer=ours.depth, n_head=num_heads,
-                         activation_function="quick_gelu", tie_word_embeddings=False)  # fmt: skip
-    hf = ImageGPTForCausalImageModeling(cfg)
-    sd = hf.state_dict()
-    sd["transformer.wte.weight"] = torch.cat([ours.tok_embed.weight, ours.sos[None]]).detach()
-    sd["transformer.wpe.weight"] = ours.pos_embed[0].detach()
-    sd["transformer.ln_f.weight"] = ours.norm.weight.detach()
-    sd["lm_head.weight"] = ours.head.weight.detach()  # untied from wte
-    for i, blk in enumerate(ours.blocks):
-        p = f"transformer.h.{i}."
-        sd[p + "ln_1.weight"], sd[p + "ln_2.weight"] = blk.norm1.weight.detach(), blk.norm2.weight.detach()
-        sd[p + "attn.c_attn.weight"] = blk.attn.qkv.weight.T.detach()
-        sd[p + "attn.c_proj.weight"] = blk.attn.proj.weight.T.detach()
-        sd[p + "mlp.c_fc.weight"] = blk.mlp.fc1.weight.T.detach()
-        sd[p + "mlp.c_proj.weight"] = blk.mlp.fc2.weight.T.detach()
-        for name in ("attn.c_attn.bias", "attn.c_proj.bias", "mlp.c_fc.bias", "mlp.c_proj.bias"):
-            sd[p + name].zero_()
-    hf.load_state_dict(sd)
-    return hf
+    """HF ImageGPT with our weights (mmssl/interop/hf_igpt.py: sos = the extra last token id, zero biases)."""
+    del num_heads  # read from the blocks
+    return to_imagegpt(ImageGPT(ours, Palette(torch.rand(ours.vocab_size, 3))))
 
 
 def timed(fn, device: str) -> float:
@@ -61,7 +46,10 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+QUICK = ["--rounds", "1"]
+
+
+def measure(argv: list[str] | None = None) -> list[Ratio]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--side", type=int, default=16)
     p.add_argument("--colors", type=int, default=16)
@@ -72,7 +60,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="cpu")
-    a = p.parse_args()
+    add_precision_arg(p)
+    a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -87,11 +76,18 @@ def main() -> None:
     hf_ids = torch.cat([torch.full((a.batch, 1), a.colors, device=dev), ids[:, :-1]], 1)  # sos first
     given = L // 2
 
-    def ours_step():
-        F.cross_entropy(ours(ids).flatten(0, 1), ids.flatten()).backward()
+    def autocast(bf16: bool):
+        return torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16)
 
-    def hf_step():
-        F.cross_entropy(hf(hf_ids).logits.flatten(0, 1), ids.flatten()).backward()
+    def ours_step(bf16: bool = False):
+        with autocast(bf16):
+            loss = F.cross_entropy(ours(ids).flatten(0, 1).float(), ids.flatten())
+        loss.backward()
+
+    def hf_step(bf16: bool = False):
+        with autocast(bf16):
+            loss = F.cross_entropy(hf(hf_ids).logits.flatten(0, 1).float(), ids.flatten())
+        loss.backward()
 
     def ours_sample():
         objective.complete(ids, given, generator=torch.Generator(dev).manual_seed(0))
@@ -103,9 +99,14 @@ def main() -> None:
 
     with torch.no_grad():
         diff = (ours(ids) - hf(hf_ids).logits).abs().max().item()
+    print(machine_line())
     print(f"same weights: max |logit difference| {diff:.2e}")
     print(f"{a.depth} blocks, width {a.dim}, {a.heads} heads, {L} tokens, batch {a.batch}, {dev}")
-    for name, mine, theirs in (("train step", ours_step, hf_step), ("complete half", ours_sample, hf_sample)):
+    cases = [(f"train step {label}", label, lambda b=label == "bf16": ours_step(b),
+              lambda b=label == "bf16": hf_step(b)) for label in precisions(a.precision)]  # fmt: skip
+    cases.append(("complete half", "fp32", ours_sample, hf_sample))
+    results = []
+    for name, label, mine, theirs in cases:
         mine(), theirs()  # warm-up
         t_ours, t_hf = [], []
         for _ in range(a.rounds):
@@ -113,9 +114,12 @@ def main() -> None:
             t_hf.append(timed(theirs, dev))
         mo, mh = statistics.median(t_ours), statistics.median(t_hf)
         print(
-            f"{name:>14}: mmssl {mo * 1e3:8.1f} ms   transformers {mh * 1e3:8.1f} ms   speed-up x{mh / mo:.2f}"
+            f"{name:>15}: mmssl {mo * 1e3:8.1f} ms   transformers {mh * 1e3:8.1f} ms   speed-up x{mh / mo:.2f}"
         )
+        case = f"{name.removesuffix(' ' + label)}, {L} tokens, d={a.dim}x{a.depth}, batch {a.batch}"
+        results.append(Ratio.of_times("iGPT", case, label, mo, mh, "transformers ImageGPT"))
+    return results
 
 
 if __name__ == "__main__":
-    main()
+    measure()

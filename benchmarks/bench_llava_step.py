@@ -8,6 +8,7 @@ layer with the CLS token dropped, an mlp2x_gelu projector, and the same randomly
 and decoder train (AdamW). Both get the same shapes-data conversations: transformers gets the token ids and
 labels mmssl builds (image token id swapped in), while mmssl's step includes its own tokenisation and label
 building, i.e. what it really does per batch. Rounds alternate so machine drift hits both; medians count.
+fp32, and bf16 autocast where the CPU has native bf16 (``--precision``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import statistics
 import time
 
 import torch
+from common import Ratio, add_precision_arg, machine_line, precisions
 from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from mmssl.data import shapes
@@ -59,17 +61,22 @@ def build_pair(args):
     return ours, peer
 
 
-def time_steps(step, params, steps: int) -> float:
+def time_steps(step, params, steps: int, bf16: bool = False) -> float:
     opt = torch.optim.AdamW(params, lr=1e-5)
     start = time.perf_counter()
     for _ in range(steps):
-        step().backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = step()
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return (time.perf_counter() - start) / steps
 
 
-def main() -> None:
+QUICK = ["--img", "112", "--batch", "2", "--steps", "1", "--rounds", "1"]
+
+
+def measure(argv: list[str] | None = None) -> list[Ratio]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -82,7 +89,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2, help="steps per round")
     parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    add_precision_arg(parser)
+    args = parser.parse_args(argv)
     ours, peer = build_pair(args)
     conversations = [meta for *_, meta in shapes.samples("train", args.batch, 1)]
     images = torch.randn(args.batch, 3, args.img, args.img)
@@ -109,21 +117,28 @@ def main() -> None:
         "transformers": (peer_step, [p for p in peer.parameters() if p.requires_grad]),
     }
     n_img, length = ours.vision.num_tokens, ids.shape[1]
+    print(machine_line())
     print(f"LLaVA stage-2 step: {args.img}px/patch {args.patch} ({n_img} image tokens), ViT {args.vit_dim}x"
           f"{args.vit_depth}, Llama {args.llm_dim}x{args.llm_depth}, batch {args.batch}, {length} positions, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
-    for step, params in impls.values():
-        time_steps(step, params, 1)  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in impls}
-    for _ in range(args.rounds):
-        for name, (step, params) in impls.items():
-            times[name].append(time_steps(step, params, args.steps))
-    ours_s, peer_s = statistics.median(times["mmssl"]), statistics.median(times["transformers"])
-    print(
-        f"mmssl {ours_s * 1000:8.1f} ms/step | transformers {peer_s * 1000:8.1f} ms/step | "
-        f"speed ratio (transformers time / mmssl time) {peer_s / ours_s:.2f}x"
-    )
+    results = []
+    for label in precisions(args.precision):
+        bf16 = label == "bf16"
+        for step, params in impls.values():
+            time_steps(step, params, 1, bf16)  # warm-up
+        times: dict[str, list[float]] = {name: [] for name in impls}
+        for _ in range(args.rounds):
+            for name, (step, params) in impls.items():
+                times[name].append(time_steps(step, params, args.steps, bf16))
+        ours_s, peer_s = statistics.median(times["mmssl"]), statistics.median(times["transformers"])
+        print(
+            f"{label}: mmssl {ours_s * 1000:8.1f} ms/step | transformers {peer_s * 1000:8.1f} ms/step | "
+            f"speed ratio (transformers time / mmssl time) {peer_s / ours_s:.2f}x"
+        )
+        case = f"{args.img}px ({n_img} image tokens), batch {args.batch}"
+        results.append(Ratio.of_times("LLaVA step", case, label, ours_s, peer_s, "transformers Llava"))
+    return results
 
 
 if __name__ == "__main__":
-    main()
+    measure()

@@ -1,10 +1,12 @@
 """MAE training-step throughput: mmssl vs transformers' ViTMAEForPreTraining, same shape, same process.
 
     python benchmarks/bench_mae_step.py                      # ViT-B/16 + 8x512 decoder, 224 px, batch 8
-    python benchmarks/bench_mae_step.py --size small --batch 32
+    python benchmarks/bench_mae_step.py --size small --batch 32 --precision both
 
 A step is forward + backward + AdamW update. Both models use PyTorch's fused scaled-dot-product attention.
 Rounds alternate between the two implementations so machine drift hits both alike; the median round counts.
+fp32, and bf16 autocast where the CPU has native bf16 (``--precision``); besides the ratios to transformers
+it prints mmssl's own bf16 / fp32 speed-up.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 
 import torch
 import transformers
+from common import Ratio, add_precision_arg, machine_line, precisions
 
 from mmssl import config as C
 from mmssl.build import build_objective
@@ -61,7 +64,21 @@ def time_steps(model, loss_fn, images, steps: int, bf16: bool) -> float:
     return images.shape[0] * steps / (time.perf_counter() - start)
 
 
-def main() -> None:
+QUICK = [
+    "--size",
+    "base",
+    "--img",
+    "224",
+    "--batch",
+    "8",
+    "--steps",
+    "1",
+    "--rounds",
+    "2",
+]  # ViT-B: the acceptance case
+
+
+def measure(argv: list[str] | None = None) -> list[Ratio]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -71,14 +88,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3, help="steps per round")
     parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    add_precision_arg(parser)
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
     images = torch.randn(args.batch, 3, args.img, args.img)
     impls = {"mmssl": mmssl_step_fn(args.size, args.img, args.patch),
              "transformers": hf_step_fn(args.size, args.img, args.patch)}  # fmt: skip
+    print(machine_line())
     print(f"MAE ViT-{args.size} {args.img}px patch {args.patch}, batch {args.batch}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
-    for bf16 in (False, True):
+    results, own = [], {}
+    for label in precisions(args.precision):
+        bf16 = label == "bf16"
         rates: dict[str, list[float]] = {name: [] for name in impls}
         for model, fn in impls.values():
             time_steps(model, fn, images, 1, bf16)  # warm-up
@@ -86,9 +107,18 @@ def main() -> None:
             for name, (model, fn) in impls.items():
                 rates[name].append(time_steps(model, fn, images, args.steps, bf16))
         ours, peer = statistics.median(rates["mmssl"]), statistics.median(rates["transformers"])
-        label = "bf16" if bf16 else "fp32"
+        own[label] = ours
         print(f"{label}: mmssl {ours:7.2f} img/s | transformers {peer:7.2f} img/s | ratio {ours / peer:.2f}x")
+        case = f"ViT-{args.size} {args.img}px, batch {args.batch}"
+        results.append(Ratio.of_rates("MAE step", case, label, ours, peer, "img/s", "transformers ViTMAE"))
+    if len(own) == 2:
+        print(f"mmssl bf16 / fp32: {own['bf16'] / own['fp32']:.2f}x")
+        case = f"ViT-{args.size} {args.img}px, bf16 vs own fp32"
+        results.append(
+            Ratio.of_rates("MAE step", case, "bf16", own["bf16"], own["fp32"], "img/s", "mmssl fp32")
+        )
+    return results
 
 
 if __name__ == "__main__":
-    main()
+    measure()

@@ -4,7 +4,8 @@
 * :func:`export_backbone` writes an objective's encoder (``objective.backbone.model``, an untouched timm model)
   as ``NAME.safetensors`` in timm's own layout plus a ``NAME.json`` sidecar (architecture, timm arguments, image
   size, mean/std, objective), and a Hugging Face-style folder (``config.json`` + ``model.safetensors``, written
-  by timm's ``save_for_hf``). Both load with plain timm, no mmssl needed::
+  by timm's ``save_for_hf``). Both load with plain timm, no mmssl needed, and the folder with transformers
+  (``AutoModel``, ``AutoImageProcessor``, ``pipeline("image-feature-extraction")``; ``interop/hf_timm.py``)::
 
       timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file="NAME.safetensors", num_classes=0),
                         **model_args)                      # model_args from NAME.json
@@ -113,6 +114,9 @@ def _save_hf_folder(model: nn.Module, folder: Path, sidecar: dict[str, Any]) -> 
     for key in ("tag", "license", "paper_ids", "paper_name", "origin_url", "notes", "hf_hub_id"):
         config["pretrained_cfg"].pop(key, None)
     config["pretrained_cfg"]["tag"] = f"mmssl_{sidecar['objective'] or 'export'}"
+    # transformers' TimmWrapperModel passes num_classes itself: one in model_args too is a TypeError there
+    # (interop/hf_timm.py); timm's local-dir loader reads the top-level num_classes (0) instead.
+    config.get("model_args", {}).pop("num_classes", None)
     config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 

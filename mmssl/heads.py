@@ -96,23 +96,27 @@ class ProjectionHead(nn.Module):
     ``num_layers`` Linear layers, each followed by BatchNorm; ReLU after all but the last. As in the
     reference ``linear_layer(use_bn=True)``: no Linear bias (BN follows), and the last BN has a learned scale
     but no shift (``center=False``), kept here as a zero ``bias`` frozen out of training. ResNet-50: 2048 ->
-    2048 -> 128 (v1, ``num_layers=2``); SimCLR v2 and MoCo v3 use 3 layers.
+    2048 -> 128 (v1, ``num_layers=2``); SimCLR v2 and MoCo v3 use 3 layers. ``last_bn=False``: the last Linear
+    has a bias and no BN follows (SLIP's ``image_mlp``: 3 layers, 4096 hidden, 256 out).
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int = 128, num_layers: int = 2):
+    def __init__(
+        self, in_dim: int, hidden_dim: int, out_dim: int = 128, num_layers: int = 2, last_bn: bool = True
+    ):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"projection head needs at least 1 layer, got num_layers={num_layers}")
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
-            linear = nn.Linear(a, b, bias=False)
+            last = i == num_layers - 1
+            linear = nn.Linear(a, b, bias=last and not last_bn)
             nn.init.normal_(linear.weight, std=0.01)  # reference: random_normal_initializer(stddev=.01)
-            layers += [linear, nn.BatchNorm1d(b)]
-            if i < num_layers - 1:
+            layers += [linear] if last and not last_bn else [linear, nn.BatchNorm1d(b)]
+            if not last:
                 layers.append(nn.ReLU(inplace=True))
-        last_bn = layers[-1]
-        last_bn.bias.requires_grad_(False)  # center=False in the reference: the shift stays 0
+        if last_bn:
+            layers[-1].bias.requires_grad_(False)  # center=False in the reference: the shift stays 0
         self.mlp = nn.Sequential(*layers)
         self.out_dim = out_dim
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
+from typing import ClassVar
 
 import lightning.pytorch as L
 import torch
@@ -48,9 +50,13 @@ class PretrainModule(L.LightningModule):
     seeds (``data/module.py``).
     """
 
+    # config dict -> objective, for ``load_from_checkpoint(path)`` without an objective: lit.py may not import
+    # build (DESIGN.md §3), so ``mmssl.build`` installs its factory here when imported (objective_from_config).
+    objective_factory: ClassVar[Callable[[dict], nn.Module] | None] = None
+
     def __init__(
         self,
-        objective: nn.Module,
+        objective: nn.Module | None = None,
         *,
         lr: float,
         total_steps: int,
@@ -67,6 +73,13 @@ class PretrainModule(L.LightningModule):
         layer_decay: float | None = None,
     ):
         super().__init__()
+        if objective is None:  # load_from_checkpoint(path): rebuild it from the saved run config
+            if config is None or self.objective_factory is None:
+                raise TypeError(
+                    "PretrainModule needs an objective; load_from_checkpoint(path) rebuilds it from the "
+                    "checkpoint's config once mmssl.build is imported (or pass objective=...)"
+                )
+            objective = self.objective_factory(config)
         self.objective = objective
         # Taken now, before any FSDP wrapping flattens the parameters (see optim.param_groups).
         # layer_decay: layer-wise lr decay for fine-tuning (optim.layer_decay_param_groups)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning.pytorch as L
 import matplotlib
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -104,8 +105,37 @@ class PictureCallback(L.Callback):
         with trainer.precision_plugin.forward_context():
             columns = visualize(batch, self.denormalize, generator)
         pl_module.train(was_training)
-        split = "held-out" if self.held_out else "train"
-        return save_grid(columns, self.out_dir / filename, f"step {trainer.global_step}, {split} images")
+        if self.held_out:
+            split = "held-out images"
+        elif trainer.limit_val_batches == 0:  # build_trainer: no data.val_shards
+            split = "training images (data.val_shards not set)"
+        else:  # validation first runs at the end of an epoch; pictures switch to its images from then on
+            split = "training images (held-out from the first validation)"
+        path = save_grid(columns, self.out_dir / filename, f"step {trainer.global_step}, {split}")
+        log_picture(getattr(trainer, "loggers", ()), path, "pictures", trainer.global_step)
+        return path
+
+
+def log_picture(loggers: Sequence, path: str | Path, tag: str, step: int) -> int:
+    """Send the PNG at ``path`` to every logger that takes images (TensorBoard ``add_image``, W&B
+    ``log_image``, MLflow ``log_image``); CSV takes none. Returns how many took it."""
+    from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
+    from PIL import Image
+
+    with Image.open(path) as picture:
+        pixels = np.asarray(picture.convert("RGB"))  # (H, W, 3) uint8
+    sent = 0
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(tag, pixels, global_step=step, dataformats="HWC")
+        elif isinstance(logger, WandbLogger):
+            logger.log_image(key=tag, images=[str(path)], step=step)
+        elif isinstance(logger, MLFlowLogger):
+            logger.experiment.log_image(logger.run_id, pixels, key=tag, step=step)
+        else:
+            continue
+        sent += 1
+    return sent
 
 
 def save_embedding_plot(
@@ -146,3 +176,24 @@ def save_answer_grid(
         ax.imshow(image.permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
         ax.set_title(caption, fontsize=7, color="green" if ok else "red")
     return _save_figure(fig, path, title)
+
+
+def save_histogram(
+    groups: dict[str, Sequence[float]],
+    path: str | Path,
+    threshold: float | None = None,
+    xlabel: str = "score",
+    title: str = "",
+    bins: int = 50,
+) -> Path:
+    """Stacked histogram of one score split into named groups (e.g. kept / dropped), with an optional
+    threshold line."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    named = {name: list(values) for name, values in groups.items() if len(values)}
+    ax.hist(list(named.values()), bins=bins, stacked=True, label=list(named))
+    if threshold is not None:
+        ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:.3g}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("samples")
+    ax.legend(fontsize=8)
+    return _save_figure(fig, path, title, title_size=10)

@@ -50,7 +50,10 @@ class Tiny:
 TINY: dict[str, dict[str, Tiny]] = {
     "mae": {"vit": Tiny("mae_demo", (*VIT, "mae.decoder_embed_dim=16", "mae.decoder_depth=1",
                                       "mae.decoder_num_heads=2"), ("backbone.model.pos_embed", "decoder.pos_embed"))},
-    "maskfeat": {"vit": Tiny("maskfeat_demo", (*VIT, "backbone.patch_size=16"))},
+    "maskfeat": {
+        "vit": Tiny("maskfeat_demo", (*VIT, "backbone.patch_size=16")),
+        "pixel_hog": Tiny("maskfeat_pixel_hog_demo", (*VIT, "backbone.patch_size=16")),
+    },
     "simclr": {
         "resnet": Tiny("simclr_digits", ("backbone.name=resnet10t", "backbone.img_size=32"), ("head.mlp.4.bias",)),
         "vit": Tiny("simclr_digits", (*VIT, "simclr.proj_hidden_dim=32", "simclr.proj_out_dim=16"),
@@ -60,7 +63,11 @@ TINY: dict[str, dict[str, Tiny]] = {
         "backbone_tower": Tiny("clip_demo", (*VIT, *TEXT)),
         "open_clip_tower": Tiny("clip_demo", (*VIT, *TEXT, "clip.image_tower=open_clip",
                                               "clip.vision_cfg={layers: 1, width: 32, head_width: 16, patch_size: 8}")),
+        "flip": Tiny("flip_demo", (*VIT, *TEXT, "clip.image_mask_ratio=0.75")),
     },
+    "siglip": {"backbone_tower": Tiny("siglip_demo", (*VIT, *TEXT))},
+    # SLIP: CLIP + SimCLR on one backbone; SLIP's head ends in a Linear (no frozen BN shift)
+    "compose": {"slip": Tiny("slip_demo", (*VIT, *TEXT, "simclr.proj_hidden_dim=32", "simclr.proj_out_dim=16"))},
     "igpt": {
         mode: Tiny("igpt_demo", (f"igpt.mode={mode}", "igpt.resolution=8", "igpt.embed_dim=32", "igpt.depth=2",
                                  "igpt.num_heads=2", "igpt.resize_range=[1.0,1.0]"))
@@ -116,7 +123,7 @@ def frozen_expected(name: str, expected: tuple[str, ...]) -> bool:
 @pytest.mark.parametrize("name, variant", CASES, ids=[f"{n}-{v}" for n, v in CASES])
 def test_forward_backward_and_pictures(name, variant, decoder_dir):
     cfg = tiny_config(name, variant, decoder_dir)
-    spec = build.OBJECTIVES[name]
+    spec = build.spec_of(cfg)
     torch.manual_seed(0)
     objective = spec.build(cfg).train()
     out = objective(make_batch(cfg, spec, train=True))
@@ -164,7 +171,7 @@ def save_checkpoint(objective, cfg, path, missing_files: tuple[str, ...]) -> Non
 @pytest.mark.parametrize("name, variant", CASES, ids=[f"{n}-{v}" for n, v in CASES])
 def test_checkpoint_round_trip(name, variant, decoder_dir, tmp_path):
     cfg = tiny_config(name, variant, decoder_dir)
-    spec = build.OBJECTIVES[name]
+    spec = build.spec_of(cfg)
     torch.manual_seed(1)
     objective = spec.build(cfg).eval()
     with torch.no_grad():  # trained weights: nothing a fresh build could reproduce

@@ -27,6 +27,11 @@ sys.path.insert(0, str(ROOT / "tools"))
 import export as export_tool  # noqa: E402
 
 
+def reported(stdout: str) -> dict[str, float]:
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("round trip"))
+    return json.loads(line.split(": ", 1)[1])
+
+
 class FeatureNorm(nn.Module):
     """A stand-in objective around a CNN (no CNN objective has landed yet): shrink the pooled features."""
 
@@ -69,8 +74,11 @@ def cnn_ckpt(tmp_path_factory) -> Path:
 def test_export_then_timm_gives_identical_features(which, request, tmp_path, capsys):
     ckpt = request.getfixturevalue(which)
     out = tmp_path / "enc"
-    assert export_tool.main([str(ckpt), "--out", str(out)]) == 0, capsys.readouterr().err
-    assert '"safetensors": 0.0, "hf_folder": 0.0' in capsys.readouterr().out  # the tool checks itself
+    assert export_tool.main([str(ckpt), "--out", str(out), "--formats", "timm,hf"]) == 0, (
+        capsys.readouterr().err
+    )
+    diffs = reported(capsys.readouterr().out)  # the tool checks itself, through timm and transformers
+    assert diffs == {"timm": 0.0, "hf": 0.0, "hf (transformers)": 0.0}
 
     trained, _ = build.load_encoder(ckpt)  # the encoder as the checkpoint holds it
     sidecar = json.loads(out.with_suffix(".json").read_text())
@@ -95,9 +103,25 @@ def test_export_then_timm_gives_identical_features(which, request, tmp_path, cap
         assert state["bn1.num_batches_tracked"].item() == 2
 
 
+def test_an_mae_run_exports_every_format_it_can_and_each_is_checked(vit_ckpt, tmp_path, capsys):
+    out = tmp_path / "mae"
+    assert export_tool.main([str(vit_ckpt), "--out", str(out)]) == 0, capsys.readouterr().err
+    diffs = reported(capsys.readouterr().out)
+    assert set(diffs) == {"timm", "hf", "hf (transformers)", "vit", "vitmae"}
+    assert max(diffs.values()) < 1e-5
+    for folder in ("mae_hf", "mae_vit", "mae_vitmae"):
+        assert (tmp_path / folder / "config.json").is_file()
+    # a format the run's objective does not offer (its spec), asked for by name, is refused naming what it offers
+    assert export_tool.main([str(vit_ckpt), "--out", str(out), "--formats", "imagegpt"]) == 2
+    err = capsys.readouterr().err
+    assert "--formats imagegpt:" in err and "exports as timm, hf, vit, vitmae" in err, err
+    assert export_tool.main([str(vit_ckpt), "--formats", "onnx"]) == 2
+    assert "--formats onnx:" in capsys.readouterr().err
+
+
 def test_weights_of_another_architecture_are_refused_clearly(vit_ckpt, cnn_ckpt, tmp_path):
     out = tmp_path / "enc"
-    assert export_tool.main([str(cnn_ckpt), "--out", str(out), "--no-hf"]) == 0  # resnet10t
+    assert export_tool.main([str(cnn_ckpt), "--out", str(out), "--formats", "timm"]) == 0  # resnet10t
     sidecar = json.loads(out.with_suffix(".json").read_text())
     out.with_suffix(".json").write_text(json.dumps({**sidecar, "architecture": "resnet34"}))
     with pytest.raises(CheckpointError, match=r"resnet34.*another architecture.*missing"):

@@ -210,8 +210,8 @@ def test_glyphs_point_along_edges_and_picture_columns():
 
 @pytest.mark.parametrize("nbins", [4, 8, 12])
 def test_other_bin_counts_match_the_atan2_formula(nbins):
-    """The cheaper atan(gx / gy) binning with its folded slots equals SlowFast's floor(atan2(gx, gy) / pi * n)
-    for even and odd bin counts (dense per-bin sums as an independent path)."""
+    """The binning (floor values summed per slot, folded onto bins afterwards) equals SlowFast's
+    floor(atan2(gx, gy) / pi * n) for even and odd bin counts (dense per-bin sums as an independent path)."""
     x = torch.from_numpy(real_image("astronaut", (32, 48), 120, 200)).permute(2, 0, 1)[None].double()
     gx, gy = image_gradients(x)
     bins = torch.floor(torch.atan2(gx, gy) / math.pi * nbins).long() % nbins
@@ -219,3 +219,32 @@ def test_other_bin_counts_match_the_atan2_formula(nbins):
     ref = torch.stack([F.avg_pool2d(magnitude * (bins == b), 8) for b in range(nbins)], dim=2)
     ref = ref / ref.norm(dim=2, keepdim=True).clamp_min(1e-12)
     torch.testing.assert_close(hog_cells(x, nbins=nbins), ref, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", ["planes", "images", "int64 index"])
+def test_cpu_chunking_paths_match_the_reference(chunk, monkeypatch):
+    """hog() works through a CPU batch in chunks: single channel planes (large images), several whole images
+    with a partial last chunk, and an int64 index when the input's dtype cannot hold every index exactly. Each
+    path gives the loop reference's histograms; inputs in channels-last memory (as a permuted uint8 batch
+    normalises to) are read as they are."""
+    import mmssl.targets.hog as hog_module
+
+    images = [real_image(name, (32, 48), 60, 120) for name in ("astronaut", "coffee", "chelsea")]
+    if chunk == "planes":
+        monkeypatch.setattr(hog_module, "CHUNK_ELEMENTS", 32 * 48)  # one plane per chunk
+    elif chunk == "images":
+        monkeypatch.setattr(hog_module, "CHUNK_ELEMENTS", 2 * 3 * 32 * 48)  # two images, then one
+    else:
+        monkeypatch.setattr(hog_module, "_exact_integers", lambda dtype: 0)
+    batch = as_batch(*images).contiguous(memory_format=torch.channels_last)
+    ours = HOGTarget(16)(batch)
+    for b, img in enumerate(images):
+        expected = reference_hog(img.transpose(2, 0, 1).astype(float))
+        np.testing.assert_allclose(ours[b].numpy(), expected, rtol=0, atol=1e-12)
+
+
+def test_non_finite_images_are_refused():
+    images = torch.rand(2, 3, 16, 16)
+    images[1, 2, 5, 7] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        HOGTarget(16)(images)

@@ -144,34 +144,21 @@ def test_bert_sees_every_unmasked_token_and_no_masked_one():
 
 
 def test_matches_transformers_imagegpt_logits():
-    """Parity with Hugging Face's port of openai/image-gpt (independent code): copy the weights across."""
-    from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
+    """Parity with Hugging Face's port of openai/image-gpt (independent code), weights copied across by the
+    library's exporter (mmssl/interop/hf_igpt.py)."""
+    from mmssl.interop.hf_igpt import hf_input, to_imagegpt
 
-    k, L, d = 8, 16, 32
-    ours = SequenceTransformer(k, L, embed_dim=d, depth=2, num_heads=4, causal=True).eval()
-    nn.init.normal_(ours.head.weight, std=0.5)
-    for blk in ours.blocks:  # non-trivial gains
+    k, L = 8, 16
+    objective = tiny("ar", k=k, side=4).eval()
+    randomise_head(objective)
+    for blk in objective.transformer.blocks:  # non-trivial gains
         nn.init.normal_(blk.norm1.weight, 1.0, 0.2)
         nn.init.normal_(blk.norm2.weight, 1.0, 0.2)
-    cfg = ImageGPTConfig(vocab_size=k + 1, n_positions=L, n_embd=d, n_layer=2, n_head=4,
-                         activation_function="quick_gelu", tie_word_embeddings=False)  # fmt: skip
-    hf = ImageGPTForCausalImageModeling(cfg).eval()
-    sd = {"transformer.wpe.weight": ours.pos_embed[0], "lm_head.weight": ours.head.weight,
-          "transformer.wte.weight": torch.cat([ours.tok_embed.weight, ours.sos[None]]),  # sos = id k
-          "transformer.ln_f.weight": ours.norm.weight}  # fmt: skip
-    for i, blk in enumerate(ours.blocks):
-        p = f"transformer.h.{i}."
-        sd |= {p + "ln_1.weight": blk.norm1.weight, p + "ln_2.weight": blk.norm2.weight,
-               p + "attn.c_attn.weight": blk.attn.qkv.weight.T, p + "attn.c_proj.weight": blk.attn.proj.weight.T,
-               p + "mlp.c_fc.weight": blk.mlp.fc1.weight.T, p + "mlp.c_proj.weight": blk.mlp.fc2.weight.T}  # fmt: skip
-        for name in ("attn.c_attn.bias", "attn.c_proj.bias", "mlp.c_fc.bias", "mlp.c_proj.bias"):
-            sd[p + name] = torch.zeros_like(hf.state_dict()[p + name])  # the reference has no biases
-    missing, _ = hf.load_state_dict({k_: v.detach() for k_, v in sd.items()}, strict=False)
-    assert not [m for m in missing if "attn.bias" not in m and "masked_bias" not in m], missing
+    hf = to_imagegpt(objective)
     ids = torch.randint(0, k, (3, L))
     with torch.no_grad():
-        ref = hf(torch.cat([torch.full((3, 1), k), ids[:, :-1]], 1)).logits
-        torch.testing.assert_close(ours(ids), ref, rtol=1e-4, atol=1e-4)
+        ref = hf(hf_input(ids, k)).logits  # HF: the start token is the extra last id k
+        torch.testing.assert_close(objective.transformer(ids), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["ar", "bert"])

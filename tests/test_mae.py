@@ -6,83 +6,17 @@ from conftest import tiny_cfg
 
 from mmssl import config as C
 from mmssl.build import build_objective
+from mmssl.interop.hf_mae import to_vit_mae
 
 transformers = pytest.importorskip("transformers")
-
-
-def to_hf(objective, cfg) -> "transformers.ViTMAEForPreTraining":
-    """transformers' independent ViTMAE with our weights copied in."""
-    b, m = objective.backbone, cfg.mae
-    hf_cfg = transformers.ViTMAEConfig(
-        hidden_size=b.embed_dim,
-        num_hidden_layers=len(b.model.blocks),
-        num_attention_heads=b.model.blocks[0].attn.num_heads,
-        intermediate_size=4 * b.embed_dim,
-        image_size=cfg.backbone.img_size,
-        patch_size=b.patch_size,
-        decoder_hidden_size=m.decoder_embed_dim,
-        decoder_num_hidden_layers=m.decoder_depth,
-        decoder_num_attention_heads=m.decoder_num_heads,
-        decoder_intermediate_size=4 * m.decoder_embed_dim,
-        mask_ratio=m.mask_ratio,
-        norm_pix_loss=m.norm_pix_loss,
-        layer_norm_eps=1e-6,
-        qkv_bias=True,
-        hidden_act="gelu",
-        attn_implementation="eager",
-    )
-    hf = transformers.ViTMAEForPreTraining(hf_cfg).eval()
-
-    def block(src, dst_prefix):
-        q, k, v = src.attn.qkv.weight.chunk(3)
-        qb, kb, vb = src.attn.qkv.bias.chunk(3)
-        pairs = {
-            "attention.q_proj": (q, qb),
-            "attention.k_proj": (k, kb),
-            "attention.v_proj": (v, vb),
-            "attention.o_proj": (src.attn.proj.weight, src.attn.proj.bias),
-            "layernorm_before": (src.norm1.weight, src.norm1.bias),
-            "layernorm_after": (src.norm2.weight, src.norm2.bias),
-            "mlp.fc1": (src.mlp.fc1.weight, src.mlp.fc1.bias),
-            "mlp.fc2": (src.mlp.fc2.weight, src.mlp.fc2.bias),
-        }
-        return {
-            f"{dst_prefix}.{n}.{w}": t
-            for n, (wt, bt) in pairs.items()
-            for w, t in (("weight", wt), ("bias", bt))
-        }
-
-    vit, dec = b.model, objective.decoder
-    state = {
-        "vit.embeddings.cls_token": vit.cls_token,
-        "vit.embeddings.position_embeddings": vit.pos_embed,
-        "vit.embeddings.patch_embeddings.projection.weight": vit.patch_embed.proj.weight,
-        "vit.embeddings.patch_embeddings.projection.bias": vit.patch_embed.proj.bias,
-        "vit.layernorm.weight": vit.norm.weight,
-        "vit.layernorm.bias": vit.norm.bias,
-        "decoder.mask_token": dec.mask_token,
-        "decoder.decoder_pos_embed": dec.pos_embed,
-        "decoder.decoder_embed.weight": dec.embed.weight,
-        "decoder.decoder_embed.bias": dec.embed.bias,
-        "decoder.decoder_norm.weight": dec.norm.weight,
-        "decoder.decoder_norm.bias": dec.norm.bias,
-        "decoder.decoder_pred.weight": dec.pred.weight,
-        "decoder.decoder_pred.bias": dec.pred.bias,
-    }
-    for i, blk in enumerate(vit.blocks):
-        state |= block(blk, f"vit.layers.{i}")
-    for i, blk in enumerate(dec.blocks):
-        state |= block(blk, f"decoder.decoder_layers.{i}")
-    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
-    assert not missing and not unexpected
-    return hf
 
 
 @pytest.mark.parametrize("norm_pix", [True, False])
 def test_loss_matches_transformers_vitmae(norm_pix):
     cfg = tiny_cfg(f"mae.norm_pix_loss={norm_pix}")
     objective = build_objective(cfg).eval()
-    hf = to_hf(objective, cfg)
+    hf = to_vit_mae(objective)  # transformers' independent ViTMAE with our weights (mmssl/interop/hf_mae.py)
+    assert hf.config.norm_pix_loss == norm_pix
     images = torch.randn(3, 3, 32, 32)
     noise = torch.rand(3, objective.backbone.num_patches)
     ours = objective({"image": images}, noise=noise)

@@ -17,6 +17,29 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from mmssl.cli import is_program
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("parts", help="a run's llava/ folder (llava.json, projector.safetensors, ...)")
+    parser.add_argument("--image", help="picture to ask about")
+    parser.add_argument(
+        "--prompt", default="Describe the picture.", help="question (stage-1 parts only caption)"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--eval", metavar="SHARDS", help="accuracy on a shard spec's conversations")
+    parser.add_argument("--limit", type=int, help="--eval: stop after this many samples")
+    parser.add_argument("--json", metavar="FILE", help="--eval: also write the report here")
+    parser.add_argument("--picture", metavar="PNG", help="--eval: draw some questions with their answers")
+    return parser
+
+
+if is_program(__name__):  # --help and usage errors answer before the heavy imports below
+    make_parser().parse_args()
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: nothing below may reach the network
 
 import torch  # noqa: E402
@@ -103,19 +126,7 @@ def answer(model: LLaVA, image_path: str, prompt: str, max_new_tokens: int = 32)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("parts", help="a run's llava/ folder (llava.json, projector.safetensors, ...)")
-    parser.add_argument("--image", help="picture to ask about")
-    parser.add_argument(
-        "--prompt", default="Describe the picture.", help="question (stage-1 parts only caption)"
-    )
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--eval", metavar="SHARDS", help="accuracy on a shard spec's conversations")
-    parser.add_argument("--limit", type=int, help="--eval: stop after this many samples")
-    parser.add_argument("--json", metavar="FILE", help="--eval: also write the report here")
-    parser.add_argument("--picture", metavar="PNG", help="--eval: draw some questions with their answers")
+    parser = make_parser()
     args = parser.parse_args(argv)
     if not (args.image or args.eval):
         parser.error("give --image (with --prompt) or --eval SHARDS")

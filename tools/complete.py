@@ -13,17 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
-from mmssl.build import objective_from_checkpoint
-from mmssl.checkpoints import CheckpointError
-from mmssl.data.module import resolve_shards
-from mmssl.data.shards import SampleDecoder, eval_pipeline
-from mmssl.data.transforms import eval_view
-from mmssl.viz import Denormalize, save_grid
+from mmssl.cli import is_program
 
 
-def main(argv: list[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", help="Lightning checkpoint of an iGPT run (tools/pretrain.py)")
     p.add_argument(
@@ -35,6 +28,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=1.0, help="0: always the most likely colour")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+if is_program(__name__):  # --help and usage errors answer before the heavy imports below
+    make_parser().parse_args()
+
+import torch  # noqa: E402
+
+from mmssl.build import objective_from_checkpoint  # noqa: E402
+from mmssl.checkpoints import CheckpointError  # noqa: E402
+from mmssl.data.module import resolve_shards  # noqa: E402
+from mmssl.data.shards import SampleDecoder, eval_pipeline  # noqa: E402
+from mmssl.data.transforms import eval_view  # noqa: E402
+from mmssl.viz import Denormalize, save_grid  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = make_parser()
     a = p.parse_args(argv)
     overrides = [f"igpt.temperature={a.temperature}", f"igpt.num_completions={a.num_completions}"]
     overrides.append(f"igpt.top_k={a.top_k if a.top_k is not None else 'null'}")

@@ -38,14 +38,48 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
+from mmssl.cli import is_program
 
-from mmssl import build
-from mmssl import config as C
-from mmssl.checkpoints import read_checkpoint
-from mmssl.eval.features import Features, fingerprint, probe_train_features, split_features
-from mmssl.eval.knn import SETTINGS, knn_accuracy
-from mmssl.eval.linear_probe import best, train_probes
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--objectives",
+        nargs="+",
+        default=None,
+        help="default: every objective in build.OBJECTIVES with an encoder",
+    )
+    parser.add_argument("--out-dir", default="runs/digits_table")
+    parser.add_argument("--reuse", action="store_true", help="keep existing pretraining runs in --out-dir")
+    parser.add_argument("--probe-cfg", default="linprobe_digits")
+    parser.add_argument(
+        "--pretrain", nargs="*", default=[], metavar="key=value", help="extra pretraining overrides"
+    )
+    parser.add_argument("--probe", nargs="*", default=[], metavar="key=value", help="probe config overrides")
+    parser.add_argument("--finetune", action="store_true", help="also fine-tune every encoder end to end")
+    parser.add_argument("--finetune-cfg", default="finetune_digits")
+    parser.add_argument(
+        "--finetune-args", nargs="*", default=[], metavar="key=value", help="fine-tuning config overrides"
+    )
+    parser.add_argument("--tsne", help="write t-SNE maps of the val features here (PNG)")
+    parser.add_argument("--json", help="write every number here (default: --out-dir/results.json)")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    return parser
+
+
+if is_program(__name__):  # --help and usage errors answer before the heavy imports below
+    make_parser().parse_args()
+
+import torch  # noqa: E402
+
+from mmssl import build  # noqa: E402
+from mmssl import config as C  # noqa: E402
+from mmssl.checkpoints import read_checkpoint  # noqa: E402
+from mmssl.eval.features import Features, fingerprint, probe_train_features, split_features  # noqa: E402
+from mmssl.eval.knn import SETTINGS, knn_accuracy  # noqa: E402
+from mmssl.eval.linear_probe import best, train_probes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = {"train": "demo:digits/train", "val": "demo:digits/val"}
@@ -182,31 +216,9 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--objectives",
-        nargs="+",
-        default=None,
-        help="default: every objective in build.OBJECTIVES with an encoder",
-    )
-    parser.add_argument("--out-dir", default="runs/digits_table")
-    parser.add_argument("--reuse", action="store_true", help="keep existing pretraining runs in --out-dir")
-    parser.add_argument("--probe-cfg", default="linprobe_digits")
-    parser.add_argument(
-        "--pretrain", nargs="*", default=[], metavar="key=value", help="extra pretraining overrides"
-    )
-    parser.add_argument("--probe", nargs="*", default=[], metavar="key=value", help="probe config overrides")
-    parser.add_argument("--finetune", action="store_true", help="also fine-tune every encoder end to end")
-    parser.add_argument("--finetune-cfg", default="finetune_digits")
-    parser.add_argument(
-        "--finetune-args", nargs="*", default=[], metavar="key=value", help="fine-tuning config overrides"
-    )
-    parser.add_argument("--tsne", help="write t-SNE maps of the val features here (PNG)")
-    parser.add_argument("--json", help="write every number here (default: --out-dir/results.json)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = make_parser()
     args = parser.parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     out_dir = Path(args.out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)

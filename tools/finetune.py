@@ -25,18 +25,7 @@ import json
 import sys
 from pathlib import Path
 
-import lightning.pytorch as L
-import torch
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import OmegaConf
-
-from mmssl import build
-from mmssl import config as C
-from mmssl.backbones import as_backbone
-from mmssl.build import finetune as FT
-from mmssl.checkpoints import CheckpointError, strip_prefix
-from mmssl.config import finetune as F
-from mmssl.export import export_backbone, round_trip_diff
+from mmssl.cli import is_program
 
 EXIT_SIGTERM = 143
 
@@ -50,6 +39,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue from the run's last.ckpt")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. encoder=PATH num_classes=10")
     return parser.parse_intermixed_args(argv)
+
+
+if is_program(__name__):  # --help and usage errors answer before the heavy imports below
+    parse_args(None)
+
+import lightning.pytorch as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from mmssl import build  # noqa: E402
+from mmssl import config as C  # noqa: E402
+from mmssl.backbones import as_backbone  # noqa: E402
+from mmssl.build import finetune as FT  # noqa: E402
+from mmssl.checkpoints import CheckpointError, strip_prefix  # noqa: E402
+from mmssl.config import finetune as F  # noqa: E402
+from mmssl.export import export_backbone, round_trip_diff  # noqa: E402
 
 
 def print_config(cfg) -> None:

@@ -1,8 +1,8 @@
 """Fit an iGPT colour palette: mini-batch k-means on pixels sampled from shards (Chen et al. 2020,
 §"Context Reduction": k-means with k = 512 on (R, G, B) pixel values).
 
-    python tools/fit_palette.py --shards demo:digits/train --k 16 --resolution 16 --out digits16.safetensors
-    python tools/fit_palette.py --shards '/data/in1k/train-{000000..001023}.tar' --out in1k_512.safetensors \\
+    python tools/fit_palette.py --shards demo:digits/train --k 16 --resolution 16    # runs/palettes/k16_16px.safetensors
+    python tools/fit_palette.py --shards '/data/in1k/train-{000000..001023}.tar' --out runs/palettes/in1k_512.safetensors \\
         --images 50000 --val-shards '/data/in1k/val-{000000..000049}.tar'
 
 Images go through the iGPT evaluation view first (shorter side to ``--resolution``, centre crop), so the
@@ -18,19 +18,17 @@ import argparse
 import random
 import sys
 
-import torch
-from tqdm import tqdm
-
-from mmssl.data.module import resolve_shards
-from mmssl.data.shards import SampleDecoder, count_samples, eval_pipeline
-from mmssl.data.transforms import eval_view
-from mmssl.targets.palette import Palette, fit_kmeans, inertia
+from mmssl.cli import is_program
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", required=True, help="webdataset spec or demo:NAME/SPLIT")
-    p.add_argument("--out", required=True, help="palette file to write (.safetensors)")
+    p.add_argument(
+        "--out",
+        help="palette file to write (.safetensors); default runs/palettes/k<K>_<resolution>px.safetensors "
+        "(runs/ is where every run's output goes, outside version control)",
+    )
     p.add_argument("--k", type=int, default=512, help="colours (the paper's 9-bit palette: 512)")
     p.add_argument("--resolution", type=int, default=32, help="images are downsampled to this first")
     p.add_argument("--images", type=int, default=20_000, help="read at most this many images")
@@ -41,6 +39,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--interpolation", default="bicubic")
     return p.parse_args(argv)
+
+
+if is_program(__name__):  # --help and usage errors answer before the heavy imports below
+    parse_args(None)
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from mmssl.data.module import resolve_shards  # noqa: E402
+from mmssl.data.shards import SampleDecoder, count_samples, eval_pipeline  # noqa: E402
+from mmssl.data.transforms import eval_view  # noqa: E402
+from mmssl.targets.palette import Palette, fit_kmeans, inertia  # noqa: E402
 
 
 def sample_pixels(
@@ -71,6 +81,7 @@ def sample_pixels(
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    out = a.out or f"runs/palettes/k{a.k}_{a.resolution}px.safetensors"
     try:
         pixels, n_images = sample_pixels(
             a.shards, "--shards", a.resolution, a.images, a.pixels_per_image, a.seed, a.interpolation
@@ -90,12 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         report["val pixels"] = inertia(val, centroids) ** 0.5 / 3**0.5
     path = Palette(centroids).save(
-        a.out, fitted_on=a.shards, images=n_images, pixels=len(pixels), resolution=a.resolution,
+        out, fitted_on=a.shards, images=n_images, pixels=len(pixels), resolution=a.resolution,
         seed=a.seed, iters=a.iters, rmse=f"{rmse:.5f}",
     )  # fmt: skip
     errors = ", ".join(f"{k} {v:.4f} ({v * 255:.2f}/255)" for k, v in report.items())
     print(f"palette of {a.k} colours from {len(pixels):,} pixels of {n_images:,} images -> {path}")
     print(f"round-trip RMSE per channel: {errors}")
+    print(f"use it: tools/pretrain.py ... igpt.palette={path} igpt.num_colors={a.k}")
     return 0
 
 

@@ -14,23 +14,20 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from mmssl import build
-from mmssl.checkpoints import CheckpointError
-from mmssl.eval.features import fingerprint, split_features
-from mmssl.eval.knn import SETTINGS, knn_accuracy
+from mmssl.cli import is_program
 
 
-def main(argv: list[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("encoder", help="Lightning .ckpt, exported .safetensors, or exported folder")
     parser.add_argument("--train", required=True, help="labelled memory bank: shards, image folder, demo:X/Y")
     parser.add_argument("--val", required=True, help="labelled queries")
-    parser.add_argument("--k", type=int, nargs="+", default=[k for k, _ in SETTINGS])
-    parser.add_argument("--t", type=float, nargs="+", default=[t for _, t in SETTINGS], help="one per --k")
+    parser.add_argument("--k", type=int, nargs="+", help="default: the k of mmssl.eval.knn.SETTINGS")
+    parser.add_argument(
+        "--t", type=float, nargs="+", help="one per --k (default: the T of mmssl.eval.knn.SETTINGS)"
+    )
     parser.add_argument("--pool", default="default", choices=("default", "cls", "avg"))
     parser.add_argument("--layer", type=int, default=-1)
     parser.add_argument("--img-size", type=int, default=None, help="default: the encoder's")
@@ -42,8 +39,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--random-init", action="store_true", help="the checkpoint's architecture, untrained")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    return parser
+
+
+if is_program(__name__):  # --help and usage errors answer before the heavy imports below
+    make_parser().parse_args()
+
+import torch  # noqa: E402
+
+from mmssl import build  # noqa: E402
+from mmssl.checkpoints import CheckpointError  # noqa: E402
+from mmssl.eval.features import fingerprint, split_features  # noqa: E402
+from mmssl.eval.knn import SETTINGS, bank_too_small, knn_accuracy  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
     args = parser.parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.k = args.k or [k for k, _ in SETTINGS]
+    args.t = args.t or [t for _, t in SETTINGS]
     if len(args.k) != len(args.t):
         print(
             f"error: --k has {len(args.k)} values but --t has {len(args.t)}; give one T per k",
@@ -64,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     (layer,) = bank.features
+    for k in args.k:
+        note = bank_too_small(k, len(bank.labels), "--k")
+        if note is not None:
+            print(f"{note} (--train)", file=sys.stderr)
     results = knn_accuracy(
         bank.features[layer],
         bank.labels,

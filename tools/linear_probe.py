@@ -4,6 +4,7 @@
         data.train_shards='/data/in1k/train-{000000..001023}.tar' data.val_shards='/data/in1k/val-{000000..000049}.tar'
     python tools/linear_probe.py exported/mae_vitb.safetensors --cfg linprobe_mae data.train_shards=/data/imagenet/train ...
     python tools/linear_probe.py CKPT --cfg linprobe_digits --random-init       # the same architecture, untrained
+    python tools/linear_probe.py --cfg linprobe_mae --print-config              # the protocol, resolved
 
 The encoder is a Lightning checkpoint from tools/pretrain.py, an exported ``.safetensors`` (with its ``.json``)
 or a Hugging Face-style folder (tools/export.py). Labelled data: shards with ``.cls`` members (``demo:`` sets
@@ -26,28 +27,41 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from mmssl import build
-from mmssl import config as C
-from mmssl.checkpoints import CheckpointError
-from mmssl.eval.features import fingerprint, probe_train_features, split_features
-from mmssl.eval.linear_probe import as_rows, best, markdown_table, train_probes
+from mmssl.cli import is_program
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("encoder", help="Lightning .ckpt, exported .safetensors, or exported folder")
+    parser.add_argument(
+        "encoder", nargs="?", help="Lightning .ckpt, exported .safetensors, or exported folder"
+    )
     parser.add_argument("--cfg", default="linprobe_mae", help="probe protocol: a file or a name in configs/")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved protocol and exit")
     parser.add_argument("--random-init", action="store_true", help="the checkpoint's architecture, untrained")
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="e.g. base_lrs=[0.1,0.3] layers=[-1]"
     )
-    return parser.parse_intermixed_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    if args.encoder is None and not args.print_config:
+        parser.error("the following arguments are required: encoder")
+    return args
+
+
+if is_program(__name__):  # --help and usage errors answer before the heavy imports below
+    parse_args(None)
+
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from mmssl import build  # noqa: E402
+from mmssl import config as C  # noqa: E402
+from mmssl.checkpoints import CheckpointError  # noqa: E402
+from mmssl.eval.features import fingerprint, probe_train_features, split_features  # noqa: E402
+from mmssl.eval.linear_probe import as_rows, best, markdown_table, train_probes  # noqa: E402
 
 
 def mode_text(cfg) -> str:
@@ -115,7 +129,11 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        if args.print_config:  # the protocol as YAML (configs/linprobe_*.yaml), no encoder or data needed
+            print(OmegaConf.to_yaml(C.load(args.cfg, args.overrides, schema=C.LinearProbeConfig)), end="")
+            return 0
         run(args)
     except (C.ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -15,13 +15,35 @@ import json
 import sys
 from collections.abc import Iterator
 
-import torch
-import webdataset as wds
-from tqdm import tqdm
+from mmssl.cli import is_program
 
-from mmssl.data.module import resolve_shards
-from mmssl.vlm.decoders import save_decoder, tiny_llama, word_tokenizer
-from mmssl.vlm.prompt import ASSISTANT, IMAGE_TOKEN, USER, VICUNA_SYSTEM
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--texts", required=True, help="shard spec whose .txt/.json text makes the vocabulary"
+    )
+    parser.add_argument("--out", required=True, help="output folder (transformers save_pretrained layout)")
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--max-positions", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+if is_program(__name__):  # --help and usage errors answer before the heavy imports below
+    make_parser().parse_args()
+
+import torch  # noqa: E402
+import webdataset as wds  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from mmssl.data.module import resolve_shards  # noqa: E402
+from mmssl.vlm.decoders import save_decoder, tiny_llama, word_tokenizer  # noqa: E402
+from mmssl.vlm.prompt import ASSISTANT, IMAGE_TOKEN, USER, VICUNA_SYSTEM  # noqa: E402
 
 
 def shard_texts(spec: str) -> Iterator[str]:
@@ -37,18 +59,7 @@ def shard_texts(spec: str) -> Iterator[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--texts", required=True, help="shard spec whose .txt/.json text makes the vocabulary"
-    )
-    parser.add_argument("--out", required=True, help="output folder (transformers save_pretrained layout)")
-    parser.add_argument("--hidden-size", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--max-positions", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = make_parser()
     args = parser.parse_args(argv)
     try:
         texts = [*shard_texts(args.texts), USER, ASSISTANT, VICUNA_SYSTEM]

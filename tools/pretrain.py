@@ -18,17 +18,34 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import sys
+import warnings
 from pathlib import Path
 
-import lightning.pytorch as L
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import OmegaConf
+from mmssl.cli import is_program
 
-from mmssl import build, launch
-from mmssl import config as C
+# Known noise of Lightning 2.6 on torch 2.14, each harmless for mmssl's runs (issue 19): silenced by exact
+# message, so any other warning still shows.
+NOISY_WARNINGS = (
+    # Lightning's own _pytree.py builds torch's deprecated LeafSpec on every batch transfer (not our call)
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+    # the shard pipeline gives every worker its own equal share, so its __len__ is exact (data/module.py)
+    (UserWarning, r"Your `IterableDataset` has `__len__` defined"),
+)
 
-EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a job killed by the signal
+
+class _NoTips(logging.Filter):
+    """Drops Lightning's advertising ("💡 Tip: ... try installing litlogger / litmodels")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def quiet_lightning() -> None:
+    for category, message in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message, category)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTips())
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,6 +72,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+if is_program(__name__):  # --help and usage errors answer before the heavy imports below
+    parse_args(None)
+
+import lightning.pytorch as L  # noqa: E402
+from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from mmssl import build, launch  # noqa: E402
+from mmssl import config as C  # noqa: E402
+
+EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a job killed by the signal
+
+
 def count_parameters(model) -> tuple[int, int]:
     params = list(model.parameters())
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
@@ -66,6 +96,8 @@ def print_config(cfg) -> int:
         with contextlib.redirect_stdout(sys.stderr):  # whatever building prints stays out of the YAML
             total, trainable = count_parameters(build.build_objective(cfg))
         count = f"# {cfg.objective} objective: {total:,} parameters ({trainable:,} trainable)"
+    except C.ConfigError:  # a value no run can use (e.g. backbone.img_size): refused as at the start of a run
+        raise
     except Exception as e:  # a missing decoder or weights file must not stop the printing
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         count = f"# parameters: not counted ({type(e).__name__}: {reason})"
@@ -96,6 +128,7 @@ def checkpoint_to_resume(resume: str | None, out: Path) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_lightning()
     try:
         cfg = launch.configure(C.load(args.cfg, args.overrides))
     except (C.ConfigError, FileNotFoundError) as e:
@@ -103,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if args.print_config:
-        return print_config(cfg)
+        try:
+            return print_config(cfg)
+        except C.ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     try:
         C.validate_machine(
             cfg
@@ -134,12 +171,12 @@ def train(cfg, out: Path, ckpt: Path | None) -> int:
     last = out / "checkpoints" / "last.ckpt"
     # The same seed on every rank, so every rank builds the same initial weights; from the first training step
     # on, PretrainModule reseeds per (seed, rank, step) so each rank draws its own masks (lit.py).
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in config.yaml
     try:
         C.validate_machine(cfg)  # e.g. trainer.strategy=fsdp without CUDA GPUs, before any model or data work
         datamodule = build.build_datamodule(cfg)
         plan = build.plan(cfg, datamodule)
-        module = build.build_module(cfg, plan)  # backbone.weights are read here
+        module = build.build_module(cfg, plan)  # backbone.weights are read here; whole patches checked
     except (C.ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -167,7 +204,28 @@ def train(cfg, out: Path, ckpt: Path | None) -> int:
             file=sys.stderr,
         )
         return EXIT_SIGTERM
+    if trainer.is_global_zero:
+        print(closing_summary(cfg, out, trainer))
     return 0
+
+
+def closing_summary(cfg, out: Path, trainer: L.Trainer) -> str:
+    """Where a finished run's results went (printed last, so it is what a user sees)."""
+    ckpts = out / "checkpoints"
+    steps = sorted(p.name for p in ckpts.glob("step*.ckpt"))
+    lines = [f"mmssl: finished at step {trainer.global_step}; results in {out}/"]
+    lines.append(f"  checkpoint  {ckpts / 'last.ckpt'}" + (f" (and {', '.join(steps)})" if steps else ""))
+    lines.append(f"  config      {out / 'config.yaml'}")
+    if trainer.logger is not None and trainer.logger.log_dir:
+        lines.append(f"  metrics     {Path(trainer.logger.log_dir) / 'metrics.csv'}")
+    pictures = sorted((out / "pictures").glob("*.png"))
+    if pictures:
+        last = "final.png" if (out / "pictures" / "final.png").is_file() else pictures[-1].name
+        files = f"{len(pictures)} file" + "s" * (len(pictures) > 1)
+        lines.append(f"  pictures    {out / 'pictures'}/ ({files}, the last: {last})")
+    if build.spec_of(cfg).save_parts is not None:  # files other tools load without Lightning (build_trainer)
+        lines.append(f"  parts       {out / cfg.objective}/")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from mmssl import build
-from mmssl.data.module import resolve_shards
-from mmssl.data.shards import SampleDecoder, eval_pipeline, read_manifest
-from mmssl.data.transforms import CaptionTokens
-from mmssl.eval.zero_shot import embed, retrieval_recall, zero_shot_accuracy, zero_shot_classifier
+from mmssl.cli import is_program
 
 TEMPLATES = {
     # CLIP's prompt "a photo of a {label}." (§3.1.4) and two plain variants
@@ -53,9 +47,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-workers", type=int, default=1)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--json", help="where to write the results (default: beside the checkpoint)")
     return parser.parse_args(argv)
+
+
+if is_program(__name__):  # --help and usage errors answer before the heavy imports below
+    parse_args(None)
+
+import torch  # noqa: E402
+
+from mmssl import build  # noqa: E402
+from mmssl.data.module import resolve_shards  # noqa: E402
+from mmssl.data.shards import SampleDecoder, eval_pipeline, read_manifest  # noqa: E402
+from mmssl.data.transforms import CaptionTokens  # noqa: E402
+from mmssl.eval.zero_shot import embed, retrieval_recall, zero_shot_accuracy, zero_shot_classifier  # noqa: E402
 
 
 def load_objective(path: str | Path):
@@ -162,6 +168,7 @@ def table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         results = evaluate(args)
     except (FileNotFoundError, ValueError) as e:

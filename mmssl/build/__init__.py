@@ -9,6 +9,7 @@ Shared code asks an objective's spec, never its name. Nothing in mmssl imports t
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from datetime import timedelta
@@ -17,8 +18,8 @@ from pathlib import Path
 import lightning.pytorch as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 from torch import nn
 
@@ -37,24 +38,36 @@ from mmssl.build.objectives import (
     build_views,
     load_encoder,
     objective_from_checkpoint,
+    objective_from_config,
+    read_run,
     spec_of,
 )
+from mmssl.build.precision import resolve_precision
 from mmssl.build.spec import ObjectiveSpec
 from mmssl.callbacks import LastCheckpoint, RankReport, SaveParts
 from mmssl.data.module import ShardDataModule, resolve_shards
-from mmssl.data.shards import SampleDecoder
+from mmssl.data.shards import SampleDecoder, count_samples
 from mmssl.data.transforms import CaptionTokens, eval_view
+from mmssl.eval.knn import bank_too_small
 from mmssl.eval.online import KNNMonitor, OnlineLinearProbe
 from mmssl.lit import PretrainModule
+from mmssl.loggers import make_loggers
 from mmssl.throughput import ThroughputLogger
 from mmssl.viz import PictureCallback
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "OBJECTIVES", "ObjectiveSpec", "Plan", "block_classes", "build_backbone", "build_datamodule", "build_module",
     "build_objective", "build_tokenizer", "build_trainer", "build_views", "encoder_info", "eval_callbacks",
-    "fsdp_kwargs", "fsdp_strategy", "img_size", "load_encoder", "objective_from_checkpoint", "plan", "run_dir",
-    "spec_of",
+    "fsdp_kwargs", "fsdp_strategy", "img_size", "load_encoder", "objective_from_checkpoint",
+    "objective_from_config", "plan", "read_run", "run_dir", "spec_of",
 ]  # fmt: skip
+
+
+# PretrainModule.load_from_checkpoint(path) rebuilds the objective from the checkpoint's run config through this
+# factory: lit.py may not import build (DESIGN.md §3), so build hands it over when it is imported.
+PretrainModule.objective_factory = staticmethod(objective_from_config)
 
 
 def build_datamodule(cfg: DictConfig) -> ShardDataModule:
@@ -105,7 +118,8 @@ class Plan:
 def plan(cfg: DictConfig, datamodule: ShardDataModule) -> Plan:
     world = C.world_size(cfg)
     per_epoch = datamodule.steps_per_epoch(world, cfg.trainer.accumulate_grad_batches)
-    total = cfg.trainer.max_steps or cfg.trainer.max_epochs * per_epoch
+    steps = cfg.trainer.max_steps  # None: whole epochs (config.validate refuses 0 and negatives)
+    total = steps if steps is not None else cfg.trainer.max_epochs * per_epoch
     warmup = cfg.optim.warmup_steps
     if warmup is None:
         warmup = round(cfg.optim.warmup_epochs * per_epoch)
@@ -163,10 +177,14 @@ def eval_callbacks(cfg: DictConfig) -> list[L.Callback]:
     if e.online_probe:
         callbacks.append(OnlineLinearProbe(e.num_classes, lr=e.online_lr))
     if e.knn_every_n_epochs:
+        bank = resolve_shards(e.knn_train_shards, "eval.knn_train_shards")
+        note = bank_too_small(e.knn_k, count_samples(bank) or math.inf, "eval.knn_k")  # manifest count
+        if note is not None:
+            log.warning("%s (eval.knn_train_shards)", note)
         view = eval_view(img_size(cfg), interpolation=d.interpolation, mean=tuple(d.mean), std=tuple(d.std))
         callbacks.append(
             KNNMonitor(
-                resolve_shards(e.knn_train_shards, "eval.knn_train_shards"),
+                bank,
                 resolve_shards(e.knn_val_shards, "eval.knn_val_shards"),
                 view,
                 every_n_epochs=e.knn_every_n_epochs,
@@ -182,6 +200,8 @@ def eval_callbacks(cfg: DictConfig) -> list[L.Callback]:
 def build_trainer(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) -> L.Trainer:
     """``objective`` (the one being trained) is needed by trainer.strategy=fsdp: its blocks become the units."""
     t, out = cfg.trainer, run_dir(cfg)
+    precision, why = resolve_precision(t.precision, t.accelerator)
+    rank_zero_only(print)(f"mmssl: precision {precision} ({why})")
     ckpt_dir = out / "checkpoints"
     strategy = _strategy(cfg, objective)
     # Pictures are drawn on rank 0 outside the training step, where FSDP holds only shards of the weights.
@@ -214,7 +234,7 @@ def build_trainer(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) 
         devices=t.devices,
         num_nodes=t.num_nodes,
         strategy=strategy,
-        precision=t.precision,
+        precision=precision,
         max_steps=p.total_steps,
         max_epochs=math.ceil(p.total_steps / p.steps_per_epoch),
         accumulate_grad_batches=t.accumulate_grad_batches,
@@ -224,8 +244,10 @@ def build_trainer(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) 
         limit_val_batches=None if cfg.data.val_shards else 0,
         use_distributed_sampler=False,  # shards are split by the pipeline itself
         num_sanity_val_steps=0,
+        enable_model_summary=False,  # tools/pretrain.py prints the parameter count in its opening line
         sync_batchnorm=t.sync_batchnorm,
-        logger=CSVLogger(out, name="logs"),  # logs/version_N: a resumed run keeps earlier metrics
+        logger=make_loggers(t.loggers, out, cfg.name),  # logs/version_N: a resumed run keeps earlier metrics
+        enable_progress_bar=t.progress_bar,
         callbacks=callbacks,
         default_root_dir=out,
         plugins=_cluster_plugins(),

@@ -10,7 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from mmssl import config as C
-from mmssl.backbones import Backbone, create_backbone
+from mmssl.backbones import Backbone, ViTBackbone, create_backbone
 from mmssl.checkpoints import CheckpointError, load_state_checked, strip_prefix
 
 
@@ -25,12 +25,32 @@ def build_backbone(cfg: DictConfig) -> Backbone:
         num_heads=b.num_heads,
         drop_path_rate=b.drop_path_rate or None,
     )
+    if isinstance(backbone, ViTBackbone):
+        _check_patches(cfg, backbone)
     if b.grad_checkpointing:
         try:  # timm's own switch; ViTBackbone.encode honours it too
             backbone.model.set_grad_checkpointing(True)
         except AssertionError as e:  # timm models without it assert "gradient checkpointing not supported"
             raise C.ConfigError(f"config key 'backbone.grad_checkpointing': {b.name}: {e}") from None
     return backbone
+
+
+def _check_patches(cfg: DictConfig, vit: ViTBackbone) -> None:
+    """A ViT cuts its input into whole patches: timm's strided patch embedding would silently drop the pixels
+    past the last whole patch, and patch targets (objectives/masked.py) cannot be cut at all; and it takes
+    only the image size it was built for (a fixed position embedding)."""
+    b, patch = cfg.backbone, vit.patch_size
+    if b.img_size % patch:
+        fits = f"{b.img_size - b.img_size % patch} or {b.img_size - b.img_size % patch + patch}"
+        raise C.ConfigError(
+            f"config key 'backbone.img_size': {b.img_size} is not a multiple of the patch size {patch} of "
+            f"{b.name} (backbone.patch_size); use e.g. {fits}"
+        )
+    if img_size(cfg) != b.img_size:
+        raise C.ConfigError(
+            f"config key 'data.img_size': {cfg.data.img_size}, but the ViT is built for backbone.img_size="
+            f"{b.img_size} (its position embedding has that many patches); leave data.img_size unset"
+        )
 
 
 def img_size(cfg: DictConfig) -> int:

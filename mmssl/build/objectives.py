@@ -8,10 +8,12 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from mmssl import config as C
 from mmssl.backbones import Backbone
+from mmssl.build.compose import compose_objective, compose_spec, compose_views
 from mmssl.build.encoders import (
     build_backbone,
     checkpoint_config,
@@ -19,6 +21,7 @@ from mmssl.build.encoders import (
     img_size,
     trained_encoder,
 )
+from mmssl.build.exports import IMAGE_GPT, LLAVA, VIT_MAE, open_clip_format
 from mmssl.build.spec import ObjectiveSpec
 from mmssl.checkpoints import (
     CheckpointError,
@@ -48,28 +51,42 @@ from mmssl.objectives.clip import (
 )
 from mmssl.objectives.igpt import ImageGPT
 from mmssl.objectives.masked import MaskedModeling, mae
+from mmssl.objectives.siglip import siglip
 from mmssl.objectives.simclr import SimCLR
 from mmssl.sequence import SequenceTransformer
 from mmssl.targets.hog import HOGTarget
+from mmssl.targets.multi import MultiTarget
 from mmssl.targets.palette import Palette
+from mmssl.targets.pixels import PixelTarget
 from mmssl.vlm.decoders import load_decoder
 from mmssl.vlm.llava import LLaVA
-from mmssl.vlm.parts import MANIFEST, load_vision_tower, save_parts
+from mmssl.vlm.parts import MANIFEST, load_parts, load_vision_tower, save_parts
 from mmssl.vlm.projector import Projector, load_projector
 from mmssl.vlm.prompt import PromptEncoder
 from mmssl.vlm.vision import VisionTower, create_encoder
 
 
+def _mask_key(key: str, make):
+    """``make()``, with MaskedModeling's mask-ratio refusal (a ValueError) as a ConfigError naming ``key``."""
+    try:
+        return make()
+    except ValueError as e:
+        if not str(e).startswith("mask_ratio="):
+            raise
+        raise C.ConfigError(f"config key '{key}': {e} (backbone.img_size / patch size)") from None
+
+
 def _mae(cfg: DictConfig) -> nn.Module:
     m = cfg.mae
-    return mae(
-        build_backbone(cfg),
+    backbone = build_backbone(cfg)
+    return _mask_key("mae.mask_ratio", lambda: mae(
+        backbone,
         mask_ratio=m.mask_ratio,
         norm_pix_loss=m.norm_pix_loss,
         decoder_embed_dim=m.decoder_embed_dim,
         decoder_depth=m.decoder_depth,
         decoder_num_heads=m.decoder_num_heads,
-    )
+    ))  # fmt: skip
 
 
 def _timm_spec(cfg: DictConfig) -> dict:
@@ -135,7 +152,8 @@ def _llava(cfg: DictConfig) -> nn.Module:
     return LLaVA(vision, projector, decoder, prompt, train_decoder=o.train_decoder, image_processing=image)
 
 
-def _clip(cfg: DictConfig) -> nn.Module:
+def _clip_towers(cfg: DictConfig) -> tuple[nn.Module, nn.Module, float]:
+    """(image tower, text tower, initial logit scale) from the ``clip`` section (CLIP's, SigLIP's)."""
     c = cfg.clip
     text_cfg, vision_cfg = OmegaConf.to_container(c.text_cfg), OmegaConf.to_container(c.vision_cfg)
     scale = 1 / c.init_temperature
@@ -158,20 +176,61 @@ def _clip(cfg: DictConfig) -> nn.Module:
         if c.backbone_weights:
             load_backbone_weights(backbone, c.backbone_weights, "clip.backbone_weights")
         image_tower = backbone  # + a linear projection into the text tower's joint space, in CLIP
-    return CLIP(image_tower, text_tower, logit_scale=scale, max_logit_scale=c.max_logit_scale)
+    return image_tower, text_tower, scale
+
+
+def _clip(cfg: DictConfig) -> nn.Module:
+    c = cfg.clip
+    image_tower, text_tower, scale = _clip_towers(cfg)
+    return CLIP(
+        image_tower,
+        text_tower,
+        logit_scale=scale,
+        max_logit_scale=c.max_logit_scale,
+        image_mask_ratio=c.image_mask_ratio,
+    )
+
+
+def _siglip(cfg: DictConfig) -> nn.Module:
+    c, s = cfg.clip, cfg.siglip
+    image_tower, text_tower, _ = _clip_towers(cfg)  # a pretrained CLIP's softmax temperature is not SigLIP's
+    return siglip(
+        image_tower,
+        text_tower,
+        logit_scale=s.init_logit_scale,
+        logit_bias=s.init_logit_bias,
+        max_logit_scale=c.max_logit_scale,
+        image_mask_ratio=c.image_mask_ratio,
+    )
+
+
+def _open_clip_config(cfg: DictConfig) -> dict:
+    """The open_clip model config of a CLIP run (its export format, ``build/exports.py``)."""
+    from mmssl.interop.openclip import tower_configs
+
+    c = cfg.clip
+    return tower_configs(
+        c.model, text_cfg=dict(c.text_cfg), vision_cfg=dict(c.vision_cfg), embed_dim=c.embed_dim,
+        image_size=img_size(cfg),
+    )  # fmt: skip
 
 
 def _maskfeat(cfg: DictConfig) -> nn.Module:
     m = cfg.maskfeat
     backbone = build_backbone(cfg)  # learned position embedding, timm's trunc-normal init (as SlowFast's ViT)
-    target = HOGTarget(
+    hog = HOGTarget(
         backbone.patch_size,
         cell_size=m.cell_size,
         nbins=m.nbins,
         gradient=m.gradient,
         gaussian_window=m.gaussian_window,
     )
-    return MaskedModeling(  # the default linear head on every patch token
+    # pixel: the patch's colours as the network sees them (dataset-normalised, no per-patch normalisation), our
+    # reading of MaskFeat's pixel-colour target (§4.1, Table 1)
+    made = {"hog": hog, "pixel": PixelTarget(backbone.patch_size, normalize=False)}
+    targets = {name: made[name] for name in m.targets}
+    target = targets[m.targets[0]] if len(targets) == 1 else MultiTarget(targets)
+    return _mask_key("maskfeat.mask_ratio", lambda: MaskedModeling(  # the default linear head on every patch token
         backbone,
         target,
         mask="block",
@@ -179,7 +238,7 @@ def _maskfeat(cfg: DictConfig) -> nn.Module:
         min_block=m.min_block,
         min_aspect=m.min_aspect,
         decay_mask_token=m.mask_token_weight_decay,
-    )
+    ))  # fmt: skip
 
 
 def _simclr(cfg: DictConfig) -> nn.Module:
@@ -189,6 +248,7 @@ def _simclr(cfg: DictConfig) -> nn.Module:
         s.proj_hidden_dim or backbone.embed_dim,  # SimCLR §2.1: the hidden layer as wide as h
         s.proj_out_dim,
         num_layers=s.proj_num_layers,
+        last_bn=s.proj_last_bn,
     )
     return SimCLR(
         backbone,
@@ -262,8 +322,10 @@ def _clip_views(cfg: DictConfig):
 def _simclr_views(cfg: DictConfig):
     # Validation draws the same two random views of held-out images, so val/loss is the same quantity.
     d, s = cfg.data, cfg.simclr
+    scale = tuple(s.crop_scale if s.crop_scale is not None else d.crop_scale)
+    hflip = s.hflip if s.hflip is not None else d.hflip
     view = simclr_view(
-        img_size(cfg), tuple(d.crop_scale), d.interpolation, d.hflip, color_jitter=s.color_jitter,
+        img_size(cfg), scale, d.interpolation, hflip, color_jitter=s.color_jitter,
         blur_p=s.blur_p, mean=tuple(d.mean), std=tuple(d.std),
     )  # fmt: skip
     return view, view
@@ -282,10 +344,22 @@ def _clip_tokenizer(cfg: DictConfig):
     return clip_tokenizer(cfg.clip.model, cfg.clip.text_cfg.get("context_length"))
 
 
+def _compose(cfg: DictConfig) -> nn.Module:
+    return compose_objective(cfg, cfg.compose.objectives, OBJECTIVES, "compose.objectives")
+
+
+def _compose_views(cfg: DictConfig):
+    return compose_views(cfg, cfg.compose.objectives, OBJECTIVES, "compose.objectives")
+
+
+def _compose_spec(cfg: DictConfig) -> ObjectiveSpec:
+    return compose_spec(cfg.compose.objectives, OBJECTIVES, "compose.objectives", _compose, _compose_views)
+
+
 # The build table: one spec per objective (spec.py says what each field means). Adding an objective adds its
 # builder and views above and one entry here, its config section (config/objectives.py) and its recipe.
 OBJECTIVES: dict[str, ObjectiveSpec] = {
-    "mae": ObjectiveSpec(_mae, _mae_views),
+    "mae": ObjectiveSpec(_mae, _mae_views, exports={"vitmae": VIT_MAE}),
     "llava": ObjectiveSpec(
         _llava,
         _llava_views,
@@ -294,6 +368,8 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
         save_parts=save_parts,
         # LLaVA's chat stage trains on text-only conversations too (part of the 665K mix); a caption needs its picture
         image_optional=lambda cfg: cfg.llava.conversation == "chat",
+        exports={"llava": LLAVA},
+        load_parts=load_parts,
     ),
     "clip": ObjectiveSpec(
         _clip,
@@ -301,6 +377,7 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
         text="tokens",
         tokenizer=_clip_tokenizer,
         weight_files=("clip.pretrained", "clip.backbone_weights"),
+        exports={"open_clip": open_clip_format(_open_clip_config)},
     ),
     # RandomResizedCrop(data.crop_scale: 0.5-1 for MaskFeat) + flip, as MAE's
     "maskfeat": ObjectiveSpec(_maskfeat, _mae_views),
@@ -313,12 +390,24 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
         timm_encoder=False,
         weight_files=("igpt.palette",),
         data_buffers=("palette.",),
+        exports={"imagegpt": IMAGE_GPT},
     ),
+    # CLIP's towers, views and tokenizer (the clip section) with the sigmoid loss
+    "siglip": ObjectiveSpec(
+        _siglip,
+        _clip_views,
+        text="tokens",
+        tokenizer=_clip_tokenizer,
+        weight_files=("clip.pretrained", "clip.backbone_weights"),
+    ),
+    # several objectives on one encoder (SLIP: clip + simclr); text, weight files... are the parts'
+    "compose": ObjectiveSpec(_compose, _compose_views, resolve=_compose_spec),
 }
 
 
 def spec_of(cfg: DictConfig) -> ObjectiveSpec:
-    return OBJECTIVES[cfg.objective]
+    spec = OBJECTIVES[cfg.objective]
+    return spec if spec.resolve is None else spec.resolve(cfg)
 
 
 def build_objective(cfg: DictConfig) -> nn.Module:
@@ -335,7 +424,7 @@ def encoder_weights(path: str | Path, where: str) -> dict[str, torch.Tensor]:
     or a plain timm state dict (``checkpoints.read_encoder_weights``)."""
     if not str(path).endswith(".ckpt") or C.is_hub_name(str(path)):
         return read_encoder_weights(path, where)
-    ckpt, cfg, spec = _read(path)
+    ckpt, cfg, spec = read_run(path)
     state = strip_prefix(ckpt["state_dict"], f"objective.{spec.encoder}.model.") if spec.timm_encoder else {}
     if spec.encoder is None or not state:
         raise CheckpointError(
@@ -393,15 +482,29 @@ def build_tokenizer(cfg: DictConfig):
     return spec.tokenizer(cfg)
 
 
-def _read(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict, DictConfig, ObjectiveSpec]:
+def read_run(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict, DictConfig, ObjectiveSpec]:
     """(checkpoint, its run config, its objective's spec); the config's ``weight_files`` keys are reset to
     null: the checkpoint's weights hold what those files provided, and they need not exist here."""
     ckpt = read_checkpoint(path)
-    spec = OBJECTIVES.get(ckpt["hyper_parameters"]["config"].get("objective", C.Config.objective))
     # backbone.weights: the run's starting point, already inside the checkpoint's weights
-    reset = ("backbone.weights", *(spec.weight_files if spec is not None else ()))
+    try:  # the spec of the config as saved, not yet validated (a composition's weight files are its parts')
+        raw = OmegaConf.merge(OmegaConf.structured(C.Config), ckpt["hyper_parameters"]["config"])
+        reset = ("backbone.weights", *spec_of(raw).weight_files)
+    except (OmegaConfBaseException, C.ConfigError, KeyError):
+        reset = ("backbone.weights",)  # the config check below names what is wrong
     cfg = checkpoint_config(path, ckpt, overrides, reset)
     return ckpt, cfg, spec_of(cfg)
+
+
+def objective_from_config(config: dict, source: str = "given to PretrainModule") -> nn.Module:
+    """A freshly built objective from a checkpoint's saved run config (``hyper_parameters.config``), before its
+    weights are loaded; its spec's ``weight_files`` are reset as for :func:`objective_from_checkpoint`.
+    ``PretrainModule.load_from_checkpoint(path)``'s factory (installed by ``mmssl.build``: lit.py may not
+    import build)."""
+    spec = OBJECTIVES.get(config.get("objective", C.Config.objective))
+    ckpt = {"hyper_parameters": {"config": config}}
+    cfg = checkpoint_config(source, ckpt, (), spec.weight_files if spec is not None else ())
+    return spec_of(cfg).build(cfg)
 
 
 def objective_from_checkpoint(
@@ -410,7 +513,7 @@ def objective_from_checkpoint(
     """(the objective of a pretraining checkpoint in eval mode, its run config): config and weights from the
     file, ``key=value`` ``overrides`` on top. ``random_init``: the same architecture at its own (seeded)
     initialisation, keeping only the checkpoint's ``data_buffers`` (an iGPT palette): the baseline of a probe."""
-    ckpt, cfg, spec = _read(path, overrides)
+    ckpt, cfg, spec = read_run(path, overrides)
     return _rebuild(path, ckpt, cfg, spec, random_init, seed), cfg
 
 
@@ -441,7 +544,7 @@ def load_encoder(path: str | Path, random_init: bool = False, seed: int = 0) -> 
                 f"{path}: random_init needs a Lightning checkpoint (.ckpt), which holds the config"
             )
         return load_exported(path)
-    ckpt, cfg, spec = _read(path)
+    ckpt, cfg, spec = read_run(path)
     if spec.encoder is None:
         raise CheckpointError(
             f"checkpoint {path}: the {cfg.objective!r} objective trains no image encoder to evaluate or export"

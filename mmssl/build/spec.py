@@ -5,13 +5,14 @@ spec; none of them compares objective names.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig
 from torch import nn
 
+from mmssl.build.exports import ExportFormat
 from mmssl.data.transforms import View
 
 # How an objective reads the captions of image-text shards (``.txt``), i.e. which batch key it needs
@@ -46,6 +47,14 @@ class ObjectiveSpec:
       parameters are shards.
     * ``image_optional(cfg)``: whether this config trains on samples without a picture (LLaVA's chat stage: the
       665K mix holds text-only conversations, trained on without image tokens); None: every sample needs one.
+    * ``exports``: format name -> :class:`ExportFormat` (``exports.py``), the whole-objective formats
+      ``tools/export.py`` writes for it (into ``PREFIX_<name>/``), besides the encoder formats (timm, hf, vit)
+      every objective with an ``encoder`` gets. A writer still refuses, naming the setting, a configuration its
+      format cannot express (``interop.Unsupported``).
+    * ``load_parts(folder) -> nn.Module``: the inverse of ``save_parts`` (the objective, without Lightning,
+      from a folder it wrote), so that ``tools/export.py`` exports such a folder too; or None.
+    * ``resolve(cfg) -> ObjectiveSpec``: for an entry whose text handling, weight files... depend on its config
+      (a composition: its parts'); ``build.spec_of(cfg)`` returns the resolved spec. None: this spec as it is.
     """
 
     build: Callable[[DictConfig], nn.Module]
@@ -58,6 +67,9 @@ class ObjectiveSpec:
     data_buffers: tuple[str, ...] = ()
     save_parts: Callable[[nn.Module, Path, dict], object] | None = None
     image_optional: Callable[[DictConfig], bool] | None = None
+    exports: Mapping[str, ExportFormat] = field(default_factory=dict)
+    load_parts: Callable[[Path], nn.Module] | None = None
+    resolve: Callable[[DictConfig], ObjectiveSpec] | None = None
 
     def __post_init__(self) -> None:
         if self.text not in TEXT_KINDS:

@@ -7,6 +7,7 @@ the constructor argument names they feed (see ``mmssl/build/``).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -18,10 +19,12 @@ from omegaconf.errors import OmegaConfBaseException
 from mmssl.config.checks import Check
 from mmssl.config.objectives import (  # per-objective sections, each with its own checks
     CLIPConfig,
+    ComposeConfig,
     IGPTConfig,
     LlavaConfig,
     MAEConfig,
     MaskFeatConfig,
+    SigLIPConfig,
     SimCLRConfig,
 )
 from mmssl.config.paths import CONFIG_DIR, HUB_REFUSED, is_hub_name
@@ -29,7 +32,14 @@ from mmssl.config.paths import find_file as find_file  # re-exported: C.find_fil
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed")  # auto: build/precision.py
+# trainer.loggers: name -> (packages, any one of which the logger needs; the pip extra installing it)
+LOGGERS: dict[str, tuple[tuple[str, ...], str]] = {
+    "csv": ((), ""),
+    "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
+    "wandb": (("wandb",), "wandb"),
+    "mlflow": (("mlflow",), "mlflow"),
+}
 # torch.distributed.fsdp.ShardingStrategy names (what Lightning's FSDPStrategy(sharding_strategy=) takes)
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
 # Optimizers whose update uses each whole tensor's norm (LARS/LAMB trust ratio): FSDP hands them shards
@@ -111,12 +121,14 @@ class FSDPConfig:
 @dataclass
 class TrainerConfig:
     max_epochs: int = 800
-    max_steps: int | None = None  # None: max_epochs x steps per epoch
+    # optimizer steps of the whole run (the lr schedule ends there); None: max_epochs x steps per epoch. Not
+    # Lightning's max_steps: its -1 ("unlimited") has no meaning here, since warmup-cosine needs an end
+    max_steps: int | None = None
     accelerator: str = "auto"
     devices: Any = "auto"  # int or "auto"
     num_nodes: int = 1
     strategy: str = "auto"  # auto | ddp | ddp_spawn | fsdp
-    precision: str = "bf16-mixed"
+    precision: str = "auto"  # bf16-mixed where the GPU / CPU has native bf16, else 32-true
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None
     log_every_n_steps: int = 50
@@ -127,6 +139,9 @@ class TrainerConfig:
     ddp_timeout_s: int = 1800
     sync_batchnorm: bool = False
     compile: bool = False  # torch.compile the objective's forward (Module.compile: state-dict keys unchanged)
+    # experiment loggers, any of csv | tensorboard | wandb | mlflow (mmssl/loggers.py; the last three need extras)
+    loggers: list[str] = field(default_factory=lambda: ["csv"])
+    progress_bar: bool = True  # Lightning's progress bar (off for batch jobs whose logs are files)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
 
@@ -162,6 +177,8 @@ class Config:
     maskfeat: MaskFeatConfig = objective_section(MaskFeatConfig)
     simclr: SimCLRConfig = objective_section(SimCLRConfig)
     igpt: IGPTConfig = objective_section(IGPTConfig)
+    siglip: SigLIPConfig = objective_section(SigLIPConfig)
+    compose: ComposeConfig = objective_section(ComposeConfig)
 
 
 @dataclass
@@ -210,8 +227,25 @@ def objective_names() -> list[str]:
 
 
 def active_objectives(cfg: DictConfig) -> list[str]:
-    """The objective sections a run uses (their checks apply in full; --print-config shows only these)."""
-    return [cfg.objective]
+    """The objective sections a run uses (their checks apply in full; --print-config shows only these): the
+    ``objective`` and, through each section's optional ``uses(section) -> names``, the sections it builds on
+    (a composition's parts, the CLIP towers of SigLIP), recursively."""
+    classes = {f.name: f.default_factory for f in fields(Config) if f.metadata.get("objective")}
+    used: list[str] = []
+    todo = [("objective", cfg.objective)]
+    while todo:
+        key, name = todo.pop(0)
+        if name not in classes:
+            raise ConfigError(f"config key '{key}': {name!r} is not an objective; known: {sorted(classes)}")
+        if name in used:
+            continue
+        used.append(name)
+        uses = getattr(classes[name], "uses", None)
+        for part in uses(cfg[name]) if uses is not None else ():
+            if part == name:
+                raise ConfigError(f"config key '{name}': an objective cannot use itself ({name!r})")
+            todo.append((name, part))
+    return used
 
 
 def resolve_path(name: str) -> Path:
@@ -238,7 +272,9 @@ def load(
     merged = OmegaConf.structured(schema)
     if cfg:
         path = resolve_path(cfg)
-        merged = _merge(merged, OmegaConf.load(path), f"config file {path}")
+        delta = OmegaConf.load(path)
+        _check_tool(delta, schema, path)
+        merged = _merge(merged, delta, f"config file {path}")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.base_lr=3e-4")
@@ -248,6 +284,27 @@ def load(
     elif schema is LinearProbeConfig:
         validate_probe(merged)
     return merged
+
+
+def _tools() -> dict[type, str]:
+    """Each config schema and the tool that reads its recipes (``configs/`` holds both kinds)."""
+    return {Config: "tools/pretrain.py", LinearProbeConfig: "tools/linear_probe.py"}
+
+
+def _check_tool(delta: Any, schema: type, path: Path) -> None:
+    """A recipe of another tool (``linprobe_*.yaml`` given to pretrain.py, say) is refused, naming its tool."""
+    if not isinstance(delta, DictConfig):
+        return
+    keys = set(delta.keys())
+    if keys <= {f.name for f in fields(schema)}:
+        return
+    for other, tool in _tools().items():
+        if other is not schema and keys <= {f.name for f in fields(other)}:
+            raise ConfigError(
+                f"config file {path}: a recipe for {tool}, not for {_tools()[schema]} (keys "
+                f"{', '.join(sorted(keys - {f.name for f in fields(schema)}))}); use "
+                f"python {tool} --cfg {path.stem} (add --print-config to print it)"
+            )
 
 
 def from_dict(values: dict, source: str = "checkpoint config") -> DictConfig:
@@ -293,8 +350,17 @@ def _check_core(cfg: DictConfig, check: Check) -> None:
     check(len(cfg.data.mean) == 3 and len(cfg.data.std) == 3, "data.mean", "mean and std need 3 values")
     check(cfg.trainer.precision in PRECISIONS, "trainer.precision", f"must be one of {PRECISIONS}")
     check(cfg.trainer.max_epochs > 0, "trainer.max_epochs", "must be > 0")
+    check(
+        cfg.trainer.max_steps is None or cfg.trainer.max_steps > 0,
+        "trainer.max_steps",
+        "must be > 0, or null for trainer.max_epochs x steps per epoch (Lightning's -1, 'unlimited', has no "
+        "meaning here: the lr schedule needs an end)",
+    )
+    spe = cfg.data.samples_per_epoch
+    check(spe is None or spe >= 1, "data.samples_per_epoch", "must be >= 1, or null to read the manifest")
     check(cfg.trainer.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", "must be >= 1")
     check(cfg.trainer.ckpt_every_n_steps > 0, "trainer.ckpt_every_n_steps", "must be > 0")
+    check_loggers(cfg.trainer.loggers)
     devices = cfg.trainer.devices
     check(
         devices == "auto" or (isinstance(devices, int) and devices > 0),
@@ -399,6 +465,19 @@ def validate_training(cfg: DictConfig) -> None:
     for _, section, cls, active in _sections(cfg):
         if active and hasattr(cls, "validate_training"):
             cls.validate_training(section, cfg, check)
+
+
+def check_loggers(names, key: str = "trainer.loggers") -> None:
+    """Unknown logger names and loggers whose package is missing fail before any model or data work."""
+    for name in names:
+        if name not in LOGGERS:
+            raise ConfigError(f"config key '{key}': unknown logger {name!r}; choose from {sorted(LOGGERS)}")
+        packages, extra = LOGGERS[name]
+        if packages and not any(importlib.util.find_spec(p) is not None for p in packages):
+            raise ConfigError(
+                f"config key '{key}': the {name} logger needs the {packages[0]} package, which is not "
+                f"installed: pip install 'mmssl[{extra}]' (or pip install {packages[0]})"
+            )
 
 
 def validate_probe(cfg: DictConfig) -> None:

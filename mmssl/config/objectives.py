@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from omegaconf import DictConfig
 
@@ -19,6 +19,7 @@ from mmssl.config.paths import find_file
 
 # LLaVA's builder.py: "linear" or mlp{N}x_gelu with N >= 1 (vlm/projector.py parses the same pattern)
 PROJECTOR_PATTERN = r"linear|mlp[1-9]\d*x_gelu"
+MASKFEAT_TARGETS = ("hog", "pixel")
 
 
 @dataclass
@@ -31,7 +32,10 @@ class MAEConfig:
 
     @staticmethod
     def validate(c: DictConfig, cfg: DictConfig, check: Check, active: bool) -> None:
-        check(0.0 <= c.mask_ratio < 1.0, "mae.mask_ratio", "must be in [0, 1)")
+        # 0 masks nothing: the loss (a mean over masked patches, losses.masked_mse) is 0/0 = NaN at step 0
+        check(
+            0.0 < c.mask_ratio < 1.0, "mae.mask_ratio", "must be in (0, 1): the loss is over masked patches"
+        )
 
 
 @dataclass
@@ -87,10 +91,14 @@ class CLIPConfig:
     vision_cfg: dict[str, Any] = field(default_factory=dict)  # overrides of open_clip's CLIPVisionCfg
     init_temperature: float = 0.07  # CLIP §2.5: tau initialised to 0.07 (Wu et al. 2018), logit scale 1/tau
     max_logit_scale: float = 100.0  # CLIP §2.5: "clipped to prevent scaling the logits by more than 100"
+    # FLIP (Li et al. 2023, §3): while training, the image tower (image_tower=backbone) sees a random
+    # (1 - ratio) of the patches, the rest removed as in MAE; 0: plain CLIP. FLIP: 0.5 (default), 0.75.
+    image_mask_ratio: float = 0.0
 
     @staticmethod
     def validate(c: DictConfig, cfg: DictConfig, check: Check, active: bool) -> None:
         check(0 < c.init_temperature, "clip.init_temperature", "must be > 0")
+        check(0 <= c.image_mask_ratio < 1, "clip.image_mask_ratio", "must be in [0, 1)")
         check(1 <= c.max_logit_scale, "clip.max_logit_scale", "must be >= 1")
         check(1 / c.init_temperature <= c.max_logit_scale, "clip.init_temperature", "1/tau > max_logit_scale")
         if not active:
@@ -109,6 +117,11 @@ class CLIPConfig:
         check(
             cfg.data.hflip == 0, "data.hflip", "CLIP trains without flips (open_clip's transform has none): 0"
         )
+        check(
+            c.image_mask_ratio == 0 or c.image_tower == "backbone",
+            "clip.image_mask_ratio",
+            "FLIP's patch masking needs clip.image_tower=backbone (a timm ViT)",
+        )
 
 
 @dataclass
@@ -123,10 +136,20 @@ class MaskFeatConfig:
     gaussian_window: int = 0  # 0: none (SlowFast); 16: MMPretrain's HOGGenerator (std 8, tiled)
     # SlowFast decays the mask token (no skip list under ZERO_DECAY_POS_CLS False); MMPretrain exempts it: false
     mask_token_weight_decay: bool = True
+    # What masked patches predict, one linear head each, losses summed (MaskFeat Table 13: [hog, pixel]).
+    # pixel: the patch's RGB values as the network sees them (dataset-normalised), not per-patch normalised.
+    targets: list[str] = field(default_factory=lambda: ["hog"])
 
     @staticmethod
     def validate(c: DictConfig, cfg: DictConfig, check: Check, active: bool) -> None:
         check(0.0 < c.mask_ratio < 1.0, "maskfeat.mask_ratio", "must be in (0, 1)")
+        check(
+            len(c.targets) > 0
+            and len(set(c.targets)) == len(c.targets)
+            and set(c.targets) <= set(MASKFEAT_TARGETS),
+            "maskfeat.targets",
+            f"must be distinct names from {MASKFEAT_TARGETS}",
+        )
         check(c.min_block is None or c.min_block >= 1, "maskfeat.min_block", "must be >= 1 or null")
         check(0.0 < c.min_aspect <= 1.0, "maskfeat.min_aspect", "must be in (0, 1]")
         check(c.cell_size >= 1 and c.nbins >= 1, "maskfeat.cell_size", "cell_size and nbins must be >= 1")
@@ -143,13 +166,31 @@ class SimCLRConfig:
     channels_last: bool = True  # NHWC memory format for CNN backbones (ignored for ViTs)
     color_jitter: float = 1.0  # strength s (Appendix A: 1.0 on ImageNet, 0.5 on CIFAR-10)
     blur_p: float = 0.5  # Appendix A: Gaussian blur with p=0.5 on ImageNet, none on CIFAR-10
-    # crop area and flip come from data.crop_scale (SimCLR: [0.08, 1.0]), data.interpolation and data.hflip
+    # crop area and flip: null takes data.crop_scale (SimCLR: [0.08, 1.0]) and data.hflip; set them when SimCLR
+    # is composed with an objective whose views differ (SLIP: CLIP's crop is [0.5, 1], without flip)
+    crop_scale: list[float] | None = None
+    hflip: float | None = None
+    # SimCLR's head ends in BN without shift (reference); SLIP's ends in a Linear with bias (models.py _build_mlp)
+    proj_last_bn: bool = True
 
     @staticmethod
     def validate(c: DictConfig, cfg: DictConfig, check: Check, active: bool) -> None:
         check(c.temperature > 0, "simclr.temperature", "must be > 0")
         check(c.proj_num_layers >= 1, "simclr.proj_num_layers", "must be >= 1")
         check(0 <= c.blur_p <= 1, "simclr.blur_p", "must be in [0, 1]")
+        # NT-Xent (SimCLR §2.1): each of the 2N views has 2N - 2 negatives in its rank's batch, plus the other
+        # ranks' 2N(world - 1) when gathered. With N = 1 and no gathering the positive is the only other view:
+        # the loss is exactly 0 and nothing trains. Asked of every rank, since the world size under
+        # trainer.devices=auto is unknown here and BatchNorm in the head needs more than one image anyway.
+        check(not active or cfg.data.batch_size >= 2, "data.batch_size",
+              "SimCLR needs >= 2 images per rank: with 1, a view's only partner is its positive, so there are no "
+              "negatives, the loss is 0 and nothing trains")  # fmt: skip
+        check(
+            c.crop_scale is None or (len(c.crop_scale) == 2 and 0 < c.crop_scale[0] <= c.crop_scale[1] <= 1),
+            "simclr.crop_scale",
+            "needs [min, max] with 0 < min <= max <= 1, or null",
+        )
+        check(c.hflip is None or 0 <= c.hflip <= 1, "simclr.hflip", "must be in [0, 1] or null")
 
 
 @dataclass
@@ -192,8 +233,6 @@ class IGPTConfig:
         check(c.temperature >= 0, "igpt.temperature", "must be >= 0")
         check(c.top_k is None or c.top_k >= 1, "igpt.top_k", "must be >= 1")
         if active:
-            check(c.palette is None or find_file(c.palette) is not None, "igpt.palette",
-                  "no such file; fit one with tools/fit_palette.py")  # fmt: skip
             check(
                 cfg.data.img_size in (None, c.resolution),
                 "data.img_size",
@@ -204,5 +243,55 @@ class IGPTConfig:
     def validate_training(c: DictConfig, cfg: DictConfig, check: Check) -> None:
         # Only here: --print-config and checkpoint loading need no palette file, but a training run does.
         check(bool(c.palette), "igpt.palette",
-              "required for training; fit one with tools/fit_palette.py (e.g. --shards <train shards> --k 512 "
-              "--out palette.safetensors) and pass igpt.palette=<file>")  # fmt: skip
+              "required for training; fit one with tools/fit_palette.py (e.g. --shards <train shards> --k 512, "
+              "which writes runs/palettes/k512_32px.safetensors) and pass igpt.palette=<file>")  # fmt: skip
+        check(
+            find_file(c.palette) is not None,
+            "igpt.palette",
+            "no such file; fit one with tools/fit_palette.py",
+        )
+
+
+@dataclass
+class SigLIPConfig:
+    """SigLIP (Zhai et al. 2023, *Sigmoid Loss for Language Image Pre-Training*): CLIP's towers (the ``clip``
+    section: model, image_tower, text_cfg, image_mask_ratio, ...) with the pairwise sigmoid loss."""
+
+    init_logit_scale: float = 10.0  # §3 / Algorithm 1: t' = log 10, the scale t = exp(t') starts at 10
+    init_logit_bias: float = -10.0  # §3: b = -10, so training starts near the prior of many negatives
+    TOWERS: ClassVar[str] = "clip"  # the section whose towers, views and tokenizer SigLIP uses
+
+    @staticmethod
+    def uses(c: DictConfig) -> list[str]:
+        return [SigLIPConfig.TOWERS]
+
+    @staticmethod
+    def validate(c: DictConfig, cfg: DictConfig, check: Check, active: bool) -> None:
+        check(c.init_logit_scale > 0, "siglip.init_logit_scale", "must be > 0")
+        towers = SigLIPConfig.TOWERS
+        check(
+            c.init_logit_scale <= cfg[towers].max_logit_scale,
+            "siglip.init_logit_scale",
+            f"must be <= {towers}.max_logit_scale (the clamp after every step)",
+        )
+
+
+@dataclass
+class ComposeConfig:
+    """Several objectives on one shared encoder (objectives/compose.py), e.g. SLIP: ``{clip: 1.0, simclr: 0.5}``.
+    Each part reads its own section; the data views are the union of the parts' views."""
+
+    # objective name -> loss weight. The first part's backbone (its initialisation, its loaded weights such as
+    # clip.backbone_weights, its frozen parameters) is the one all parts share: name that part first.
+    objectives: dict[str, float] = field(default_factory=dict)
+
+    @staticmethod
+    def uses(c: DictConfig) -> list[str]:
+        return list(c.objectives)
+
+    @staticmethod
+    def validate(c: DictConfig, cfg: DictConfig, check: Check, active: bool) -> None:
+        if not active:
+            return
+        check(len(c.objectives) >= 1, "compose.objectives", "name one or more objectives with weights")
+        check(all(w > 0 for w in c.objectives.values()), "compose.objectives", "weights must be > 0")

@@ -1,15 +1,25 @@
-"""Where configs and the data files they name live."""
+"""Where configs and the data files they name live.
+
+The recipes (``configs/*.yaml``), the small assets they name (``assets/palettes/*``) and the tools ship inside
+the package: in a checkout ``mmssl/configs``, ``mmssl/assets`` and ``mmssl/tools`` are symlinks to the
+repository's top-level folders (which stay where they are), and a wheel holds copies (pyproject.toml
+``package-data``). So ``--cfg NAME`` and a recipe's relative paths resolve the same from any directory, with or
+without a checkout.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # .../mmssl
+CONFIG_DIR = PACKAGE_DIR / "configs"
+TOOLS_DIR = PACKAGE_DIR / "tools"
 
 
 def find_file(path: str) -> Path | None:
-    """A data file named in a config (e.g. ``igpt.palette``): as given, else relative to the repository."""
-    for candidate in (Path(path), CONFIG_DIR.parent / path):
+    """A data file named in a config (e.g. ``igpt.palette``): as given (absolute, or relative to the working
+    directory), else relative to the package (``assets/palettes/digits16.safetensors``)."""
+    for candidate in (Path(path), PACKAGE_DIR / path):
         if candidate.is_file():
             return candidate
     return None

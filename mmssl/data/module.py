@@ -19,6 +19,7 @@ and augmentations when ``num_workers=0``) are reseeded per rank and step by ``Pr
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import lightning as L
@@ -36,6 +37,8 @@ from mmssl.data.shards import (
     train_pipeline,
 )
 from mmssl.data.transforms import View
+
+log = logging.getLogger(__name__)
 
 
 def resolve_shards(spec: str, config_key: str, demo_root: str | None = None) -> list[str]:
@@ -98,9 +101,16 @@ class ShardDataModule(L.LightningDataModule):
             if samples_per_epoch is None:
                 raise ValueError(
                     f"data.samples_per_epoch is not set and data.train_shards={train_shards!r} has no "
-                    "manifest.json with counts for every shard (write_shards/tools/make_shards.py write one); "
-                    "set data.samples_per_epoch"
+                    "manifest.json (write_shards/tools/make_shards.py) or sizes.json (open_clip) with counts for "
+                    "every shard; set data.samples_per_epoch"
                 )
+        elif (held := count_samples(self.train_urls)) is not None and samples_per_epoch > held:
+            # a recipe's fixed epoch (simclr_digits: 5120) reused on a small set repeats every image many times
+            log.warning(
+                "mmssl: data.samples_per_epoch=%d is %.1f passes over the %d samples of data.train_shards "
+                "(manifest.json) per epoch; set data.samples_per_epoch=null for one pass",
+                samples_per_epoch, samples_per_epoch / held, held,
+            )  # fmt: skip
         if samples_per_epoch < 1:
             raise ValueError(f"data.samples_per_epoch must be >= 1, got {samples_per_epoch}")
         self.samples_per_epoch = samples_per_epoch

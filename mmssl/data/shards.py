@@ -38,11 +38,12 @@ from PIL import Image
 from torch.utils.data import default_collate
 from tqdm import tqdm
 
-from mmssl.data.transforms import ApplyView, to_rgb
+from mmssl.data.transforms import ApplyView, DecodeError, to_rgb
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+SIZES = "sizes.json"  # open_clip's shard-size file (open_clip_train/data.py get_dataset_size)
 
 
 def _is_remote(url: str) -> bool:
@@ -78,8 +79,20 @@ def read_manifest(directory: str | Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def read_counts(directory: str | Path) -> dict[str, int]:
+    """Shard file name -> samples, from ``manifest.json`` (``write_shards``) or open_clip's ``sizes.json`` (a
+    flat ``{"shard-000000.tar": count}`` map written beside webdataset shards by img2dataset / open_clip tools);
+    where both list a shard, the manifest wins."""
+    sizes = Path(directory) / SIZES
+    counts = json.loads(sizes.read_text()) if sizes.is_file() else {}
+    if not isinstance(counts, dict):
+        raise ValueError(f"{sizes}: expected a {{shard file name: sample count}} object")
+    return {**counts, **read_manifest(directory).get("shards", {})}
+
+
 def count_samples(urls: list[str]) -> int | None:
-    """Total samples from the ``manifest.json`` files beside the shards; ``None`` if any shard is unlisted."""
+    """Total samples from the ``manifest.json`` or ``sizes.json`` files beside the shards (:func:`read_counts`);
+    ``None`` if any shard is unlisted."""
     manifests: dict[Path, dict] = {}
     total = 0
     for url in urls:
@@ -87,7 +100,7 @@ def count_samples(urls: list[str]) -> int | None:
             return None
         path = Path(url)
         if path.parent not in manifests:
-            manifests[path.parent] = read_manifest(path.parent).get("shards", {})
+            manifests[path.parent] = read_counts(path.parent)
         n = manifests[path.parent].get(path.name)
         if n is None:
             return None
@@ -153,7 +166,9 @@ class SampleDecoder:
         self.shards_opened = 0
         self.samples_read = 0
 
-    def __call__(self, sample: dict) -> dict | None:
+    def __call__(self, sample: dict, lazy: bool = False) -> dict | None:
+        """``lazy``: leave a JPEG undecoded (header read and checked) for a view that decodes it itself at
+        the scale it needs; :meth:`decode_failed` then counts a file that turns out corrupt."""
         url, key = str(sample.get("__url__", "?")), str(sample.get("__key__", "?"))
         out: dict[str, Any] = {"__key__": key, "__url__": url}
         if self.label_key is not None:
@@ -188,7 +203,7 @@ class SampleDecoder:
         if data is None:
             return self._skip(f"missing image key '{';'.join(self.image_keys)}'", url, key)
         try:
-            out["image"] = self._decode_image(data)
+            out["image"] = self._decode_image(data, lazy)
         except Image.DecompressionBombError as exn:
             return self._skip("decompression bomb", url, key, str(exn))
         # PIL raises a zoo of types for bad bytes (OSError, SyntaxError, ValueError, struct.error...)
@@ -199,15 +214,22 @@ class SampleDecoder:
         self.successes += 1
         return out
 
-    def _decode_image(self, data: bytes) -> Image.Image:
+    def _decode_image(self, data: bytes, lazy: bool = False) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we refuse those ourselves
             img = Image.open(io.BytesIO(data))  # reads the header only
         w, h = img.size
         if w * h > self.max_image_pixels:
             raise Image.DecompressionBombError(f"{w}x{h} pixels > max_image_pixels={self.max_image_pixels}")
+        if lazy and img.format == "JPEG":
+            return img
         img.load()
         return to_rgb(img)
+
+    def decode_failed(self, sample: dict, exn: DecodeError) -> None:
+        """A lazily returned image that a view could not decode: no success after all, a corrupt image."""
+        self.successes -= 1
+        return self._skip("corrupt image", sample["__url__"], sample["__key__"], str(exn))
 
     def _skip(self, reason: str, url: str, key: str, detail: str = "") -> None:
         self.failures[reason] += 1
@@ -275,6 +297,25 @@ def collate(samples: list[dict]) -> dict[str, Any]:
     return out
 
 
+class DecodeAndView:
+    """``SampleDecoder`` then ``ApplyView`` in one stage. A view that decodes the image itself (``view.decodes``:
+    it starts with a ``ScaledRandomResizedCrop``, which decodes a JPEG at the scale its crop needs) gets the
+    file undecoded, and a file that then fails to decode is skipped and counted like any corrupt image."""
+
+    def __init__(self, decoder: SampleDecoder, view: Callable, text_fn: Callable | None = None) -> None:
+        self.decoder, self.apply = decoder, ApplyView(view, text_fn)
+        self.lazy = bool(getattr(view, "decodes", False))
+
+    def __call__(self, sample: dict) -> dict | None:
+        decoded = self.decoder(sample, lazy=self.lazy)
+        if decoded is None:
+            return None
+        try:
+            return self.apply(decoded)
+        except DecodeError as exn:
+            return self.decoder.decode_failed(decoded, exn)
+
+
 class StreamSeed:
     """Seed for one (seed, rank, pass, worker), evaluated inside the worker process (picklable)."""
 
@@ -334,8 +375,7 @@ def train_pipeline(
         wds.tarfile_to_samples(handler=decoder.tar_error),
         decoder.count_raw,
         _SeededShuffle(shuffle_buffer, stream_seed),
-        wds.map(decoder),
-        wds.map(ApplyView(view, text_fn)),
+        wds.map(DecodeAndView(decoder, view, text_fn)),
         wds.batched(batch_size, collation_fn=collate, partial=False),
     ).with_epoch(batches_per_worker)
 
@@ -373,8 +413,7 @@ def eval_pipeline(
         partial(_split_by_rank, rank=rank, world_size=world_size),
         wds.split_by_worker,
         wds.tarfile_to_samples(handler=decoder.tar_error),
-        wds.map(decoder),
-        wds.map(ApplyView(view, text_fn)),
+        wds.map(DecodeAndView(decoder, view, text_fn)),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )
 

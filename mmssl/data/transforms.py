@@ -17,7 +17,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+import torchvision.transforms as T1
 import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -57,6 +59,13 @@ class ImageView:
     def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
         return {self.key: self.transform(img)}
 
+    @property
+    def decodes(self) -> bool:
+        """Whether the view decodes the image itself (it starts with a ScaledRandomResizedCrop), so that
+        the pipeline may hand it an undecoded JPEG (``SampleDecoder(..., lazy=True)``)."""
+        first = self.transform.transforms[0] if isinstance(self.transform, T.Compose) else self.transform
+        return isinstance(first, ScaledRandomResizedCrop)
+
     def __repr__(self) -> str:
         return f"ImageView(key={self.key!r}, transform={self.transform})"
 
@@ -89,11 +98,116 @@ def _to_normalized_tensor(mean: Sequence[float], std: Sequence[float]) -> list:
     return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean=list(mean), std=list(std))]
 
 
-def random_resized_crop(img_size: int, scale: Sequence[float], interpolation: str) -> T.RandomResizedCrop:
+class DecodeError(Exception):
+    """A lazily opened image failed to decode inside a view (the pipeline skips and counts the sample)."""
+
+
+def load_rgb(img: Image.Image, reduce: int = 1) -> tuple[Image.Image, float]:
+    """Decode an image opened lazily (a no-op once loaded) -> (RGB image, original pixels per decoded pixel).
+
+    A JPEG is decoded at 1/2, 1/4 or 1/8 of its size when ``reduce`` allows it: libjpeg's DCT-domain scaling
+    (PIL's ``draft``) skips most of the decoding work instead of resampling afterwards.
+    """
+    scale = 1.0
+    try:
+        if reduce > 1 and img.format == "JPEG" and img.tile:  # a tile list: not decoded yet
+            width = img.width
+            drafted = img.draft(img.mode, (max(1, img.width // reduce), max(1, img.height // reduce)))
+            if drafted is not None:  # (mode, the whole original image as a box in decoded pixels)
+                scale = width / drafted[1][2]
+        img.load()
+        return to_rgb(img), scale
+    except Exception as exn:  # PIL raises OSError, SyntaxError, ValueError... for bad bytes
+        raise DecodeError(f"{type(exn).__name__}: {exn}") from exn
+
+
+# The deepest DCT reduction used. At 1/8 libjpeg's scaled IDCT is sharper than torchvision's antialiased bicubic
+# and the crop drifts from the reference by more than bilinear-vs-bicubic does (astronaut at 1536 px, 112 px
+# crops: mean 1.6-2.6, 99th percentile 12-19 of 255 vs 2.0 / 12 for bilinear-vs-bicubic); at 1/4 and 1/2 it
+# stays well inside (mean 0.7, 99th percentile 4-5). 1/8 would only apply to boxes >= 8x the output side.
+MAX_REDUCE = 4
+
+
+class ScaledRandomResizedCrop:
+    """torchvision's ``RandomResizedCrop`` on a PIL image that may still be undecoded: the crop box is drawn
+    first (torchvision's own ``get_params``, so the same distribution and the same random numbers), then a
+    JPEG is decoded at the largest DCT scale 1/2 or 1/4 that leaves the box at least ``size`` pixels a side
+    (only when the box is at least twice the output side), and the box is resized to ``size``.
+
+    ``tensor=False`` returns a PIL image resized by PIL, exactly torchvision's crop when the image is decoded
+    in full. ``tensor=True`` returns a (3, size, size) uint8 tensor resized by torch's native uint8
+    antialiased kernels (within a grey level or two of PIL's, ~4x faster: 0.2 instead of 0.85 ms for a
+    500x375 photo at 224 px, a bigger share of a step than the JPEG decode itself).
+
+    On web-sized photos (1-2k px) most boxes qualify for a reduced decode, which is 2-4x cheaper; an
+    ImageNet-sized photo (500x375) never qualifies at 224 px and is decoded in full.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        scale: Sequence[float],
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        interpolation: str = "bicubic",
+        tensor: bool = False,
+    ) -> None:
+        self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
+        self.interpolation, self.tensor = interpolation, tensor
+        self.resample = Image.Resampling[interpolation.upper()]
+
+    def params(self, img: Image.Image) -> tuple[int, int, int, int, int]:
+        """(top, left, height, width) of the box in the full image, and the largest decode reduction (1, 2
+        or 4) that leaves it at least ``size`` pixels a side. Reads only the image's size."""
+        top, left, h, w = T1.RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
+        reduce = MAX_REDUCE
+        while reduce > 1 and min(h, w) < reduce * self.size:
+            reduce //= 2
+        return top, left, h, w, reduce
+
+    def __call__(self, img: Image.Image) -> Image.Image | torch.Tensor:
+        top, left, h, w, reduce = self.params(img)
+        img, s = load_rgb(img, reduce)
+        if s == 1 and self.tensor:  # (3, H, W) uint8, channels-last in memory: torch's fast uint8 path
+            x = TF.pil_to_tensor(img)
+            return TF.resized_crop(
+                x, top, left, h, w, [self.size, self.size], T.InterpolationMode(self.interpolation)
+            )
+        if s == 1:  # crop, then resize: exactly torchvision's resized_crop on PIL images
+            return img.crop((left, top, left + w, top + h)).resize((self.size, self.size), self.resample)
+        # The box in decoded pixels stays fractional (PIL's resize takes a float box): rounding it to whole
+        # decoded pixels shifts the picture by up to half an output pixel (mean error 4-6 grey levels at 1/8).
+        # The decoded box is at most 2x the output side here, so PIL's resize is cheap.
+        box = (left / s, top / s, (left + w) / s, (top + h) / s)
+        out = img.resize((self.size, self.size), self.resample, box=box)
+        return TF.pil_to_tensor(out) if self.tensor else out
+
+    def __repr__(self) -> str:
+        return (
+            f"ScaledRandomResizedCrop(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
+            f"interpolation={self.interpolation}, tensor={self.tensor})"
+        )
+
+
+class NormalizeUint8:
+    """(C, H, W) uint8 -> float32 ``(x / 255 - mean) / std`` in one pass after the cast (picklable)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.scale = torch.tensor([1 / (255 * s) for s in std]).view(-1, 1, 1)
+        self.shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)]).view(-1, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift, x.to(torch.float32), self.scale)
+
+    def __repr__(self) -> str:
+        return f"NormalizeUint8(mean={self.mean}, std={self.std})"
+
+
+def random_resized_crop(
+    img_size: int, scale: Sequence[float], interpolation: str, tensor: bool = False
+) -> ScaledRandomResizedCrop:
     """The crop every pretraining view starts from: area ``scale``, aspect 3/4-4/3, antialiased resize."""
-    return T.RandomResizedCrop(
-        img_size, scale=tuple(scale), interpolation=T.InterpolationMode(interpolation), antialias=True
-    )
+    return ScaledRandomResizedCrop(img_size, scale, interpolation=interpolation, tensor=tensor)
 
 
 def mae_view(
@@ -107,15 +221,16 @@ def mae_view(
     """MAE pretraining view (He et al. 2022; facebookresearch/mae ``main_pretrain.py``).
 
     ``RandomResizedCrop(scale=(0.2, 1.0), interpolation=3)`` + horizontal flip, nothing else: the paper
-    (Sec. 4, "Data augmentation") finds MAE works with cropping only, colour jitter hurts.
-    The crop runs on the PIL image, as in the reference, so the resize is PIL's antialiased one.
+    (Sec. 4, "Data augmentation") finds MAE works with cropping only, colour jitter hurts. The crop decodes
+    the JPEG at the scale it needs and is resized as uint8 by torch's antialiased bicubic (within a grey
+    level or two of the reference's PIL resize; see ``ScaledRandomResizedCrop``), flipped, then normalised.
     """
     return ImageView(
         T.Compose(
             [
-                random_resized_crop(img_size, scale, interpolation),
+                random_resized_crop(img_size, scale, interpolation, tensor=True),
                 T.RandomHorizontalFlip(hflip),
-                *_to_normalized_tensor(mean, std),
+                NormalizeUint8(mean, std),
             ]
         )
     )
@@ -219,8 +334,8 @@ def clip_view(
     return ImageView(
         T.Compose(
             [
-                random_resized_crop(img_size, scale, interpolation),
-                *_to_normalized_tensor(mean, std),
+                random_resized_crop(img_size, scale, interpolation, tensor=True),
+                NormalizeUint8(mean, std),
             ]
         )
     )
@@ -250,6 +365,30 @@ class TwoViews:
 
     def __repr__(self) -> str:
         return f"TwoViews({self.transform})"
+
+
+class UnionView:
+    """Several views of the same picture in one dict (a composition's parts, e.g. SLIP: CLIP's ``image`` and
+    SimCLR's ``view1``/``view2``); two views that make the same key are refused (picklable)."""
+
+    def __init__(self, views: Sequence[Callable]) -> None:
+        self.views = list(views)
+
+    def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for view in self.views:
+            made = view(img)
+            clash = sorted(set(made) & set(out))
+            if clash:
+                raise ValueError(
+                    f"views of a composition both make batch key(s) {clash}: compose objectives whose views "
+                    f"make different keys ({view})"
+                )
+            out.update(made)
+        return out
+
+    def __repr__(self) -> str:
+        return f"UnionView({self.views})"
 
 
 def simclr_blur_kernel(img_size: int) -> int:

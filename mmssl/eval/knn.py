@@ -18,6 +18,17 @@ SETTINGS = ((20, 0.07), (200, 0.07))  # (k, T): DINO, and Wu et al. 2018 (lemnis
 
 
 @torch.no_grad()
+def bank_too_small(k: int, bank_size: int, key: str) -> str | None:
+    """A warning when ``k`` (named by ``key``) reaches the memory bank's size: every sample then votes, so the
+    "nearest neighbours" are the whole bank (k is clipped to it); None when k is below it."""
+    if k < bank_size:
+        return None
+    return (
+        f"mmssl: {key}={k} but the memory bank holds {bank_size} samples: every sample votes (k clipped to "
+        f"{bank_size}), so this is no k-nearest-neighbour estimate; use k well below {bank_size}"
+    )
+
+
 def knn_scores(
     train: Tensor, train_labels: Tensor, queries: Tensor, k: int, temperature: float, num_classes: int
 ) -> Tensor:

@@ -20,6 +20,7 @@ import dataclasses
 import math
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import open_clip
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 
 from mmssl.backbones import Backbone, CNNBackbone, ViTBackbone
 from mmssl.losses import clip_loss
+from mmssl.ops import random_masking
 
 OFFLINE = "mmssl never downloads weights: pass the path of a local file (download it beforehand)"
 
@@ -219,6 +221,11 @@ class CLIP(nn.Module):
     evaluation and tools/export.py find it) followed by ``.image_proj``: its pooled features (CLS token or
     average) -> a linear projection without bias into the joint space of width ``text_tower.output_dim``,
     initialised N(0, width^-1/2) like open_clip's ViT ``proj``.
+
+    ``image_mask_ratio`` r > 0 (a ViT backbone only) is FLIP (Li et al. 2023): in training the backbone encodes a
+    random (1 - r) of the patch tokens (``ops.random_masking``, MAE's), pooled as the model pools (CLS or average).
+    ``logit_bias`` and ``loss(image, text, scale, bias, gather=)`` replace the softmax loss (SigLIP:
+    ``objectives/siglip.py``).
     """
 
     def __init__(
@@ -227,8 +234,14 @@ class CLIP(nn.Module):
         text_tower: nn.Module,
         logit_scale: float = 1 / 0.07,
         max_logit_scale: float = 100.0,
+        *,
+        image_mask_ratio: float = 0.0,
+        logit_bias: float | None = None,
+        loss: Callable[..., Tensor] | None = None,
     ):
         super().__init__()
+        if image_mask_ratio and not isinstance(image_tower, ViTBackbone):
+            raise ValueError("CLIP: image_mask_ratio (FLIP) needs an mmssl ViT backbone as the image tower")
         if isinstance(image_tower, (ViTBackbone, CNNBackbone)):
             self.backbone = image_tower
             width = image_tower.embed_dim
@@ -240,9 +253,20 @@ class CLIP(nn.Module):
         # Learned in log space, as in the paper's pseudo-code (Fig. 3: "np.exp(t)") and open_clip.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
         self.max_logit_scale = max_logit_scale
+        self.image_mask_ratio = image_mask_ratio
+        # A learned logit bias and another pair loss: SigLIP (objectives/siglip.py builds it); None: CLIP's.
+        self.logit_bias = None if logit_bias is None else nn.Parameter(torch.tensor(float(logit_bias)))
+        self.loss = loss
 
     def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
-        if hasattr(self, "backbone"):
+        if hasattr(self, "backbone") and self.image_mask_ratio and self.training:
+            # FLIP §3: encode a random (1 - ratio) of the patches only (MAE's per-sample masking), no
+            # reconstruction; evaluation sees every patch.
+            noise = torch.rand(images.shape[0], self.backbone.num_patches, device=images.device)
+            keep = random_masking(noise, self.image_mask_ratio)[0]  # (B, K)
+            tokens = self.backbone.forward_tokens(images, keep=keep)  # (B, prefix + K, D)
+            features = self.image_proj(self.backbone.model.forward_head(tokens, pre_logits=True))
+        elif hasattr(self, "backbone"):
             pooled = self.backbone.forward_pooled(images)  # (B, 3, H, W) -> (B, D)
             features = self.image_proj(pooled)  # (B, E)
         else:
@@ -266,10 +290,15 @@ class CLIP(nn.Module):
         # Gather negatives from every rank only for a training step: validation batches differ in number and
         # size between ranks (every held-out sample once), so there each rank scores its own batch.
         gather = self.training and torch.is_grad_enabled()
-        loss = clip_loss(image_features, text_features, scale, gather=gather)
+        if self.loss is None:
+            loss = clip_loss(image_features, text_features, scale, gather=gather)
+        else:
+            loss = self.loss(image_features, text_features, scale, self.logit_bias, gather=gather)
+        extra = {} if self.logit_bias is None else {"logit_bias": self.logit_bias.detach()}
         return {
             "loss": loss,
             "logit_scale": scale.detach(),
+            **extra,
             "image_features": image_features,
             "text_features": text_features,
         }
@@ -281,4 +310,4 @@ class CLIP(nn.Module):
     def no_weight_decay(self) -> set[str]:
         # With timm's rule (every 1-D parameter: norms' gains, biases) this is open_clip_train/main.py's
         # exclusion "p.ndim < 2 or 'bn' or 'ln' or 'bias' in n or 'logit_scale' in n".
-        return {"logit_scale"}
+        return {"logit_scale"} | ({"logit_bias"} if self.logit_bias is not None else set())

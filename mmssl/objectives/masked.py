@@ -66,6 +66,15 @@ class MaskedModeling(nn.Module):
             raise ValueError(
                 "MaskedModeling: block masks hide a varying number of patches; use head=, not decoder="
             )
+        L = backbone.num_patches
+        # the loss is a mean over masked patches (0 masked: 0/0 = NaN) and MAE's encoder needs a visible one
+        masked = round(L * mask_ratio) if mask == "block" else L - int(L * (1 - mask_ratio))
+        visible = L - masked if decoder is None else int(L * (1 - mask_ratio))
+        if masked < 1 or (decoder is not None and visible < 1):
+            raise ValueError(
+                f"mask_ratio={mask_ratio} masks {masked} of the {L} patches and leaves {visible} visible; "
+                "needs at least one masked patch" + ("" if decoder is None else " and one visible")
+            )
         if decoder is None and head is None:
             head = nn.Linear(backbone.embed_dim, target.out_dim)
             nn.init.trunc_normal_(head.weight, std=0.02)
@@ -107,7 +116,12 @@ class MaskedModeling(nn.Module):
                 mask = self.draw_mask(B, images.device, noise, generator)
             tokens = self.backbone.forward_tokens(images, mask=mask, mask_token=self.mask_token)
             pred = self.head(tokens[:, self.backbone.num_prefix_tokens :])  # (B, L, D_t)
-        return {"loss": masked_mse(pred, target, mask), "pred": pred, "mask": mask}
+        losses = getattr(self.target, "losses", None)  # several targets (targets/multi.py): losses summed
+        if losses is None:
+            return {"loss": masked_mse(pred, target, mask), "pred": pred, "mask": mask}
+        parts = losses(pred, target, mask)
+        logged = {f"{name}/loss": value.detach() for name, value in parts.items()}
+        return {"loss": sum(parts.values()), **logged, "pred": pred, "mask": mask}
 
     def draw_mask(
         self,

@@ -9,12 +9,13 @@ euclidean distance and ``src/run.py:sample`` maps ids back with ``127.5 * (c + 1
 Here the palette is a module whose only state is a buffer ``centroids`` (K, 3) in sRGB [0, 1] (the
 reference's [-1, 1] rescaled; nearest-centre assignment is unchanged by that affine map), so it travels in
 every checkpoint of the objective that owns it. It is fitted by mini-batch k-means (Sculley, "Web-scale
-k-means clustering", WWW 2010) with a k-means++ start, written as safetensors with string metadata (no
-pickle), and quantises a whole batch with one matrix product.
+k-means clustering", WWW 2010) with a k-means++ start and finished by a few Lloyd passes, written as
+safetensors with string metadata (no pickle), and quantises a whole batch with one matrix product.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -29,9 +30,15 @@ FORMAT = "mmssl.palette/1"
 def nearest(pixels: Tensor, centroids: Tensor) -> Tensor:
     """(N, 3), (K, 3) -> (N,) index of the nearest centre (squared euclidean; ties go to the lower index).
 
-    ``|x - c|^2 = |x|^2 - 2 x.c + |c|^2`` and ``|x|^2`` does not change the argmin, so this is one matmul.
+    ``|x - c|^2 = |x|^2 - 2 x.c + |c|^2`` and ``|x|^2`` does not change the argmin, so this is one matmul. On
+    CPU it runs over chunks of ~2M distances: the (N, K) matrix then stays in cache, ~2.4x faster than one
+    product over 2^18 pixels (a Lloyd pass over 1M pixels, k = 512: 0.65 s instead of 1.6 s, one thread).
     """
-    return torch.addmm((centroids * centroids).sum(1), pixels, centroids.T, alpha=-2.0).argmin(1)
+    norms = (centroids * centroids).sum(1)
+    chunk = max(256, 2**21 // len(centroids)) if pixels.device.type == "cpu" else len(pixels)
+    if len(pixels) <= chunk:
+        return torch.addmm(norms, pixels, centroids.T, alpha=-2.0).argmin(1)
+    return torch.cat([torch.addmm(norms, p, centroids.T, alpha=-2.0).argmin(1) for p in pixels.split(chunk)])
 
 
 class Palette(nn.Module):
@@ -129,20 +136,6 @@ def inertia(pixels: Tensor, centroids: Tensor, chunk: int = 1 << 18) -> float:
     return total / len(pixels)
 
 
-def lloyd_step(pixels: Tensor, centroids: Tensor, chunk: int = 1 << 18) -> Tensor:
-    """One full k-means (Lloyd) iteration over all pixels, in chunks; centres owning no pixel stay put."""
-    k = len(centroids)
-    sums, n = torch.zeros(k, 3), torch.zeros(k)
-    for part in pixels.split(chunk):
-        assign = nearest(part, centroids)
-        sums.index_add_(0, assign, part)
-        n += torch.bincount(assign, minlength=k)
-    hit = n > 0
-    out = centroids.clone()
-    out[hit] = sums[hit] / n[hit, None]
-    return out
-
-
 def fit_kmeans(
     pixels: Tensor,
     k: int = 512,
@@ -152,14 +145,22 @@ def fit_kmeans(
     init_sample: int = 20_000,
     refine: int = 3,
     progress: bool = True,
+    max_no_improvement: int = 10,
 ) -> Tensor:
     """Mini-batch k-means on (N, 3) pixels -> (k, 3) centres.
 
     Sculley 2010, Algorithm 1: each centre moves towards the mean of its points in the batch with a
     per-centre rate 1 / (points it has seen so far), so centres settle as evidence accumulates. Seeded by
-    k-means++ on a subsample. Centres that never win a pixel are moved onto random pixels (their count
+    k-means++ on a subsample. At most ``iters`` batches, fewer when the smoothed batch inertia stops improving
+    for ``max_no_improvement`` batches (scikit-learn's rule). Centres that never win a pixel are moved onto random pixels (their count
     restarts), as scikit-learn's MiniBatchKMeans reassigns empty clusters. ``refine`` full Lloyd passes over
-    all pixels finish the job (each costs one N x k distance product, done in chunks).
+    all pixels finish the job, run by scikit-learn's ``KMeans`` from these centres (its Cython Lloyd pass is
+    ~1.6x faster than a torch one on one thread, and uses every core).
+
+    Against scikit-learn's own ``MiniBatchKMeans`` with the same batch size, the same early stop and the same
+    Lloyd passes (``benchmarks/bench_palette.py``, one thread, 2026-12-02, load average ~3.7 on 2 cores):
+    k = 512 on 1M photo pixels 1.26x as fast at 4 % lower inertia; k = 128 on 205k pixels 1.48x as fast at
+    0.2 % higher inertia.
     """
     pixels = pixels.float()
     if pixels.ndim != 2 or pixels.shape[1] != 3:
@@ -170,9 +171,19 @@ def fit_kmeans(
     subsample = pixels[torch.randperm(len(pixels), generator=g)[:init_sample]]
     centroids = kmeans_plus_plus(subsample, k, g)
     counts = torch.zeros(k)
+    # Early stop as scikit-learn's MiniBatchKMeans (_mini_batch_convergence): an exponentially weighted
+    # average of the batch inertia, weight 2 * batch / (N + 1), that has not improved for 10 batches.
+    alpha, ewa, best, stale = min(1.0, 2 * batch_size / (len(pixels) + 1)), None, math.inf, 0
+    reassigned = False
     for it in tqdm(range(iters), desc=f"k-means (k={k})", disable=not progress, leave=False):
         batch = pixels[torch.randint(len(pixels), (batch_size,), generator=g)]
-        assign = nearest(batch, centroids)
+        distance = torch.addmm((centroids * centroids).sum(1), batch, centroids.T, alpha=-2.0)  # (B, k)
+        closest, assign = distance.min(1)  # |x - c|^2 - |x|^2 for the nearest c
+        batch_inertia = float(closest.mean() + (batch * batch).sum(1).mean())
+        ewa = batch_inertia if ewa is None else (1 - alpha) * ewa + alpha * batch_inertia
+        best, stale = (ewa, 0) if ewa < best else (best, stale + 1)
+        if stale >= max_no_improvement and (reassigned or not (counts == 0).any()):
+            break
         n = torch.bincount(assign, minlength=k).float()  # (k,)
         sums = torch.zeros(k, 3).index_add_(0, assign, batch)  # (k, 3)
         counts += n
@@ -180,8 +191,13 @@ def fit_kmeans(
         rate = (n / counts.clamp(min=1))[hit, None]  # n_c / total_c: the batch's share of all points seen
         centroids[hit] += rate * (sums[hit] / n[hit, None] - centroids[hit])
         dead = (counts == 0).nonzero().squeeze(1)
-        if it == iters // 2 and len(dead):  # once, mid-way: centres that never won a pixel move onto pixels
+        # once, mid-way or when converged: centres that never won a pixel move onto pixels and get another chance
+        if not reassigned and len(dead) and (it == iters // 2 or stale >= max_no_improvement):
             centroids[dead] = batch[torch.randint(batch_size, (len(dead),), generator=g)]
-    for _ in tqdm(range(refine), desc="Lloyd passes", disable=not progress or not refine, leave=False):
-        centroids = lloyd_step(pixels, centroids)
+            reassigned, best, stale = True, math.inf, 0
+    if refine:
+        from sklearn.cluster import KMeans  # imported here: a heavy import most users of this module skip
+
+        lloyd = KMeans(k, init=centroids.numpy(), n_init=1, max_iter=refine, tol=0.0)
+        centroids = torch.from_numpy(lloyd.fit(pixels.numpy()).cluster_centers_).float()
     return centroids

@@ -24,14 +24,17 @@ def tokenizer():
 
 def test_views_match_open_clip_transforms():
     """clip_view == open_clip.image_transform(is_train=True) (RandomResizedCrop(scale=(0.9, 1)), bicubic, no
-    flip); eval_view(crop_pct=1) == image_transform(is_train=False) (resize shorter side, centre crop)."""
+    flip) to 2 grey levels; eval_view(crop_pct=1) == image_transform(is_train=False) (resize shorter side,
+    centre crop) exactly."""
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
     train = open_clip.image_transform(32, is_train=True, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
+    level = 1 / 255 / min(OPENAI_CLIP_STD)  # the train resize is torch's uint8 bicubic, PIL's in open_clip
     for seed in range(4):
         torch.manual_seed(seed)
         expected = train(img)
         torch.manual_seed(seed)
-        assert torch.allclose(clip_view(32)(img)["image"], expected, atol=1e-6)
+        diff = (clip_view(32)(img)["image"] - expected).abs()
+        assert diff.max() <= 2.01 * level and diff.mean() < 0.05 * level, (seed, diff.max() / level)
     val = open_clip.image_transform(32, is_train=False, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
     ours = eval_view(32, crop_pct=1.0, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)(img)["image"]
     assert torch.allclose(ours, val(img), atol=1e-6)

@@ -104,17 +104,23 @@ def test_write_shards_round_trip_and_manifest(tmp_path):
 
 
 def test_views_match_the_reference_transforms():
-    """mae_view == MAE main_pretrain.py's torchvision v1 pipeline; eval_view == resize 256 / crop 224."""
+    """mae_view == MAE main_pretrain.py's torchvision v1 pipeline (same crops and flips; the resize is torch's
+    uint8 antialiased bicubic, PIL's in the reference: at most 2 grey levels apart, on noise too);
+    eval_view == resize 256 / crop 224."""
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
     tail = [v1.ToTensor(), v1.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     mae = v1.Compose(
         [v1.RandomResizedCrop(32, scale=(0.2, 1.0), interpolation=3), v1.RandomHorizontalFlip(), *tail]
     )
+    level = 1 / 255 / min(IMAGENET_STD)  # one grey level, normalised
     for seed in range(4):
         torch.manual_seed(seed)
         expected = mae(img)
         torch.manual_seed(seed)
-        assert torch.allclose(mae_view(32)(img)["image"], expected, atol=1e-6)
+        diff = (mae_view(32)(img)["image"] - expected).abs()
+        assert diff.max() <= 2.01 * level and diff.mean() < 0.05 * level, (seed, diff.max() / level)
+        torch.manual_seed(seed + 10)  # another crop is far off: the comparison can fail
+        assert (mae(img) - expected).abs().mean() > 10 * level
     center = v1.Compose([v1.Resize(36, interpolation=3), v1.CenterCrop(32), *tail])  # 32 / 0.875 = 36.6
     assert torch.allclose(eval_view(32)(img)["image"], center(img), atol=1e-6)
 

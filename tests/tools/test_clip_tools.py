@@ -76,3 +76,6 @@ def test_clip_image_backbone_exports_to_timm(ddp_run, capsys):
     assert code == 0, capsys.readouterr().err
     assert (run / "exp.safetensors").is_file()
     assert json.loads((run / "exp.json").read_text())["objective"] == "clip"
+    # and the whole model, both towers, as open_clip loads it (checked by the tool to 1e-5 against mmssl's)
+    assert '"open_clip": ' in capsys.readouterr().out
+    assert (run / "exp_open_clip" / "open_clip_config.json").is_file()

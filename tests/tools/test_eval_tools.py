@@ -79,7 +79,7 @@ def test_probe_knn_and_export_clis_on_the_checkpoint(digits_run, tmp_path, capsy
 
     out = tmp_path / "exported" / "mae_digits"
     assert tool("export").main([str(ckpt), "--out", str(out)]) == 0
-    assert '"safetensors": 0.0, "hf_folder": 0.0' in capsys.readouterr().out
+    assert '"timm": 0.0, "hf": 0.0, "hf (transformers)": 0.0' in capsys.readouterr().out  # and vit, vitmae
     # the exported encoder probes like the checkpoint it came from (same features, same cache-free result)
     again = [str(out) + ".safetensors", "--cfg", "linprobe_digits", "epochs=20", "base_lrs=[10.0,30.0]",
              "layers=[-1,0]", "--json", str(tmp_path / "probe2.json")]  # fmt: skip

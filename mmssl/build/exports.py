@@ -1,0 +1,112 @@
+"""The whole-objective export formats (``mmssl/interop/``) as :class:`ExportFormat` values that the build table
+hands to its entries (``ObjectiveSpec.exports``); ``tools/export.py`` writes, reports and checks them without
+knowing which objective it holds. Each interop module is imported when its format is used (transformers and
+open_clip are slow to import)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """``save(cfg, objective, folder) -> folder`` writes it (``cfg``: the run config, or None for a model
+    rebuilt from saved parts); ``round_trip(objective, folder) -> max |output difference|`` loads it back with
+    its own library; ``usage`` is the line that loads it, with ``{folder}`` and ``{name}`` (the folder's name)."""
+
+    save: Callable[[DictConfig | None, nn.Module, Path], Path]
+    round_trip: Callable[[nn.Module, Path], float]
+    usage: str
+
+
+def _save_vitmae(cfg: DictConfig, objective: nn.Module, folder: Path) -> Path:
+    from mmssl.interop import hf_mae
+
+    d = cfg.data
+    return hf_mae.save_vit_mae(
+        objective, folder, mean=list(d.mean), std=list(d.std), interpolation=d.interpolation
+    )
+
+
+def _round_trip_vitmae(objective: nn.Module, folder: Path) -> float:
+    from mmssl.interop import hf_mae
+
+    return hf_mae.round_trip(objective, folder)
+
+
+VIT_MAE = ExportFormat(
+    _save_vitmae, _round_trip_vitmae, "transformers.ViTMAEForPreTraining.from_pretrained('{folder}')"
+)
+
+
+def open_clip_format(model_cfg: Callable[[DictConfig], dict]) -> ExportFormat:
+    """open_clip's checkpoint + model config; ``model_cfg(cfg)`` is the open_clip model config the run built
+    (``interop.openclip.tower_configs``)."""
+
+    def save(cfg: DictConfig, objective: nn.Module, folder: Path) -> Path:
+        from mmssl.interop import openclip
+
+        d = cfg.data
+        return openclip.save_open_clip(
+            objective, folder, model_cfg(cfg), name=folder.name, mean=list(d.mean), std=list(d.std),
+            interpolation=d.interpolation,
+        )  # fmt: skip
+
+    def round_trip(objective: nn.Module, folder: Path) -> float:
+        from mmssl.interop import openclip
+
+        return openclip.round_trip(objective, folder)
+
+    usage = (
+        "open_clip.create_model_and_transforms('local-dir:{folder}'), or open_clip.add_model_config("
+        "'{folder}/{name}.json') and create_model_and_transforms('{name}', "
+        "pretrained='{folder}/open_clip_model.safetensors')"
+    )
+    return ExportFormat(save, round_trip, usage)
+
+
+def _save_imagegpt(cfg: DictConfig, objective: nn.Module, folder: Path) -> Path:
+    from mmssl.interop import hf_igpt
+
+    return hf_igpt.save_imagegpt(objective, folder, interpolation=cfg.data.interpolation)
+
+
+def _round_trip_imagegpt(objective: nn.Module, folder: Path) -> float:
+    from mmssl.interop import hf_igpt
+
+    return hf_igpt.round_trip(objective, folder)
+
+
+IMAGE_GPT = ExportFormat(
+    _save_imagegpt,
+    _round_trip_imagegpt,
+    "transformers.ImageGPTForCausalImageModeling.from_pretrained('{folder}'), "
+    "AutoImageProcessor.from_pretrained('{folder}')",
+)
+
+
+def _save_llava(cfg: DictConfig | None, objective: nn.Module, folder: Path) -> Path:
+    from mmssl.interop import hf_llava
+
+    return hf_llava.save_llava(
+        objective, folder
+    )  # everything it needs is in the model (prompt, image settings)
+
+
+def _round_trip_llava(objective: nn.Module, folder: Path) -> float:
+    from mmssl.interop import hf_llava
+
+    return hf_llava.round_trip(objective, folder)
+
+
+LLAVA = ExportFormat(
+    _save_llava,
+    _round_trip_llava,
+    "transformers.LlavaForConditionalGeneration.from_pretrained('{folder}'), "
+    "AutoProcessor.from_pretrained('{folder}')",
+)
