@@ -9,6 +9,8 @@
 * :func:`load_exported` reads what ``export.py`` writes (``NAME.safetensors`` + ``NAME.json``, or a Hugging
   Face-style folder) back as a backbone (``mmssl.backbones`` contract).
 * :func:`load_backbone_weights` loads a plain timm state dict file into a backbone (``clip.backbone_weights``).
+* :func:`read_encoder_weights` and :func:`load_matching`: an encoder weight file of any local form, loaded
+  leniently with a report (continued pretraining, ``backbone.weights``; a ``.ckpt`` is the build table's).
 
 Which objective a checkpoint holds, and where its encoder sits, is the build table's business
 (``build.load_encoder``, ``build.objective_from_checkpoint``); nothing here knows an objective.
@@ -31,6 +33,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from mmssl.backbones import Backbone, as_backbone
+from mmssl.config.paths import HUB_REFUSED, is_hub_name
 
 FORMAT = "mmssl-backbone/1"  # the sidecar format written by export.py
 OFFLINE = "mmssl never downloads weights: pass the path of a local file (download it beforehand)"
@@ -224,3 +227,44 @@ def load_backbone_weights(backbone: Backbone, path: str | Path, key: str = "back
             f"{key}={str(path)!r} does not fit backbone.* ({type(backbone.model).__name__}): "
             + " ".join(line.strip() for line in detail[1:4])
         ) from None
+
+
+def read_encoder_weights(path: str | Path, where: str | None = None) -> dict[str, Tensor]:
+    """The timm state dict of an encoder file other than a Lightning checkpoint: an export of ``export.py``
+    (``.safetensors`` with its ``.json``, or a ``save_for_hf`` folder) or a plain timm state dict
+    (``.safetensors``, ``.pth``, ``.bin``; torch files read with ``weights_only=True``). Local files only: a
+    model-hub name is refused before anything is looked up."""
+    where = where or str(path)
+    if is_hub_name(str(path)):
+        raise CheckpointError(f"{where}: {HUB_REFUSED}")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"{where}: no such file or folder (local files only; nothing is downloaded)")
+    if p.is_dir():
+        p = p / "model.safetensors"  # save_for_hf's weights
+    elif p.with_suffix(".json").is_file():
+        read_sidecar(p)  # an export: its sidecar must be ours
+    try:
+        return timm.models.load_state_dict(str(p), weights_only=True)
+    except Exception as e:  # safetensors and torch raise many types for a file that is not a state dict
+        raise CheckpointError(f"{where}: not a readable state dict ({type(e).__name__}: {e})") from None
+
+
+def load_matching(module: nn.Module, state: Mapping[str, Tensor], where: str) -> dict[str, Any]:
+    """Load the keys of ``state`` that ``module`` has; ``{"loaded", "missing", "unexpected"}``. A shared key of
+    another shape (another size or architecture) is an error naming it, as is a file sharing no key at all."""
+    own = module.state_dict()
+    shapes = [f"{k} {tuple(v.shape)} in the file vs {tuple(own[k].shape)}" for k, v in state.items()
+              if k in own and v.shape != own[k].shape]  # fmt: skip
+    if shapes:
+        more = f" and {len(shapes) - 3} more" if len(shapes) > 3 else ""
+        raise CheckpointError(
+            f"{where}: shape mismatch: {'; '.join(shapes[:3])}{more} (another size or architecture)"
+        )
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    if len(missing) == len(own):
+        raise CheckpointError(
+            f"{where}: none of its {len(state)} tensors is a weight of {type(module).__name__}"
+        )
+    module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return {"loaded": len(own) - len(missing), "missing": missing, "unexpected": unexpected}

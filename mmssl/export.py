@@ -31,15 +31,16 @@ from mmssl.backbones import Backbone
 from mmssl.checkpoints import FORMAT, read_sidecar
 
 
-def timm_args(model: nn.Module) -> dict[str, Any]:
-    """The keyword arguments timm needs to rebuild ``model``'s architecture (drop rates left out).
+def timm_args(model: nn.Module, keep_head: bool = False) -> dict[str, Any]:
+    """The keyword arguments timm needs to rebuild ``model``'s architecture (drop rates left out), without its
+    classifier (``num_classes=0``) unless ``keep_head`` (a fine-tuned classifier).
 
     timm records them on the model at ``create_model`` (``_model_args``); :func:`export_backbone` reloads the
     export through timm and compares features, so a drift here fails at export time, never silently.
     """
     args = dict(getattr(model, "_model_args", {}))
     args = {k: v for k, v in args.items() if not ("drop" in k and k.endswith("_rate"))}  # training only
-    args["num_classes"] = 0
+    args["num_classes"] = model.num_classes if keep_head else 0
     return args
 
 
@@ -55,18 +56,24 @@ def export_backbone(
     objective: str = "",
     extra: dict[str, Any] | None = None,
     hf_folder: bool = True,
+    keep_head: bool = False,
 ) -> dict[str, Any]:
-    """Write ``out.safetensors`` + ``out.json`` (+ ``out_hf/``); return the sidecar dict."""
+    """Write ``out.safetensors`` + ``out.json`` (+ ``out_hf/``); return the sidecar dict. ``keep_head``: the
+    timm model's classifier is part of the export (a fine-tuned model; ``model_args.num_classes`` says so)."""
+    model = getattr(backbone, "model", None)
+    if not hasattr(model, "default_cfg"):  # e.g. iGPT's encoder over palette ids (ObjectiveSpec.timm_encoder)
+        raise ValueError(
+            f"a {type(backbone).__name__} is not a timm model: only timm encoders (ViTs, CNNs) export to timm"
+        )
     out = Path(out).with_suffix("")
     out.parent.mkdir(parents=True, exist_ok=True)
-    model = backbone.model
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     weights = out.with_suffix(".safetensors")
     save_file(state, weights, metadata={"format": FORMAT, "architecture": model.default_cfg["architecture"]})
     sidecar = {
         "format": FORMAT,
         "architecture": model.default_cfg["architecture"],
-        "model_args": timm_args(model),
+        "model_args": timm_args(model, keep_head),
         "img_size": img_size,
         "mean": list(mean),
         "std": list(std),
@@ -119,7 +126,8 @@ def round_trip_diff(backbone: Backbone, out: str | Path, batch: int = 2) -> dict
     the same random images: max absolute difference per form (0.0 when the export is exact)."""
     out = Path(out).with_suffix("")
     sidecar = read_sidecar(out.with_suffix(".safetensors"))
-    overlay = {"file": str(out.with_suffix(".safetensors")), "num_classes": 0}
+    num_classes = sidecar["model_args"].get("num_classes", 0)  # a classifier compares logits
+    overlay = {"file": str(out.with_suffix(".safetensors")), "num_classes": num_classes}
     loaded = {
         "safetensors": timm.create_model(
             sidecar["architecture"], pretrained=True, pretrained_cfg_overlay=overlay, **sidecar["model_args"]
@@ -133,10 +141,11 @@ def round_trip_diff(backbone: Backbone, out: str | Path, batch: int = 2) -> dict
     was_training = backbone.training
     backbone.eval()
     device = next(backbone.parameters()).device
-    expected = backbone.forward_pooled(images.to(device)).cpu()
+    x = images.to(device)
+    expected = (backbone.model(x) if num_classes else backbone.forward_pooled(x)).cpu()
     backbone.train(was_training)
     diffs = {}
     for name, model in loaded.items():
-        got = model.eval().to(device)(images.to(device)).cpu()  # num_classes=0: forward() = pooled features
+        got = model.eval().to(device)(x).cpu()  # num_classes=0: forward() = pooled features
         diffs[name] = (got - expected).abs().max().item() if got.shape == expected.shape else float("inf")
     return diffs

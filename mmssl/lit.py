@@ -70,6 +70,7 @@ class PretrainModule(L.LightningModule):
         seed: int = 0,
         warmup_start_lr: float = 0.0,
         config: dict | None = None,
+        layer_decay: float | None = None,
     ):
         super().__init__()
         if objective is None:  # load_from_checkpoint(path): rebuild it from the saved run config
@@ -81,7 +82,8 @@ class PretrainModule(L.LightningModule):
             objective = self.objective_factory(config)
         self.objective = objective
         # Taken now, before any FSDP wrapping flattens the parameters (see optim.param_groups).
-        self._param_groups = param_groups(objective, optimizer, weight_decay)
+        # layer_decay: layer-wise lr decay for fine-tuning (optim.layer_decay_param_groups)
+        self._param_groups = param_groups(objective, optimizer, weight_decay, layer_decay)
         # The resolved run config travels inside every checkpoint (plain types: loads with weights_only=True).
         self.save_hyperparameters(ignore=["objective"])
 

@@ -25,6 +25,7 @@ from mmssl.checkpoints import CheckpointError
 from mmssl.data import shapes
 from mmssl.data.shards import collate
 from mmssl.data.transforms import ApplyView, CaptionTokens
+from mmssl.export import export_backbone
 from mmssl.lit import PretrainModule
 from mmssl.objectives.base import BATCH_KEYS
 from mmssl.viz import Denormalize
@@ -203,8 +204,12 @@ def test_checkpoint_round_trip(name, variant, decoder_dir, tmp_path):
             build.load_encoder(path)
         return
     encoder, info = build.load_encoder(path)
-    own = getattr(objective, spec.encoder).model.state_dict()
-    assert all(torch.equal(v, own[k]) for k, v in encoder.model.state_dict().items())
+    own = getattr(objective, spec.encoder).state_dict()
+    assert encoder.state_dict().keys() == own.keys()
+    assert all(torch.equal(v, own[k]) for k, v in encoder.state_dict().items())
+    if not spec.timm_encoder:  # evaluated like any encoder, but not a timm model: export refuses it by name
+        with pytest.raises(ValueError, match="not a timm model"):
+            export_backbone(encoder, path.parent / "export", img_size=8, mean=[0.5] * 3, std=[0.5] * 3)
     assert info["objective"] == name and info["global_step"] == 7
     untrained, _ = build.load_encoder(path, random_init=True)
     assert not torch.equal(next(iter(untrained.parameters())), next(iter(encoder.parameters())))

@@ -12,14 +12,32 @@ from torch import nn
 
 from mmssl import config as C
 from mmssl.build import build_objective
-from mmssl.objectives.igpt import ImageGPT
+from mmssl.data.transforms import eval_view
+from mmssl.eval.features import encode, labelled_loader, resolve_layers
+from mmssl.objectives.igpt import IGPTEncoder, ImageGPT
 from mmssl.sequence import SequenceTransformer, sample_logits
 from mmssl.targets.palette import Palette, fit_kmeans, inertia
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 import fit_palette  # noqa: E402
-import igpt_probe  # noqa: E402
+
+
+def load_labelled(spec: str, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labelled demo images at side x side in [0, 1] (iGPT's evaluation view: shorter side, centre crop)."""
+    loader, _ = labelled_loader(spec, eval_view(side, crop_pct=1.0, mean=(0.0,) * 3, std=(1.0,) * 3), 256, 0)
+    batches = list(loader)
+    return torch.cat([b["image"] for b in batches]), torch.cat([b["label"] for b in batches])
+
+
+def probe_accuracy(train_x, train_y, val_x, val_y) -> float:
+    """Logistic regression on standardised features (scikit-learn), an independent probe."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    return float(clf.fit(train_x.numpy(), train_y.numpy()).score(val_x.numpy(), val_y.numpy()))
 
 
 def tiny(
@@ -54,14 +72,12 @@ def test_quantize_is_one_vectorised_nearest_centre_search():
 @pytest.fixture(scope="module")
 def digit_images():
     """Demo digits (scikit-learn's load_digits) at 8x8 in [0, 1], with labels: train and val."""
-    train = igpt_probe.load_labelled("demo:digits/train", "train", 8, (0.0,) * 3, (1.0,) * 3)
-    val = igpt_probe.load_labelled("demo:digits/val", "val", 8, (0.0,) * 3, (1.0,) * 3)
-    return train, val
+    return load_labelled("demo:digits/train", 8), load_labelled("demo:digits/val", 8)
 
 
 def test_bundled_digits_palette_round_trip_is_small_on_held_out_digits():
     palette = Palette.load(ROOT / "assets" / "palettes" / "digits16.safetensors")
-    val, _ = igpt_probe.load_labelled("demo:digits/val", "val", 16, (0.0,) * 3, (1.0,) * 3)
+    val, _ = load_labelled("demo:digits/val", 16)
     back = palette.dequantize(palette.quantize(val), (16, 16))
     rmse = (back - val).pow(2).mean().sqrt().item()
     assert rmse < 0.025, rmse  # measured 0.0176 (4.5/255 per channel): 16 greys for grey digits
@@ -248,14 +264,23 @@ def test_cached_sampling_equals_rerunning_the_prefix(pretrained, digit_images):
     )
 
 
+def layerwise_probe(objective: ImageGPT, train, val) -> list[float]:
+    """Probe accuracy of every layer (0 = embeddings) through the evaluation path's encoder contract."""
+    encoder = IGPTEncoder(objective, objective.transformer.depth)  # every layer, not only up to the middle
+    layers = resolve_layers(encoder, list(range(encoder.num_layers)))
+    with torch.no_grad():
+        ftr, fval = encode(encoder, train[0], layers), encode(encoder, val[0], layers)
+    return [probe_accuracy(ftr[k], train[1], fval[k], val[1]) for k in ftr]
+
+
 def test_layerwise_probe_beats_random_init_at_the_best_layer(pretrained, digit_images):
     objective, fresh, _ = pretrained
     train, val = digit_images
     baseline = tiny("ar", depth=4, palette=objective.palette)
     baseline.load_state_dict(fresh)
-    trained = igpt_probe.layerwise_probe(objective, train, val)
-    random_init = igpt_probe.layerwise_probe(baseline.eval(), train, val)
-    print("\n" + igpt_probe.table({"pretrained": trained, "random init": random_init}))
+    trained = layerwise_probe(objective, train, val)
+    random_init = layerwise_probe(baseline.eval(), train, val)
+    print("\npretrained", [round(a, 3) for a in trained], "\nrandom init", [round(a, 3) for a in random_init])
     assert len(trained) == 5  # embeddings + 4 blocks
     assert max(trained) > max(random_init) + 0.03, (trained, random_init)
 
@@ -267,6 +292,29 @@ def test_features_of_a_layer_match_the_per_layer_stack():
     assert stack.shape == (2, 4, 32)
     torch.testing.assert_close(objective.features(images, layer=2), stack[:, 2])
     assert objective.feature_layer == 1  # depth // 2: the paper's best layers are in the middle
+
+    # the encoder behind the backbone contract: the transformer up to feature_layer, the paper's pooling
+    encoder = objective.backbone
+    assert isinstance(encoder, IGPTEncoder) and encoder.num_layers == 2 and not encoder.training
+    assert (encoder.embed_dim, encoder.grid_size, encoder.num_patches, encoder.input_size) == (
+        32,
+        (8, 8),
+        64,
+        8,
+    )
+    torch.testing.assert_close(encoder.forward_pooled(images), stack[:, 1])
+    for pool in ("default", "avg"):
+        out = encode(encoder, images, resolve_layers(encoder, [0, -1]), pool)
+        torch.testing.assert_close(out["layer0"], stack[:, 0])
+        torch.testing.assert_close(out["layer1"], stack[:, 1])
+    tokens = encoder.forward_tokens(images)  # (B, L, D), parameter-free layer-normed
+    assert tokens.shape == (2, 64, 32)
+    torch.testing.assert_close(tokens.mean(1), stack[:, 1])
+    with pytest.raises(ValueError, match="no CLS token"):
+        encode(encoder, images, [1], "cls")
+    with pytest.raises(ValueError, match="layer 2 out of range"):
+        resolve_layers(encoder, [2])
+    assert set(objective.state_dict()) == set(tiny("ar", depth=3).state_dict())  # no new keys
 
 
 def test_demo_config_builds_the_documented_model():

@@ -183,8 +183,13 @@ def _export_checkpoint(path: Path, args, requested: list[str] | None) -> dict[st
     # a CLIP run with open_clip's image tower keeps no mmssl backbone at its spec's encoder attribute
     prefix = f"objective.{spec.encoder}.model."
     encoder = spec.encoder is not None and any(k.startswith(prefix) for k in ckpt["state_dict"])
+    what = f"checkpoint {path} (objective {cfg.objective!r})"
+    if spec.encoder is not None and not spec.timm_encoder:  # e.g. iGPT's: evaluated in place, never exported
+        encoder = False
+        what += (f"; the {cfg.objective!r} objective's encoder is not a timm model, so it cannot be exported to "
+                 f"{', '.join(ENCODER)} (the evaluation tools read it from the checkpoint directly)")  # fmt: skip
     offered = [*(ENCODER if encoder else ()), *spec.exports]
-    _check_requested(requested, offered, f"checkpoint {path} (objective {cfg.objective!r})")
+    _check_requested(requested, offered, what)
     wanted = [f for f in offered if f in (requested or offered) and not (args.no_hf and f == "hf")]
     diffs: dict[str, float] = {}
     encoder_formats = [f for f in wanted if f in ENCODER]

@@ -12,6 +12,11 @@ included) or an image folder with one subfolder per class. ``configs/linprobe_ma
 ``configs/linprobe_simclr.yaml`` hold the published protocols; any key can be overridden (``base_lrs=[0.05,0.1]
 layers=[-1,-4] data.cache_dir=/tmp/feats``). Prints a Markdown table; ``--json`` writes every result.
 
+Training features (``data.mode``): ``augment`` (the protocols' default) runs the frozen encoder over freshly
+augmented training images every epoch (RandomResizedCrop + flip, as MAE's main_linprobe.py); ``cached`` extracts
+one pass of the evaluation view (or ``data.augment_copies`` augmented passes) once and reuses it: much faster,
+not the protocol. The printed table and the JSON say which mode made them.
+
 Exit codes: 0 done, 2 bad config, checkpoint or data.
 """
 
@@ -55,8 +60,18 @@ from omegaconf import OmegaConf  # noqa: E402
 from mmssl import build  # noqa: E402
 from mmssl import config as C  # noqa: E402
 from mmssl.checkpoints import CheckpointError  # noqa: E402
-from mmssl.eval.features import fingerprint, split_features  # noqa: E402
+from mmssl.eval.features import fingerprint, probe_train_features, split_features  # noqa: E402
 from mmssl.eval.linear_probe import as_rows, best, markdown_table, train_probes  # noqa: E402
+
+
+def mode_text(cfg) -> str:
+    d = cfg.data
+    if d.mode == "augment":
+        return (f"augment: RandomResizedCrop({d.crop_scale[0]:g}-{d.crop_scale[1]:g}) + flip({d.hflip:g}) drawn "
+                "every epoch (the protocol)")  # fmt: skip
+    if d.augment_copies:
+        return f"cached: {d.augment_copies} augmented copies, epoch e uses e mod {d.augment_copies}"
+    return f"cached: one pass of the evaluation view (resize + centre crop {d.crop_pct:g})"
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -71,17 +86,14 @@ def run(args: argparse.Namespace) -> dict:
     encoder_id = f"{fingerprint(args.encoder)}:{'random' if args.random_init else 'trained'}:{cfg.seed}"
     common = dict(
         encoder_id=encoder_id, layers=list(cfg.layers), pool=cfg.pool, img_size=d.img_size, crop_pct=d.crop_pct,
-        batch_size=d.batch_size, num_workers=d.num_workers, label_key=d.label_key, cache_dir=d.cache_dir,
-        device=args.device,
+        batch_size=d.batch_size, num_workers=d.num_workers, label_key=d.label_key, crop_scale=tuple(d.crop_scale),
+        hflip=d.hflip, seed=cfg.seed, device=args.device,
     )  # fmt: skip
-    if d.augment_copies:
-        train = [
-            split_features(backbone, info, d.train_shards, augment_copy=i, **common)
-            for i in range(d.augment_copies)
-        ]
-    else:
-        train = split_features(backbone, info, d.train_shards, **common)
-    val = split_features(backbone, info, d.val_shards, **common)
+    train = probe_train_features(
+        backbone, info, d.train_shards, mode=d.mode, augment_copies=d.augment_copies, cache_dir=d.cache_dir,
+        **common,
+    )  # fmt: skip
+    val = split_features(backbone, info, d.val_shards, cache_dir=d.cache_dir, **common)
     results = train_probes(
         train, val, base_lrs=list(cfg.base_lrs), optimizer=cfg.optimizer, momentum=cfg.momentum,
         nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, epochs=cfg.epochs,
@@ -89,13 +101,14 @@ def run(args: argparse.Namespace) -> dict:
         lr_scaling=cfg.lr_scaling, seed=cfg.seed, device=args.device,
     )  # fmt: skip
     top = best(results)
-    n_train = len(train[0] if isinstance(train, list) else train)
+    n_train = top.train_samples
     summary = {
         "encoder": str(args.encoder),
         "random_init": args.random_init,
         "objective": info.get("objective", ""),
         "architecture": info["architecture"],
         "protocol": cfg.name,
+        "mode": mode_text(cfg),
         "train_samples": n_train,
         "val_samples": len(val),
         "best": {"layer": top.layer, "base_lr": top.base_lr, "top1": top.top1, "top5": top.top5},
@@ -104,6 +117,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     if top.batch_size < cfg.batch_size:
         print(f"note: batch_size {cfg.batch_size} > {n_train} training samples: used {top.batch_size}")
+    print(f"training features: {mode_text(cfg)}")
     print(markdown_table(results))
     print(f"best: {top.layer}, base lr {top.base_lr:g}: top-1 {top.top1:.2f}, top-5 {top.top5:.2f} "
           f"({len(val)} val samples; lr chosen on this split)")  # fmt: skip

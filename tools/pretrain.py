@@ -208,7 +208,7 @@ def train(cfg, out: Path, ckpt: Path | None, shapes: dict | None = None) -> int:
         C.validate_machine(cfg)  # e.g. trainer.strategy=fsdp without CUDA GPUs, before any model or data work
         datamodule = build.build_datamodule(cfg)
         plan = build.plan(cfg, datamodule)
-        # a bad model name or weights file names its key (ValueError); backbone.img_size not whole patches
+        # a bad model name or backbone.weights file names its key (ValueError); whole patches checked
         module = build.build_module(cfg, plan)
     except (C.ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

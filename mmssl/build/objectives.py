@@ -27,8 +27,11 @@ from mmssl.checkpoints import (
     CheckpointError,
     load_backbone_weights,
     load_exported,
+    load_matching,
     load_state_checked,
     read_checkpoint,
+    read_encoder_weights,
+    strip_prefix,
 )
 from mmssl.data.transforms import (
     View,
@@ -379,11 +382,12 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
     # RandomResizedCrop(data.crop_scale: 0.5-1 for MaskFeat) + flip, as MAE's
     "maskfeat": ObjectiveSpec(_maskfeat, _mae_views),
     "simclr": ObjectiveSpec(_simclr, _simclr_views),
-    # the palette is a buffer in the checkpoint (data, kept by a random-init baseline); its file need not exist
+    # the palette is a buffer in the checkpoint (data, kept by a random-init baseline); its file need not exist.
+    # Its encoder (.backbone, an IGPTEncoder over palette-id sequences) is read from the rebuilt objective.
     "igpt": ObjectiveSpec(
         _igpt,
         _igpt_views,
-        encoder=None,
+        timm_encoder=False,
         weight_files=("igpt.palette",),
         data_buffers=("palette.",),
         exports={"imagegpt": IMAGE_GPT},
@@ -407,7 +411,62 @@ def spec_of(cfg: DictConfig) -> ObjectiveSpec:
 
 
 def build_objective(cfg: DictConfig) -> nn.Module:
-    return spec_of(cfg).build(cfg)
+    objective = spec_of(cfg).build(cfg)
+    if (
+        cfg.backbone.weights
+    ):  # continued pretraining: after the objective's own init (MAE re-inits everything)
+        load_pretrained_backbone(objective, cfg)
+    return objective
+
+
+def encoder_weights(path: str | Path, where: str) -> dict[str, torch.Tensor]:
+    """The timm state dict of any local encoder file: a pretraining ``.ckpt`` (its spec's encoder), an export
+    or a plain timm state dict (``checkpoints.read_encoder_weights``)."""
+    if not str(path).endswith(".ckpt") or C.is_hub_name(str(path)):
+        return read_encoder_weights(path, where)
+    ckpt, cfg, spec = read_run(path)
+    state = strip_prefix(ckpt["state_dict"], f"objective.{spec.encoder}.model.") if spec.timm_encoder else {}
+    if spec.encoder is None or not state:
+        raise CheckpointError(
+            f"{where}: the {cfg.objective!r} objective of this checkpoint has no timm encoder weights "
+            f"(no 'objective.{spec.encoder}.model.*')"
+        )
+    return state
+
+
+def load_pretrained_backbone(objective: nn.Module, cfg: DictConfig) -> dict[str, list[str]]:
+    """Continued pretraining (``backbone.weights``): a freshly built objective (after its own initialisation)
+    takes the encoder weights of that file (:func:`encoder_weights`); missing and unexpected keys are reported,
+    a shape mismatch is an error naming the key. A ``.ckpt`` of the same objective whose other weights fit
+    (MAE's decoder, SimCLR's projection head, CLIP's text tower) brings those too: the run continues that
+    pretraining, with a new optimizer and schedule from step 0."""
+    path, spec = cfg.backbone.weights, spec_of(cfg)
+    where = f"config key 'backbone.weights': {path}"
+    backbone = getattr(objective, spec.encoder, None) if spec.encoder and spec.timm_encoder else None
+    if not hasattr(backbone, "model"):
+        raise C.ConfigError(
+            f"{where}: the {cfg.objective!r} objective as configured has no timm backbone to start from (only "
+            "objectives that train an mmssl ViT/CNN backbone do; CLIP needs clip.image_tower=backbone)"
+        )
+    report = load_matching(backbone.model, encoder_weights(path, where), where)
+    rest, why = {}, "only a pretraining .ckpt of the same objective has them"
+    if str(path).endswith(".ckpt"):
+        ckpt = read_checkpoint(path)
+        prefix = f"{spec.encoder}.model."
+        rest = {k.removeprefix("objective."): v for k, v in ckpt["state_dict"].items()}
+        rest = {k: v for k, v in rest.items() if not k.startswith(prefix)}
+        own = {k: v for k, v in objective.state_dict().items() if not k.startswith(prefix)}
+        source = ckpt["hyper_parameters"]["config"].get("objective", C.Config.objective)
+        if source != cfg.objective:
+            rest, why = {}, f"the checkpoint is of another objective ({source})"
+        elif rest.keys() != own.keys() or any(v.shape != own[k].shape for k, v in rest.items()):
+            rest, why = {}, "they do not fit this config"
+        objective.load_state_dict(rest, strict=False)
+    print(f"mmssl: backbone.weights={path}: {report['loaded']} of {len(backbone.model.state_dict())} backbone "
+          f"tensors loaded; missing (kept at init): {report['missing'] or 'none'}; unexpected (ignored): "
+          f"{report['unexpected'] or 'none'}; the objective's other weights: "
+          f"{f'{len(rest)} tensors loaded too' if rest else f'at init ({why})'}")  # fmt: skip
+    return report | {"other_weights": sorted(rest)}
 
 
 def build_views(cfg: DictConfig) -> tuple[View, View]:
@@ -427,11 +486,12 @@ def read_run(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict, Dic
     """(checkpoint, its run config, its objective's spec); the config's ``weight_files`` keys are reset to
     null: the checkpoint's weights hold what those files provided, and they need not exist here."""
     ckpt = read_checkpoint(path)
+    # backbone.weights: the run's starting point, already inside the checkpoint's weights
     try:  # the spec of the config as saved, not yet validated (a composition's weight files are its parts')
         raw = OmegaConf.merge(OmegaConf.structured(C.Config), ckpt["hyper_parameters"]["config"])
-        reset = spec_of(raw).weight_files
+        reset = ("backbone.weights", *spec_of(raw).weight_files)
     except (OmegaConfBaseException, C.ConfigError, KeyError):
-        reset = ()  # the config check below names what is wrong
+        reset = ("backbone.weights",)  # the config check below names what is wrong
     cfg = checkpoint_config(path, ckpt, overrides, reset)
     return ckpt, cfg, spec_of(cfg)
 
@@ -489,8 +549,13 @@ def load_encoder(path: str | Path, random_init: bool = False, seed: int = 0) -> 
         raise CheckpointError(
             f"checkpoint {path}: the {cfg.objective!r} objective trains no image encoder to evaluate or export"
         )
-    if not random_init:
+    if not random_init and spec.timm_encoder:
         return trained_encoder(path, ckpt, cfg, spec.encoder)
-    objective = _rebuild(path, ckpt, cfg, spec, random_init=True, seed=seed)
-    info = {**encoder_info(cfg), "config": C.to_dict(cfg), "global_step": 0}
-    return getattr(objective, spec.encoder), info
+    # the objective's own initialisation, or an encoder that is not a timm model: the objective is rebuilt
+    objective = _rebuild(path, ckpt, cfg, spec, random_init=random_init, seed=seed)
+    encoder = getattr(objective, spec.encoder).eval()
+    step = 0 if random_init else int(ckpt.get("global_step", -1))
+    info = {**encoder_info(cfg), "config": C.to_dict(cfg), "global_step": step}
+    for key, attribute in (("img_size", "input_size"), ("architecture", "architecture")):  # an encoder's own
+        info[key] = getattr(encoder, attribute, info[key])
+    return encoder, info

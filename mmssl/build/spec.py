@@ -32,6 +32,10 @@ class ObjectiveSpec:
       is given exactly when ``text == "tokens"``.
     * ``encoder``: the attribute holding the image encoder that evaluation and export use (a
       ``mmssl.backbones`` backbone, state-dict keys ``<encoder>.model.*``), or None when it trains none.
+    * ``timm_encoder``: whether that encoder is a timm ViT/CNN backbone (``backbones.py``): loaded from a
+      checkpoint without building the objective, exported to timm, fine-tuned, and a source or target of
+      continued pretraining (``backbone.weights``). False: another module behind the same contract (iGPT's
+      ``IGPTEncoder``), which evaluation reads from the rebuilt objective and which export refuses.
     * ``weight_files``: config keys naming files whose contents become part of the objective's state dict
       (an iGPT palette, pretrained CLIP weights). A checkpoint holds them already, so they are reset to null
       when an objective is rebuilt from one: the files need not exist where the checkpoint is loaded.
@@ -58,6 +62,7 @@ class ObjectiveSpec:
     text: str = "none"
     tokenizer: Callable[[DictConfig], Callable] | None = None
     encoder: str | None = "backbone"
+    timm_encoder: bool = True
     weight_files: tuple[str, ...] = ()
     data_buffers: tuple[str, ...] = ()
     save_parts: Callable[[nn.Module, Path, dict], object] | None = None

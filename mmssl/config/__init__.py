@@ -27,7 +27,7 @@ from mmssl.config.objectives import (  # per-objective sections, each with its o
     SigLIPConfig,
     SimCLRConfig,
 )
-from mmssl.config.paths import CONFIG_DIR
+from mmssl.config.paths import CONFIG_DIR, HUB_REFUSED, is_hub_name
 from mmssl.config.paths import find_file as find_file  # re-exported: C.find_file
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -65,6 +65,9 @@ class BackboneConfig:
     depth: int | None = None
     num_heads: int | None = None
     drop_path_rate: float = 0.0
+    # continued pretraining: a new run (new optimizer and schedule, step 0) from these encoder weights: a
+    # pretraining .ckpt, an exported .safetensors (+ .json) or folder, or a plain timm state dict; local only
+    weights: str | None = None
     # timm's set_grad_checkpointing: recompute each block's activations in the backward pass (memory for
     # compute; ViT-L/H at large batches). Under trainer.strategy=fsdp use trainer.fsdp.activation_checkpointing.
     grad_checkpointing: bool = False
@@ -190,7 +193,13 @@ class ProbeDataConfig:
     crop_pct: float = 0.875  # eval view: resize to img_size / crop_pct, centre crop (MAE: 256 -> 224)
     batch_size: int = 256  # images per forward pass while extracting features
     num_workers: int = 4
-    augment_copies: int = 0  # 0: train features of the eval view; K: K augmented passes, epoch e uses e mod K
+    # augment: every epoch trains on the frozen encoder's features of freshly augmented training images
+    # (RandomResizedCrop + flip drawn anew each epoch, facebookresearch/mae main_linprobe.py; one encoder pass
+    # per epoch). cached: one pass of fixed views, features cached and reused (fast, not the protocol)
+    mode: str = "augment"
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # main_linprobe: RandomResizedCrop
+    hflip: float = 0.5
+    augment_copies: int = 0  # cached mode: 0: the eval view; K: K augmented passes, epoch e uses e mod K
     cache_dir: str | None = None  # features cached here (safetensors) and reused when nothing changed
 
 
@@ -319,6 +328,7 @@ def _merge(base: DictConfig, delta: Any, source: str) -> DictConfig:
 
 def _check_core(cfg: DictConfig, check: Check) -> None:
     """The checks of the run-wide sections (trainer, optim, data, eval); objective sections check themselves."""
+    check(not is_hub_name(cfg.backbone.weights), "backbone.weights", HUB_REFUSED)
     check(
         not (cfg.trainer.sync_batchnorm and cfg.trainer.accelerator == "cpu"),
         "trainer.sync_batchnorm",
@@ -498,6 +508,11 @@ def validate_probe(cfg: DictConfig) -> None:
     check(cfg.head_init in ("trunc_normal", "zeros"), "head_init", "must be trunc_normal or zeros")
     check(0 < cfg.data.crop_pct <= 1, "data.crop_pct", "must be in (0, 1]")
     check(cfg.data.augment_copies >= 0, "data.augment_copies", "must be >= 0")
+    check(cfg.data.mode in ("augment", "cached"), "data.mode", "must be augment or cached")
+    check(cfg.data.mode == "cached" or cfg.data.augment_copies == 0, "data.augment_copies",
+          "K cached augmented copies belong to data.mode=cached; augment draws new views every epoch")  # fmt: skip
+    crop = cfg.data.crop_scale
+    check(len(crop) == 2 and 0 < crop[0] <= crop[1] <= 1, "data.crop_scale", "needs 0 < min <= max <= 1")
 
 
 def world_size(cfg: DictConfig) -> int:

@@ -23,3 +23,17 @@ def find_file(path: str) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+HUB_REFUSED = "a model-hub name; mmssl never downloads weights: pass the path of a local file or folder"
+
+
+def is_hub_name(value: str | None) -> bool:
+    """``hf-hub:``/``timm/`` names and URLs (checked before any file is looked for, so never fetched)."""
+    if value is None:
+        return False
+    return (
+        value.startswith(("hf-hub:", "hf_hub:"))
+        or "://" in value
+        or (value.startswith("timm/") and not Path(value).exists())
+    )

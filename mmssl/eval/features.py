@@ -1,7 +1,9 @@
 """Frozen features of any encoder in the backbone contract: pooled, from one or several layers, cached.
 
 Layers are counted as timm counts them for ``forward_intermediates``: transformer blocks for a ViT, the
-``feature_info`` stages for a CNN (stem = 0); negative indices count from the end, ``-1`` is the last.
+``feature_info`` stages for a CNN (stem = 0); negative indices count from the end, ``-1`` is the last. Encoders
+that are not timm models (iGPT's, ``objectives/igpt.py``) give ``num_layers`` and their own pooled features per
+layer (``forward_pooled_layers``).
 Pooling (``pool``):
 
 * ``default``: what the model itself feeds its classifier. For the last layer this is exactly
@@ -21,21 +23,23 @@ import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mmssl.backbones import Backbone, ViTBackbone
+from mmssl.backbones import Backbone, CNNBackbone, ViTBackbone
+from mmssl.data.folder import folder_collate, open_rgb
 from mmssl.data.module import resolve_shards
 from mmssl.data.shards import SampleDecoder, count_samples, eval_pipeline
-from mmssl.data.transforms import View, eval_view, mae_view, to_rgb
+from mmssl.data.transforms import View, eval_view, mae_view
 
 POOLS = ("default", "cls", "avg")
 
@@ -51,13 +55,21 @@ class Features:
         return len(self.labels)
 
 
+def num_layers(backbone: Backbone) -> int:
+    if isinstance(backbone, ViTBackbone):
+        return len(backbone.model.blocks)
+    if isinstance(backbone, CNNBackbone):
+        return len(backbone.model.feature_info)
+    return backbone.num_layers  # another encoder behind the contract (iGPT's) says how many it has
+
+
 def resolve_layers(backbone: Backbone, layers: list[int]) -> list[int]:
     """Layer indices (negative from the end) -> sorted absolute indices, checked against the model."""
-    n = len(backbone.model.blocks) if isinstance(backbone, ViTBackbone) else len(backbone.model.feature_info)
+    n = num_layers(backbone)
     out = []
     for i in layers:
         if not -n <= i < n:
-            kind = "blocks" if isinstance(backbone, ViTBackbone) else "feature stages"
+            kind = {ViTBackbone: "blocks", CNNBackbone: "feature stages"}.get(type(backbone), "layers")
             raise ValueError(
                 f"layer {i} out of range: the encoder has {n} {kind} (use 0..{n - 1} or -1..-{n})"
             )
@@ -74,8 +86,15 @@ def encode(backbone: Backbone, images: Tensor, layers: list[int], pool: str = "d
     """(B, 3, H, W) -> ``{layer_name(i): (B, D_i)}`` for absolute indices from :func:`resolve_layers`."""
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    if not isinstance(backbone, (ViTBackbone, CNNBackbone)):  # its own pooling: default and avg agree
+        if pool == "cls":
+            raise ValueError(f"pool=cls: {type(backbone).__name__} has no CLS token (use avg or default)")
+        return {
+            layer_name(i): f
+            for i, f in zip(layers, backbone.forward_pooled_layers(images, layers), strict=True)
+        }
     model = backbone.model
-    last = (len(model.blocks) if isinstance(backbone, ViTBackbone) else len(model.feature_info)) - 1
+    last = num_layers(backbone) - 1
     if layers == [last] and pool == "default":
         return {layer_name(last): backbone.forward_pooled(images)}  # (B, D)
     if not hasattr(model, "forward_intermediates"):
@@ -113,19 +132,6 @@ def _vit_layers(backbone: ViTBackbone, images: Tensor, layers: list[int], pool: 
     return out
 
 
-def _open_rgb(path: str) -> Image.Image:
-    img = Image.open(path)
-    img.load()  # PIL closes a file it opened by name once the pixels are read
-    return to_rgb(img)
-
-
-def _folder_collate(items: list[tuple[dict[str, Tensor], int]]) -> dict[str, Tensor]:
-    """ImageFolder items (view dict, class index) -> the shard batch contract ``{"image", "label"}``."""
-    out = {k: torch.stack([d[k] for d, _ in items]) for k in items[0][0]}
-    out["label"] = torch.tensor([y for _, y in items], dtype=torch.int64)
-    return out
-
-
 def labelled_loader(
     spec: str, view: View, batch_size: int = 256, num_workers: int = 2, label_key: str = "cls"
 ) -> tuple[DataLoader, int | None]:
@@ -137,9 +143,9 @@ def labelled_loader(
     if os.path.isdir(spec) and not any(Path(spec).glob("*.tar")):
         from torchvision.datasets import ImageFolder
 
-        dataset = ImageFolder(spec, transform=view, loader=_open_rgb)
+        dataset = ImageFolder(spec, transform=view, loader=open_rgb)
         loader = DataLoader(
-            dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_folder_collate, shuffle=False
+            dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=folder_collate, shuffle=False
         )
         return loader, len(dataset)
     urls = resolve_shards(spec, "data shards")
@@ -234,6 +240,9 @@ def split_features(
     label_key: str = "cls",
     cache_dir: str | Path | None = None,
     augment_copy: int | None = None,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    hflip: float = 0.5,
+    seed: int = 0,
     device: str | torch.device = "cpu",
 ) -> Features:
     """Features of one labelled split for an encoder described by ``info`` (image size, mean/std,
@@ -241,14 +250,15 @@ def split_features(
 
     ``augment_copy=None`` uses the evaluation view (resize + centre crop); an integer draws augmented copy
     number ``augment_copy`` with the linear-probe training augmentation of MAE and SimCLR
-    (RandomResizedCrop(0.08-1) + horizontal flip), reproducibly seeded by that number.
+    (RandomResizedCrop(``crop_scale``, torchvision's default 0.08-1) + horizontal flip), reproducibly seeded by
+    that number and ``seed``.
     """
     size = img_size or info["img_size"]
     norm = {"interpolation": info["interpolation"], "mean": tuple(info["mean"]), "std": tuple(info["std"])}
     if augment_copy is None:
         view = eval_view(size, crop_pct=crop_pct, **norm)
     else:
-        view = mae_view(size, scale=(0.08, 1.0), hflip=0.5, **norm)  # torchvision's default crop scale
+        view = mae_view(size, scale=tuple(crop_scale), hflip=hflip, **norm)
     local_dir = os.path.isdir(spec) and not any(Path(spec).glob("*.tar"))
     data_id = (
         fingerprint(spec) if local_dir else [fingerprint(u) for u in resolve_shards(spec, "data shards")]
@@ -256,7 +266,7 @@ def split_features(
     absolute = resolve_layers(backbone, list(layers))
     key = cache_key(
         encoder=encoder_id, data=data_id, view=repr(view), layers=absolute, pool=pool, copy=augment_copy,
-        label_key=label_key,
+        label_key=label_key, seed=seed,
     )  # fmt: skip
 
     def compute() -> Features:
@@ -264,7 +274,7 @@ def split_features(
         rng = torch.random.fork_rng() if augment_copy is not None else contextlib.nullcontext()
         with rng:
             if augment_copy is not None:
-                torch.manual_seed(augment_copy)  # DataLoader workers derive their seeds from this
+                torch.manual_seed(augment_copy + 1_000_003 * seed)  # DataLoader workers derive theirs from it
             desc = f"features {Path(spec).name or spec}" + (
                 "" if augment_copy is None else f" aug{augment_copy}"
             )
@@ -274,3 +284,37 @@ def split_features(
             )  # fmt: skip
 
     return cached(cache_dir, key, compute)
+
+
+def probe_train_features(
+    backbone: Backbone,
+    info: dict,
+    spec: str,
+    *,
+    mode: str = "augment",
+    augment_copies: int = 0,
+    cache_dir: str | Path | None = None,
+    **common: Any,
+) -> Features | list[Features] | Callable[[int], Features]:
+    """The training side of a linear probe, as :func:`~mmssl.eval.linear_probe.train_probes` takes it.
+
+    ``mode="augment"`` (the protocol of MAE's main_linprobe.py and SimCLR): a function of the epoch that runs the
+    frozen encoder over freshly augmented training images (RandomResizedCrop + flip drawn anew, seeded by the
+    epoch and ``seed``), nothing cached. ``mode="cached"``: features of the evaluation view (or, with
+    ``augment_copies`` K, of K augmented copies, epoch e uses e mod K), extracted once and cached in
+    ``cache_dir``. ``common``: :func:`split_features` keywords.
+    """
+    if mode == "augment":
+        return partial(_augmented_epoch, backbone, info, spec, common)
+    if mode != "cached":
+        raise ValueError(f"data.mode must be augment or cached, got {mode!r}")
+    if augment_copies:
+        return [
+            split_features(backbone, info, spec, augment_copy=i, cache_dir=cache_dir, **common)
+            for i in range(augment_copies)
+        ]
+    return split_features(backbone, info, spec, cache_dir=cache_dir, **common)
+
+
+def _augmented_epoch(backbone: Backbone, info: dict, spec: str, common: dict, epoch: int) -> Features:
+    return split_features(backbone, info, spec, augment_copy=epoch, cache_dir=None, **common)

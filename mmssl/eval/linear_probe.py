@@ -15,12 +15,15 @@ batch / 256:
 Every (layer, base lr) pair gets its own head (BatchNorm + Linear) and its own parameter groups; they all see
 the same mini-batches and their losses are summed, so each head's gradient is exactly what it would get alone.
 
-Features are extracted once (``features.py``); the reference re-augments images every epoch instead
-(RandomResizedCrop + flip). ``augment_copies`` > 0 approximates that with K augmented feature passes.
+Training features come one epoch at a time. As in the references (MAE ``main_linprobe.py``: RandomResizedCrop
++ flip; SimCLR's linear eval likewise), every epoch may bring the frozen encoder's features of freshly augmented
+images (``features.probe_train_features(mode="augment")``, the default of the probe configs); the fast
+alternative is one fixed pass, cached (``mode="cached"``: the evaluation view, or K augmented copies cycled).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -45,6 +48,7 @@ class ProbeResult:
     train_loss: float  # mean over the last epoch; nan: this head diverged (lr too high)
     batch_size: int
     epochs: int
+    train_samples: int
 
     head: nn.Module | None = field(default=None, repr=False, compare=False)  # the trained probe, eval mode
 
@@ -96,7 +100,7 @@ def make_optimizer(
 
 
 def train_probes(
-    train: Features | list[Features],
+    train: Features | list[Features] | Callable[[int], Features],
     val: Features,
     *,
     base_lrs: list[float],
@@ -116,13 +120,18 @@ def train_probes(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> list[ProbeResult]:
-    """Train one head per (layer, base lr) on ``train`` (a list: augmented copies, epoch e uses e mod K) and
-    report top-1/top-5 (%) on ``val`` after the last epoch. Defaults are the MAE protocol."""
-    copies = train if isinstance(train, list) else [train]
-    labels = copies[0].labels
-    if any(not torch.equal(c.labels, labels) for c in copies[1:]):
-        raise ValueError("augmented feature copies must list the samples in the same order")
-    layers = layers or list(copies[0].features)
+    """Train one head per (layer, base lr) on ``train`` and report top-1/top-5 (%) on ``val`` after the last
+    epoch. ``train``: one feature set for every epoch, a list (copies, epoch e uses e mod K) or a function of
+    the epoch (fresh augmented features each epoch; it is called once per epoch, in order). Defaults are the MAE
+    protocol."""
+    copies = [] if callable(train) else train if isinstance(train, list) else [train]
+
+    def epoch_features(epoch: int) -> Features:
+        return train(epoch) if callable(train) else copies[epoch % len(copies)]
+
+    first = epoch_features(0)
+    labels = first.labels
+    layers = layers or list(first.features)
     n = len(labels)
     if num_classes is None:
         num_classes = int(max(labels.max(), val.labels.max())) + 1
@@ -134,7 +143,7 @@ def train_probes(
     # Every head starts from the same seeded draw and all see the same batch order, so a head trained in a grid
     # is exactly the head a separate run with that one lr would train.
     grid = [(layer, b) for layer in layers for b in base_lrs]
-    dims = {layer: copies[0].features[layer].shape[1] for layer in layers}
+    dims = {layer: first.features[layer].shape[1] for layer in layers}
     heads = [
         make_head(dims[layer], num_classes, head_init, torch.Generator().manual_seed(seed), batchnorm).to(
             device
@@ -150,7 +159,10 @@ def train_probes(
     for epoch in tqdm(
         range(epochs), desc="linear probes", unit="epoch", disable=not progress or None, leave=False
     ):
-        feats = copies[epoch % len(copies)].features
+        current = first if epoch == 0 else epoch_features(epoch)
+        if not torch.equal(current.labels, labels):
+            raise ValueError(f"epoch {epoch}: the training features list the samples in another order")
+        feats = current.features
         order = torch.randperm(n, generator=gen)
         epoch_losses = torch.zeros(len(grid))
         for step in range(steps_per_epoch):
@@ -175,7 +187,7 @@ def train_probes(
             acc = topk_accuracy(head(val.features[layer].to(device)).cpu(), val.labels)
             loss = float(last_losses[i])
             results.append(
-                ProbeResult(layer, b, b * scale, acc["top1"], acc["top5"], loss, batch, epochs, head)
+                ProbeResult(layer, b, b * scale, acc["top1"], acc["top5"], loss, batch, epochs, n, head)
             )
     return results
 

@@ -24,6 +24,9 @@ An objective is a plain ``torch.nn.Module``:
   ``forward_tokens``; its timm model at ``.backbone.model``). Every objective that trains an image encoder
   exposes it under this name: evaluation (``eval/``: features, linear probe, kNN, online probes) and export
   (``export.py``: the state dict keys ``objective.backbone.model.*`` become the timm weights) rely on it.
+  An encoder that is not a timm model (iGPT's ``IGPTEncoder``) has the same attributes plus ``num_layers`` and
+  ``forward_pooled_layers(images, layers)`` for per-layer features; evaluation reads it, export to timm and
+  fine-tuning refuse it, continued pretraining (``backbone.weights``) needs a timm backbone.
 
 Objectives never import Lightning, so they work in any training loop::
 

@@ -17,6 +17,10 @@ The best layer sits near the middle of the network, so the default is ``depth //
 exactly what ``forward`` takes. AR features come from the same forward as training (start token, last pixel
 unseen), as the reference's classifier head; BERT features see every token (no mask at evaluation).
 
+Evaluation: ``objective.backbone`` is an :class:`IGPTEncoder`, the transformer up to ``feature_layer`` behind the
+backbone contract of ``backbones.py``, so the linear probe, kNN, the online monitors and the digits table treat
+iGPT like any encoder. It is not a timm model: export to timm is refused.
+
 Pictures: ``visualize`` completes the bottom half of each image from its top half (paper Figure 1) by
 sampling pixel after pixel (temperature / top-k); a BERT model fills the bottom half in one pass instead.
 """
@@ -103,6 +107,12 @@ class ImageGPT(nn.Module):
         names = {"transformer.pos_embed", "transformer.sos", "transformer.tok_embed.weight"}
         return names & {n for n, _ in self.named_parameters()}  # BERT mode has no sos
 
+    @property
+    def backbone(self) -> IGPTEncoder:
+        """The encoder for evaluation (objectives/base.py): the transformer up to ``feature_layer``. A view made
+        on each access (no parameters of its own), so the state dict keeps its keys."""
+        return IGPTEncoder(self, self.feature_layer)
+
     # ---- probing -------------------------------------------------------------------------------------
     @staticmethod
     def pool(hidden: Tensor) -> Tensor:
@@ -176,3 +186,44 @@ class ImageGPT(nn.Module):
             "given half": half,
             **{f"{name} {i + 1}": self.palette.dequantize(done[i], size) for i in range(n)},
         }
+
+
+class IGPTEncoder(nn.Module):
+    """iGPT's transformer up to block ``layer`` behind the backbone contract (``backbones.py``): normalised
+    (B, 3, R, R) images in, features of their palette-id sequences out. Layers are counted as the paper counts
+    them, 0 = the embeddings, ``layer`` = the last (``num_layers = layer + 1``); pooling is the paper's
+    f^l = mean_i layer_norm(h^l)_i, the model's own, so ``default`` and ``avg`` agree and there is no CLS token.
+    One pixel is one token: ``patch_size`` 1, ``grid_size`` (R, R), no prefix tokens."""
+
+    def __init__(self, gpt: ImageGPT, layer: int):
+        super().__init__()
+        if not 0 <= layer <= gpt.transformer.depth:
+            raise ValueError(f"layer {layer} out of range 0..{gpt.transformer.depth}")
+        self.gpt, self.layer = gpt, layer
+        self.training = gpt.training  # train()/eval() pass through to the objective
+        side = int(gpt.transformer.seq_len**0.5)
+        t = gpt.transformer
+        self.architecture = f"igpt_{gpt.mode}_d{t.depth}_w{t.embed_dim}_k{t.vocab_size}_to_layer{layer}"
+        self.input_size: int = side  # evaluation views must produce R x R images (igpt.resolution)
+        self.embed_dim: int = gpt.transformer.embed_dim
+        self.patch_size: int = 1
+        self.grid_size: tuple[int, int] = (side, side)
+        self.num_patches: int = side * side
+        self.num_prefix_tokens: int = 0
+        self.num_layers: int = layer + 1
+
+    def forward_tokens(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
+        """(B, 3, R, R) -> (B, R*R, D): block ``layer``'s output, parameter-free layer-normed."""
+        if keep is not None:
+            raise ValueError("iGPT's encoder reads every pixel; it cannot drop tokens")
+        h = self.gpt.transformer.hidden_states(self.gpt.tokens(images), upto=self.layer)[-1]
+        return F.layer_norm(h.float(), h.shape[-1:])
+
+    def forward_pooled(self, images: Tensor) -> Tensor:
+        """(B, 3, R, R) -> (B, D): f^layer, the probe features of the paper."""
+        return self.gpt.features(images, self.layer)
+
+    def forward_pooled_layers(self, images: Tensor, layers: Sequence[int]) -> list[Tensor]:
+        """(B, 3, R, R) -> [(B, D)] for absolute layer indices in 0..``layer``, from one forward pass."""
+        states = self.gpt.transformer.hidden_states(self.gpt.tokens(images), upto=max(layers))
+        return [self.gpt.pool(states[i]) for i in layers]

@@ -8,6 +8,7 @@ from eval_fixtures import _one_thread  # noqa: F401
 from PIL import Image
 
 import mmssl.eval.features as F
+from mmssl import config as C
 from mmssl.backbones import create_backbone
 from mmssl.data.shards import write_shards
 from mmssl.data.transforms import eval_view
@@ -113,3 +114,28 @@ def test_split_features_are_cached(tmp_path, vit, demo_root, monkeypatch):
         assert torch.equal(again.features[k], first.features[k])
     with pytest.raises(AssertionError, match="extracted again"):  # another pooling is another key
         F.split_features(vit, info, "demo:digits/val", **{**kw, "pool": "avg"})
+
+
+def test_augment_mode_draws_new_views_every_epoch_reproducibly(tmp_path, vit, demo_root, monkeypatch):
+    monkeypatch.setenv("MMSSL_DATA", demo_root)
+    info = {"img_size": 32, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.25] * 3}
+    kw = dict(encoder_id="tiny", layers=[-1], num_workers=0, crop_pct=1.0, crop_scale=(0.5, 1.0))
+    epochs = F.probe_train_features(vit, info, "demo:digits/val", mode="augment", cache_dir=tmp_path, **kw)
+    e0, e1, again = epochs(0), epochs(1), epochs(0)
+    fixed = F.probe_train_features(vit, info, "demo:digits/val", mode="cached", cache_dir=tmp_path, **kw)
+    assert isinstance(fixed, F.Features)
+    assert torch.equal(e0.labels, e1.labels) and torch.equal(
+        e0.labels, fixed.labels
+    )  # same samples, same order
+    assert torch.equal(e0.features["layer2"], again.features["layer2"])  # epoch e: the same draw every time
+    for other in (e1, fixed):  # another epoch, and the centre view, see other pixels
+        assert (e0.features["layer2"] - other.features["layer2"]).abs().mean() > 1e-3
+    reseeded = F.probe_train_features(vit, info, "demo:digits/val", mode="augment", seed=1, **kw)(0)
+    assert not torch.equal(reseeded.features["layer2"], e0.features["layer2"])
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1  # only the cached mode wrote to the cache
+
+    with pytest.raises(C.ConfigError, match="data.augment_copies.*belong to data.mode=cached"):
+        C.load("linprobe_mae", ["data.augment_copies=2"], schema=C.LinearProbeConfig)
+    assert C.load("linprobe_mae", [], schema=C.LinearProbeConfig).data.mode == "augment"
+    assert C.load("linprobe_simclr", [], schema=C.LinearProbeConfig).data.mode == "augment"
+    assert C.load("linprobe_digits", [], schema=C.LinearProbeConfig).data.mode == "cached"

@@ -130,3 +130,24 @@ def test_heads_are_the_published_ones():
     assert torch.equal(linear.bias.detach(), torch.zeros(1000))
     simclr = make_head(64, 10, "zeros", torch.Generator(), batchnorm=False)
     assert isinstance(simclr[0], torch.nn.Identity) and not simclr[1].weight.any()
+
+
+def test_a_function_of_the_epoch_trains_like_the_list_of_its_copies(pixels):
+    train, val = pixels
+    gen = torch.Generator().manual_seed(0)
+    copies = [Features({"f": train.features["f"] + torch.randn(train.features["f"].shape, generator=gen)},
+                       train.labels) for _ in range(3)]  # fmt: skip
+    calls = []
+
+    def epoch(e: int) -> Features:
+        calls.append(e)
+        return copies[e % 3]
+
+    kw = dict(base_lrs=[1.0, 10.0], batch_size=128, epochs=5, warmup_epochs=1, progress=False)
+    from_list, from_function = train_probes(copies, val, **kw), train_probes(epoch, val, **kw)
+    assert calls == [0, 1, 2, 3, 4]  # once per epoch, in order (epoch 0's features are reused, not redrawn)
+    for a, b in zip(from_list, from_function, strict=True):
+        assert a.top1 == b.top1 and a.train_loss == b.train_loss and a.train_samples == len(train) == 1257
+    shuffled = Features(train.features, train.labels.flip(0))
+    with pytest.raises(ValueError, match="epoch 1: the training features list the samples in another order"):
+        train_probes(lambda e: train if e == 0 else shuffled, val, **kw)

@@ -1,11 +1,13 @@
 """iGPT end to end on the real digits: tools/fit_palette.py, then 2-process DDP pretraining through
-tools/pretrain.py (uneven shards), then tools/complete.py and tools/igpt_probe.py on its checkpoint."""
+tools/pretrain.py (uneven shards), then tools/complete.py, and the evaluation tools every encoder goes through
+(tools/linear_probe.py, tools/knn.py) on its checkpoint; export to timm is refused with one message."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,11 +101,54 @@ def test_complete_tool_is_deterministic_for_a_seed(ddp_run, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_probe_tool_prints_every_layer_for_both_encoders(ddp_run, capsys):
+def test_linear_probe_and_knn_tools_read_the_igpt_encoder(ddp_run, tmp_path, capsys):
     run, _, _ = ddp_run
-    assert tool("igpt_probe").main([str(run / "checkpoints" / "last.ckpt")]) == 0
-    out = capsys.readouterr().out
-    assert "pretrained" in out and "random init" in out
-    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
-    assert [int(r[0]) for r in rows] == [0, 1, 2]  # embeddings + 2 blocks
-    assert all(0.0 <= float(v) <= 1.0 for r in rows for v in r[1:])
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    probe = ["--cfg", "linprobe_digits", "base_lrs=[10.0]", "layers=[0,-1]"]
+    for random_init, name in ((False, "trained"), (True, "random")):
+        args = [
+            ckpt,
+            *probe,
+            "--json",
+            str(tmp_path / f"{name}.json"),
+            *(["--random-init"] if random_init else []),
+        ]
+        assert tool("linear_probe").main(args) == 0
+    trained = json.loads((tmp_path / "trained.json").read_text())
+    assert trained["architecture"] == "igpt_ar_d2_w32_k8_to_layer1" and trained["objective"] == "igpt"
+    assert [r["layer"] for r in trained["results"]] == [
+        "layer0",
+        "layer1",
+    ]  # embeddings, block 1 (the middle)
+    assert trained["train_samples"] == 1257 and trained["best"]["top1"] > 30  # chance 10%
+    random = json.loads((tmp_path / "random.json").read_text())
+    assert random["random_init"] and random["architecture"] == trained["architecture"]
+    assert [r["top1"] for r in random["results"]] != [r["top1"] for r in trained["results"]]  # other weights
+
+    assert tool("knn").main([ckpt, "--train", "demo:digits/train", "--val", "demo:digits/val", "--crop-pct", "1.0", "--json", str(tmp_path / "knn.json")]) == 0  # fmt: skip
+    knn = json.loads((tmp_path / "knn.json").read_text())["results"]
+    assert knn[0]["top1"] > 30
+
+    capsys.readouterr()
+    # the whole model exports (--formats auto: imagegpt); its encoder alone is refused, through the spec
+    assert tool("export").main([ckpt, "--out", str(tmp_path / "exported"), "--formats", "timm"]) == 2
+    err = capsys.readouterr().err
+    assert "the 'igpt' objective's encoder is not a timm model" in err and "cannot be exported to timm" in err
+
+
+@pytest.mark.slow
+def test_digits_table_has_an_igpt_row(ddp_run, tmp_path):
+    run, _, _ = ddp_run
+    shutil.copytree(run, tmp_path / "igpt")  # the pretraining run, reused as the table's iGPT run
+    args = ["--objectives", "igpt", "--out-dir", str(tmp_path), "--reuse", "--probe", "epochs=10", "--finetune",
+            "--finetune-args", "trainer.max_steps=1"]  # fmt: skip
+    assert tool("digits_table").main(args) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["encoder"]: r for r in result["rows"]}
+    assert set(rows) == {"random init", "pretrained, 8 steps"}
+    assert all(r["objective"] == "igpt" and r["linear_top1"] > 10 for r in rows.values())  # chance 10%
+    assert rows["random init"]["linear_top1"] != rows["pretrained, 8 steps"]["linear_top1"]
+    assert "| igpt | pretrained, 8 steps |" in result["table"]
+    # fine-tuning rebuilds a timm classifier: iGPT's row says why it has none, in the table too
+    assert all("not a timm model" in r["finetune_error"] for r in rows.values())
+    assert "| igpt | random init | not fine-tuned: " in result["finetune_table"]
