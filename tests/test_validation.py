@@ -138,6 +138,9 @@ def test_probe_recipes_name_their_tool_and_print_there(capsys):
         assert linear_probe.main(["--cfg", recipe, "--print-config"]) == 0
         printed = yaml.safe_load(capsys.readouterr().out)
         assert printed["pool"] == C.load(recipe, schema=C.LinearProbeConfig).pool
+    rc = pretrain.main(["--cfg", "finetune_digits", "--print-config"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "tools/finetune.py" in err and "Traceback" not in err, err
     rc = linear_probe.main(["--cfg", "mae_demo", "--print-config"])  # and the other way round
     assert rc == 2 and "tools/pretrain.py" in capsys.readouterr().err
 
@@ -145,7 +148,8 @@ def test_probe_recipes_name_their_tool_and_print_there(capsys):
 @pytest.mark.slow
 def test_every_pretraining_recipe_prints_as_yaml_without_its_files(capsys):
     """LLaVA's recipes name a decoder, weights and stage-1 folders that do not exist here: still printed."""
-    recipes = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml") if not p.stem.startswith("linprobe_"))
+    other_tools = ("linprobe_", "finetune_")  # tools/linear_probe.py's and tools/finetune.py's recipes
+    recipes = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml") if not p.stem.startswith(other_tools))
     assert any(r.startswith("llava") for r in recipes)
     for recipe in recipes:
         rc = pretrain.main(["--cfg", recipe, "--print-config"])

@@ -14,21 +14,31 @@ import argparse
 import json
 import sys
 
-import torch
-
-from mmssl import build
-from mmssl.checkpoints import CheckpointError
-from mmssl.eval.masked import masked_report
+from mmssl.cli import is_program
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("checkpoint", help="a pretraining checkpoint (Lightning .ckpt) of a masked objective")
     parser.add_argument("--seed", type=int, default=0, help="seed of the masks")
     parser.add_argument("--random-init", action="store_true", help="the same model at its initialisation")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+if is_program(__name__):  # --help and usage errors answer before the heavy imports below
+    parse_args(None)
+
+import torch  # noqa: E402
+
+from mmssl import build  # noqa: E402
+from mmssl.checkpoints import CheckpointError  # noqa: E402
+from mmssl.eval.masked import masked_report  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         objective, cfg = build.objective_from_checkpoint(
             args.checkpoint, ["data.num_workers=0"], random_init=args.random_init

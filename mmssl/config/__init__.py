@@ -290,8 +290,14 @@ def load(
 
 
 def _tools() -> dict[type, str]:
-    """Each config schema and the tool that reads its recipes (``configs/`` holds both kinds)."""
-    return {Config: "tools/pretrain.py", LinearProbeConfig: "tools/linear_probe.py"}
+    """Each config schema and the tool that reads its recipes (``configs/`` holds all three kinds)."""
+    from mmssl.config.finetune import FinetuneConfig  # it builds on this module
+
+    return {
+        Config: "tools/pretrain.py",
+        LinearProbeConfig: "tools/linear_probe.py",
+        FinetuneConfig: "tools/finetune.py",
+    }
 
 
 def _check_tool(delta: Any, schema: type, path: Path) -> None:
