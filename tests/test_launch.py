@@ -247,7 +247,10 @@ def test_resume_values(tmp_path):
 
 # --- --print-config ----------------------------------------------------------------------------------------
 
-RECIPES = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml") if not p.stem.startswith("linprobe_"))
+# linprobe_* and finetune_* belong to tools/linear_probe.py and tools/finetune.py (tests/test_validation.py)
+RECIPES = sorted(
+    p.stem for p in (ROOT / "configs").glob("*.yaml") if not p.stem.startswith(("linprobe_", "finetune_"))
+)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

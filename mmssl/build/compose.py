@@ -24,10 +24,11 @@ def _parts(
     specs = {}
     for name in weights:
         spec = table[name]
-        if spec.resolve is not None or spec.encoder != "backbone" or spec.save_parts is not None:
+        shares = spec.encoder == "backbone" and spec.timm_encoder  # a timm image backbone the parts can share
+        if spec.resolve is not None or not shares or spec.save_parts is not None:
             raise C.ConfigError(
-                f"config key '{key}': {name!r} cannot be a part (a part trains the shared encoder at .backbone "
-                "and is no composition itself)"
+                f"config key '{key}': {name!r} cannot be a part (a part trains the shared timm image encoder at "
+                ".backbone and is no composition itself)"
             )
         specs[name] = spec
     return specs
