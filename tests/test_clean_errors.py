@@ -4,6 +4,7 @@ config key or the file, and exit code 2 like a typo."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -84,3 +85,15 @@ def test_an_image_folder_as_shards_says_how_to_shard_it(tmp_path, capsys):
     err = run([*TINY, f"out_dir={tmp_path}", f"data.train_shards={folder}"], capsys)
     assert f"data.train_shards='{folder}'" in err and "is a folder" in err
     assert f"python tools/make_shards.py {folder} {folder}_shards/" in err
+
+
+def test_a_process_whose_run_stopped_with_live_workers_still_exits(tmp_path):
+    """The corrupt-shard error above leaves its loader's worker alive; the worker ignores SIGTERM (group signals
+    are the trainer's to handle), so multiprocessing's exit handler, which terminates with SIGTERM and then joins,
+    waited forever. data/module.py kills leftover workers first: the interpreter must end."""
+    write_shards(({"__key__": f"k{i}", "jpg": b"not a jpeg"} for i in range(40)), tmp_path / "bad", "train")
+    shard = tmp_path / "bad" / "train-000000.tar"
+    args = [*TINY, f"out_dir={tmp_path}", f"data.train_shards={shard}", "data.num_workers=1"]
+    code = f"import sys; sys.path.insert(0, {str(ROOT / 'tools')!r}); import pretrain; print(pretrain.main({args!r}))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "2", done.stderr[-2000:]

@@ -19,7 +19,9 @@ and augmentations when ``num_workers=0``) are reseeded per rank and step by ``Pr
 
 from __future__ import annotations
 
+import atexit
 import logging
+import multiprocessing
 import os
 import signal
 from collections.abc import Callable
@@ -65,12 +67,24 @@ class WorkerInit:
 
     def __init__(self, rank: int):
         self.rank = rank
+        atexit.unregister(_kill_leftover_workers)  # registered once, however many loaders are built
+        atexit.register(_kill_leftover_workers)
 
     def __call__(self, worker_id: int) -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, signal.SIG_IGN)
         if int(os.environ.get("PL_SEED_WORKERS", 0)):  # what lightning.fabric.utilities.data adds otherwise
             pl_worker_init_function(worker_id, rank=self.rank)
+
+
+def _kill_leftover_workers() -> None:
+    """At interpreter exit, SIGKILL the daemonic children (DataLoader workers) still alive, e.g. after a run
+    stopped by an exception whose loader was never shut down. multiprocessing's own exit handler, which runs
+    after this one, would send them SIGTERM, which these workers ignore, and then wait for them forever."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=5)
 
 
 class _TrainLoader(DataLoader):
