@@ -25,8 +25,8 @@ import torch
 from common import Ratio, add_precision_arg, machine_line, precisions
 
 from mmssl import config as C
-from mmssl.build import build_objective, build_tokenizer
 from mmssl.data import shapes
+from mmssl.factory import build_objective, build_tokenizer
 from mmssl.optim import create_optimizer
 
 SIZES = {  # name: config overrides (tiny: a 2-layer image and text tower, quick on a CPU)

@@ -19,8 +19,8 @@ import time
 import torch
 
 from mmssl import config as C
-from mmssl.build import build_objective, build_tokenizer
 from mmssl.data import shapes
+from mmssl.factory import build_objective, build_tokenizer
 from mmssl.optim import create_optimizer
 
 SIZES = {  # name: config overrides

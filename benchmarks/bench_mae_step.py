@@ -20,7 +20,7 @@ import transformers
 from common import Ratio, add_precision_arg, machine_line, precisions
 
 from mmssl import config as C
-from mmssl.build import build_objective
+from mmssl.factory import build_objective
 
 SIZES = {  # name: (embed_dim, depth, heads, decoder_dim, decoder_depth, decoder_heads)
     "base": (768, 12, 12, 512, 8, 16),

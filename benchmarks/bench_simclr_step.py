@@ -33,7 +33,7 @@ except ImportError as e:
     )
 
 from mmssl import config as C
-from mmssl.build import build_objective
+from mmssl.factory import build_objective
 from mmssl.optim import create_optimizer
 
 

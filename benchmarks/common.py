@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
-from mmssl.build.precision import describe_cpu, native_bf16_flags
+from mmssl.factory.precision import describe_cpu, native_bf16_flags
 
 
 @dataclass

@@ -196,14 +196,14 @@ def attribute_retrieval(ckpt: Path, shards: str) -> dict:
     coin toss among equivalent captions)."""
     import torch
 
-    from mmssl import build
+    from mmssl import factory
     from mmssl.data.shards import SampleDecoder, eval_pipeline
     from mmssl.data.transforms import CaptionTokens
     from mmssl.eval.zero_shot import retrieval_recall
 
-    model, cfg = build.objective_from_checkpoint(ckpt)
-    text_fn = CaptionTokens(build.build_tokenizer(cfg))
-    pipeline = eval_pipeline(resolve_shards(shards, "shards"), build.build_views(cfg)[1], 256, rank=0, world_size=1,
+    model, cfg = factory.objective_from_checkpoint(ckpt)
+    text_fn = CaptionTokens(factory.build_tokenizer(cfg))
+    pipeline = eval_pipeline(resolve_shards(shards, "shards"), factory.build_views(cfg)[1], 256, rank=0, world_size=1,
                              decoder=SampleDecoder(require_text=True), text_fn=text_fn)  # fmt: skip
     images, texts, attrs = [], [], []
     with torch.no_grad():

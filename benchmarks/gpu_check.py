@@ -101,7 +101,7 @@ def mfu(flops: int | None, images_per_s: float) -> str:
 
 def mae_objective(model: str = "vit_base_patch16_224"):
     from mmssl import config as C
-    from mmssl.build import build_objective
+    from mmssl.factory import build_objective
 
     torch.manual_seed(0)
     return build_objective(C.load("mae_vitb", [f"backbone.name={model}"])).cuda()
@@ -215,7 +215,7 @@ def row_loader(args, state):
 
 def row_simclr(args, state):
     from mmssl import config as C
-    from mmssl.build import build_objective
+    from mmssl.factory import build_objective
 
     torch.manual_seed(0)
     objective = build_objective(C.load("simclr_resnet50")).cuda()  # channels_last on (simclr.channels_last)
@@ -240,8 +240,8 @@ def row_fsdp(args, state):
     from timm.models.vision_transformer import Block
     from torch.utils.data import DataLoader
 
-    from mmssl import build
     from mmssl import config as C
+    from mmssl import factory
 
     # Built directly: the config's trainer.strategy=fsdp gives Lightning's default wrapping (none), and the
     # fsdp.* keys that choose a wrap policy may not exist on this branch.
@@ -249,7 +249,7 @@ def row_fsdp(args, state):
     n, steps, warmup = (32, args.steps, args.warmup) if args.quick else (64, args.steps, args.warmup)
     cfg = C.load("mae_vitb", ["backbone.name=vit_large_patch16_224"])
     torch.manual_seed(0)
-    module = build.build_module(cfg, build.Plan(1, n, 1e-4, steps + warmup, steps + warmup, 0))
+    module = factory.build_module(cfg, factory.Plan(1, n, 1e-4, steps + warmup, steps + warmup, 0))
     flops = module.objective.flops_per_sample()  # before FSDP wraps the blocks
     times: list[float] = []
 

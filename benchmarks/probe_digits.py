@@ -5,7 +5,7 @@
     python tools/pretrain.py --cfg simclr_digits_vit      # a small ViT, same data
     python benchmarks/probe_digits.py runs/simclr_digits_vit/checkpoints/last.ckpt
 
-Loads the checkpoint's encoder (``build.load_encoder``: its config travels inside) and scores the backbone's
+Loads the checkpoint's encoder (``factory.load_encoder``: its config travels inside) and scores the backbone's
 pooled features (``forward_pooled``) on ``demo:digits`` (scikit-learn's 1797 real 8x8 digits at 32 px; the
 stratified 70/30 split of ``mmssl.data.demo``): a logistic-regression probe and a weighted cosine kNN (k=20,
 T=0.07) fitted on the 70% and scored on the held-out 30%, for the trained weights and for a random
@@ -24,11 +24,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from mmssl.build import load_encoder
 from mmssl.data import demo
 from mmssl.data.shards import SampleDecoder, eval_pipeline, expand_shards
 from mmssl.data.transforms import eval_view
 from mmssl.eval.knn import knn_accuracy
+from mmssl.factory import load_encoder
 
 
 def digits(split: str, img_size: int, mean, std, root: str | None = None) -> tuple[torch.Tensor, np.ndarray]:

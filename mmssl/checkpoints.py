@@ -10,10 +10,10 @@
   Face-style folder) back as a backbone (``mmssl.backbones`` contract).
 * :func:`load_backbone_weights` loads a plain timm state dict file into a backbone (``clip.backbone_weights``).
 * :func:`read_encoder_weights` and :func:`load_matching`: an encoder weight file of any local form, loaded
-  leniently with a report (continued pretraining, ``backbone.weights``; a ``.ckpt`` is the build table's).
+  leniently with a report (continued pretraining, ``backbone.weights``; a ``.ckpt`` is the objective table's).
 
-Which objective a checkpoint holds, and where its encoder sits, is the build table's business
-(``build.load_encoder``, ``build.objective_from_checkpoint``); nothing here knows an objective.
+Which objective a checkpoint holds, and where its encoder sits, is the objective table's business
+(``factory.load_encoder``, ``factory.objective_from_checkpoint``); nothing here knows an objective.
 """
 
 from __future__ import annotations

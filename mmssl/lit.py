@@ -51,7 +51,7 @@ class PretrainModule(L.LightningModule):
     """
 
     # config dict -> objective, for ``load_from_checkpoint(path)`` without an objective: lit.py may not import
-    # build (DESIGN.md §3), so ``mmssl.build`` installs its factory here when imported (objective_from_config).
+    # mmssl.factory (DESIGN.md §3), so the factory package installs its builder here when imported (objective_from_config).
     objective_factory: ClassVar[Callable[[dict], nn.Module] | None] = None
 
     def __init__(
@@ -77,7 +77,7 @@ class PretrainModule(L.LightningModule):
             if config is None or self.objective_factory is None:
                 raise TypeError(
                     "PretrainModule needs an objective; load_from_checkpoint(path) rebuilds it from the "
-                    "checkpoint's config once mmssl.build is imported (or pass objective=...)"
+                    "checkpoint's config once mmssl.factory is imported (or pass objective=...)"
                 )
             objective = self.objective_factory(config)
         self.objective = objective

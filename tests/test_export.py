@@ -16,8 +16,8 @@ from conftest import tiny_cfg
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mmssl import build
 from mmssl import config as C
+from mmssl import factory
 from mmssl.checkpoints import CheckpointError, load_exported, read_checkpoint
 from mmssl.lit import PretrainModule
 from mmssl.ops import sincos_2d
@@ -59,14 +59,16 @@ def lightning_checkpoint(cfg, objective, path: Path, steps: int = 2) -> Path:
 @pytest.fixture(scope="module")
 def vit_ckpt(tmp_path_factory) -> Path:
     cfg = tiny_cfg()
-    return lightning_checkpoint(cfg, build.build_objective(cfg), tmp_path_factory.mktemp("vit") / "last.ckpt")
+    return lightning_checkpoint(
+        cfg, factory.build_objective(cfg), tmp_path_factory.mktemp("vit") / "last.ckpt"
+    )
 
 
 @pytest.fixture(scope="module")
 def cnn_ckpt(tmp_path_factory) -> Path:
     vit_sizes = ("patch_size", "embed_dim", "depth", "num_heads")
     cfg = tiny_cfg("backbone.name=resnet10t", *(f"backbone.{k}=null" for k in vit_sizes))
-    objective = FeatureNorm(build.build_backbone(cfg))
+    objective = FeatureNorm(factory.build_backbone(cfg))
     return lightning_checkpoint(cfg, objective, tmp_path_factory.mktemp("cnn") / "last.ckpt")
 
 
@@ -80,7 +82,7 @@ def test_export_then_timm_gives_identical_features(which, request, tmp_path, cap
     diffs = reported(capsys.readouterr().out)  # the tool checks itself, through timm and transformers
     assert diffs == {"timm": 0.0, "hf": 0.0, "hf (transformers)": 0.0}
 
-    trained, _ = build.load_encoder(ckpt)  # the encoder as the checkpoint holds it
+    trained, _ = factory.load_encoder(ckpt)  # the encoder as the checkpoint holds it
     sidecar = json.loads(out.with_suffix(".json").read_text())
     images = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
@@ -93,7 +95,7 @@ def test_export_then_timm_gives_identical_features(which, request, tmp_path, cap
         assert (plain(images) - expected).abs().max().item() == 0.0
         assert (hf(images) - expected).abs().max().item() == 0.0
         for path in (out.with_suffix(".safetensors"), Path(f"{out}_hf")):
-            backbone, info = build.load_encoder(path)
+            backbone, info = factory.load_encoder(path)
             assert torch.equal(backbone.forward_pooled(images), expected) and info["img_size"] == 32
     assert list(hf.pretrained_cfg["mean"]) == C.IMAGENET_MEAN and sidecar["objective"] == "mae"
     state = plain.state_dict()
@@ -133,7 +135,7 @@ def test_weights_of_another_architecture_are_refused_clearly(vit_ckpt, cnn_ckpt,
     with pytest.raises(
         CheckpointError, match=r"another architecture.*shape mismatch.*\(1, 17, 64\) vs \(1, 17, 128\)"
     ):
-        build.load_encoder(tmp_path / "mixed.ckpt")
+        factory.load_encoder(tmp_path / "mixed.ckpt")
 
 
 class Payload:
@@ -166,7 +168,7 @@ def test_files_that_are_not_pretraining_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
         read_checkpoint(tmp_path / "junk.ckpt")
     with pytest.raises(CheckpointError, match="no such file"):
-        build.load_encoder(tmp_path / "missing.ckpt")
+        factory.load_encoder(tmp_path / "missing.ckpt")
     (tmp_path / "w.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError, match="no sidecar w.json"):
         load_exported(tmp_path / "w.safetensors")

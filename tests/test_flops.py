@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mmssl import config as C
 from mmssl.backbones import create_backbone
-from mmssl.build import build_objective
+from mmssl.factory import build_objective
 from mmssl.flops import TRAIN_PER_FORWARD, attention_flops, linear_flops
 from mmssl.objectives.igpt import ImageGPT
 from mmssl.sequence import SequenceTransformer

@@ -24,8 +24,8 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning_utilities.core.rank_zero import rank_zero_only
 from omegaconf import OmegaConf
 
-from mmssl import build, launch
 from mmssl import config as C
+from mmssl import factory, launch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
@@ -95,8 +95,8 @@ def test_devices_follow_the_launcher_as_lightning_runs_it(
 
     # A real Trainer, built the way tools/pretrain.py builds it, runs the same world: Lightning's environment
     # takes rank and world size from the launcher and checks devices x num_nodes against it.
-    plan = build.Plan(C.world_size(cfg), C.global_batch(cfg), C.learning_rate(cfg), 10, 10, 0)
-    trainer = build.build_trainer(cfg, plan)
+    plan = factory.Plan(C.world_size(cfg), C.global_batch(cfg), C.learning_rate(cfg), 10, 10, 0)
+    trainer = factory.build_trainer(cfg, plan)
     environment = trainer.strategy.cluster_environment
     assert type(environment) is lightning_env and environment.creates_processes_externally
     environment.validate_settings(trainer.num_devices, trainer.num_nodes)  # raises on a mismatch
@@ -110,7 +110,7 @@ def test_without_the_launcher_values_each_process_would_train_alone(tmp_path, en
     """The bug this module fixes: devices: 1 under torchrun gave two world-size-1 runs (mae_demo said so)."""
     env(TORCHRUN_2)
     cfg = tiny(f"out_dir={tmp_path}", "trainer.devices=1")  # as the recipe said, not configured
-    trainer = build.build_trainer(cfg, build.Plan(1, 8, 1e-4, 10, 10, 0))
+    trainer = factory.build_trainer(cfg, factory.Plan(1, 8, 1e-4, 10, 10, 0))
     assert trainer.world_size == 1 != launch.detect().world_size
     with pytest.raises(C.ConfigError, match=r"'trainer\.devices': 1, but torchrun started WORLD_SIZE=2"):
         launch.configure(cfg)
@@ -247,7 +247,7 @@ def test_resume_values(tmp_path):
 
 # --- --print-config ----------------------------------------------------------------------------------------
 
-# linprobe_* and finetune_* belong to tools/linear_probe.py and tools/finetune.py (tests/test_validation.py)
+# linprobe_* and finetune_* belong to tools/linear_probe.py and tools/finetune.py (tests/config/test_validation.py)
 RECIPES = sorted(
     p.stem for p in (ROOT / "configs").glob("*.yaml") if not p.stem.startswith(("linprobe_", "finetune_"))
 )

@@ -10,7 +10,7 @@ LEVELS = {
     "objectives": 2, "vlm": 2,
     "lit": 3, "callbacks": 3, "data": 3, "eval": 3, "checkpoints": 3, "export": 3, "interop": 3, "viz": 3,
     "throughput": 3, "loggers": 3,
-    "build": 4, "cli": 5,
+    "factory": 4, "cli": 5,
 }  # fmt: skip
 NO_LIGHTNING = {
     "objectives",
@@ -40,7 +40,7 @@ DATA_MAY_NOT = {
     "checkpoints",
     "export",
     "viz",
-    "build",
+    "factory",
 }
 
 
@@ -75,7 +75,7 @@ def test_imports_flow_one_way():
                 continue
             if other not in LEVELS:
                 continue
-            if LEVELS[other] > LEVELS[me] or (other in ("build", "cli") and me != other and me != "cli"):
+            if LEVELS[other] > LEVELS[me] or (other in ("factory", "cli") and me != other and me != "cli"):
                 problems.append(f"{rel} (L{LEVELS[me]}) imports {name} (L{LEVELS[other]})")
             if me == "lit" and other in ("objectives", "targets", "vlm"):
                 problems.append(f"{rel}: lit must not know any objective ({name})")
@@ -89,5 +89,5 @@ def test_imports_flow_one_way():
 
 def test_the_checker_sees_a_violation(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("from mmssl.build import build_objective\nimport lightning.pytorch as L\n")
-    assert {"mmssl.build", "lightning.pytorch"} <= imports(bad)
+    bad.write_text("from mmssl.factory import build_objective\nimport lightning.pytorch as L\n")
+    assert {"mmssl.factory", "lightning.pytorch"} <= imports(bad)

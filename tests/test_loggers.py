@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import tiny_cfg
 
-from mmssl import build
 from mmssl import config as C
+from mmssl import factory
 from mmssl.lit import PretrainModule
 
 TINY_RUN = ["data.batch_size=4", "data.num_workers=0", "data.samples_per_epoch=8", "data.shuffle_buffer=8",
@@ -36,10 +36,10 @@ def test_a_logger_whose_package_is_missing_says_how_to_install_it(monkeypatch):
 
 def run(tmp_path, *overrides: str):
     cfg = tiny_cfg(*TINY_RUN, f"out_dir={tmp_path}", *overrides)
-    datamodule = build.build_datamodule(cfg)
-    plan = build.plan(cfg, datamodule)
-    module = build.build_module(cfg, plan)
-    trainer = build.build_trainer(cfg, plan)
+    datamodule = factory.build_datamodule(cfg)
+    plan = factory.plan(cfg, datamodule)
+    module = factory.build_module(cfg, plan)
+    trainer = factory.build_trainer(cfg, plan)
     trainer.fit(module, datamodule=datamodule)
     return cfg, module, trainer
 

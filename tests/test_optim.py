@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_cfg
 
 from mmssl import config as C
-from mmssl.build import build_objective
+from mmssl.factory import build_objective
 from mmssl.optim import create_optimizer, warmup_cosine_schedule
 
 

@@ -52,7 +52,7 @@ def test_the_wheel_installs_and_its_console_scripts_train_from_anywhere(tmp_path
     (wheel,) = (tmp_path / "dist").glob("mmssl-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for member in ("mmssl/configs/mae_demo.yaml", "mmssl/assets/palettes/digits16.safetensors",
-                   "mmssl/tools/pretrain.py", "mmssl/interop/hf_llava.py", "mmssl/build/__init__.py"):  # fmt: skip
+                   "mmssl/tools/pretrain.py", "mmssl/interop/hf_llava.py", "mmssl/factory/__init__.py"):  # fmt: skip
         assert member in names, member
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert (

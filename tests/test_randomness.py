@@ -13,14 +13,13 @@ from types import SimpleNamespace
 import lightning.pytorch as L
 import pytest
 import torch
-from conftest import tiny_cfg
+from conftest import MAE_TINY_RUN as TINY
+from conftest import tiny_cfg, tiny_igpt
 from lightning.pytorch.plugins.precision import Precision
-from test_igpt import tiny as tiny_igpt
-from test_pretrain_cli import TINY, demo_root  # noqa: F401 (fixture)
 from torch.utils.data import DataLoader
 
 from mmssl import config as C
-from mmssl.build import build_objective
+from mmssl.factory import build_objective
 from mmssl.lit import PretrainModule, step_seed
 from mmssl.objectives.masked import MaskedModeling
 from mmssl.ops import random_masking

@@ -1,4 +1,4 @@
-"""The README's Python code runs as written (issue 19: its ``mmssl.build`` one-liner raised AttributeError)."""
+"""The README's Python code runs as written (issue 19: its ``mmssl.factory`` one-liner raised AttributeError)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from mmssl.objectives.base import BATCH_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = set(C.objective_names())
-TABLE = "mmssl/build/objectives.py"  # the one place that names objectives: its entries and their builders
+TABLE = "mmssl/factory/objectives.py"  # the one place that names objectives: its entries and their builders
 # An objective's own files may name its config keys (``"clip.text_cfg"`` in its error messages): its module,
 # its config section, its targets and the VLM package. Everywhere else a config key path of one objective
 # (``"igpt.palette"``, a ``"clip."`` prefix) is special-casing as much as the bare name.
@@ -32,7 +32,7 @@ def field_defaults(tree: ast.AST) -> set[int]:
 
 
 def table_entries(tree: ast.Module) -> set[int]:
-    """ids of the nodes that belong to the build table: the ``OBJECTIVES`` value and the private functions it
+    """ids of the nodes that belong to the objective table: the ``OBJECTIVES`` value and the private functions it
     names, with the private helpers they call. Generic code in the same file (the loaders) is not exempt."""
     functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
     table = [
@@ -84,7 +84,7 @@ def test_no_objective_name_in_shared_code():
             p.read_text(), where, table=where == TABLE, keys=not where.startswith(OWNED)
         )
     assert not found, (
-        "objective names outside the build table entries (ask build.spec_of(cfg)):\n" + "\n".join(found)
+        "objective names outside the objective table entries (ask factory.spec_of(cfg)):\n" + "\n".join(found)
     )
 
 

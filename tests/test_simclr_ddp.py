@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mmssl import config as C
-from mmssl.build import build_objective
+from mmssl.factory import build_objective
 
 lightly_loss = pytest.importorskip("lightly.loss")
 pytestmark = pytest.mark.slow  # spawns two processes: about 1 minute idle, 3 minutes on a busy machine

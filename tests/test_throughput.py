@@ -1,4 +1,4 @@
-"""Throughput in the logs (mmssl/throughput.py) and ``trainer.compile`` (mmssl/build): real Lightning fits on
+"""Throughput in the logs (mmssl/throughput.py) and ``trainer.compile`` (mmssl/factory): real Lightning fits on
 CPU with objectives whose speed is known, and a compiled MAE against the eager one."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mmssl import build
+from mmssl import factory
 from mmssl import throughput as T
 from mmssl.lit import PretrainModule
 
@@ -90,8 +90,8 @@ def test_mfu_is_achieved_flops_over_peak(tmp_path, monkeypatch):
 
 def test_every_trainer_logs_throughput():
     cfg = tiny_cfg("data.train_shards=demo:photos/train")
-    plan = build.Plan(1, 64, 1e-3, 10, 10, 0)
-    assert any(isinstance(c, T.ThroughputLogger) for c in build.build_trainer(cfg, plan).callbacks)
+    plan = factory.Plan(1, 64, 1e-3, 10, 10, 0)
+    assert any(isinstance(c, T.ThroughputLogger) for c in factory.build_trainer(cfg, plan).callbacks)
 
 
 @pytest.mark.slow
@@ -99,12 +99,12 @@ def test_compiled_mae_trains_like_eager_and_keeps_checkpoint_keys(tmp_path, monk
     # Inductor draws its own random numbers unless told to fall back to eager's: then the MAE masks agree.
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     batches = [{"image": torch.randn(8, 3, 32, 32)} for _ in range(3)]
-    plan = build.Plan(1, 8, 1e-3, 3, 3, 0)
+    plan = factory.Plan(1, 8, 1e-3, 3, 3, 0)
 
     def run(compile: bool) -> tuple[list[float], list[str]]:
         cfg = tiny_cfg("trainer.precision=32-true", f"trainer.compile={str(compile).lower()}")
         torch.manual_seed(0)
-        module = build.build_module(cfg, plan)
+        module = factory.build_module(cfg, plan)
         losses = []
 
         class Record(L.Callback):

@@ -36,11 +36,11 @@ if is_program(__name__):  # --help and usage errors answer before the heavy impo
 
 import torch  # noqa: E402
 
-from mmssl.build import objective_from_checkpoint  # noqa: E402
 from mmssl.checkpoints import CheckpointError  # noqa: E402
 from mmssl.data.module import resolve_shards  # noqa: E402
 from mmssl.data.shards import SampleDecoder, eval_pipeline  # noqa: E402
 from mmssl.data.transforms import eval_view  # noqa: E402
+from mmssl.factory import objective_from_checkpoint  # noqa: E402
 from mmssl.viz import Denormalize, save_grid  # noqa: E402
 
 

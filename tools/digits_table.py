@@ -1,5 +1,5 @@
 """The README's digits table: linear probe and kNN accuracy on scikit-learn's handwritten digits for every
-objective in ``build.OBJECTIVES`` that trains an image encoder, random initialisation against a brief
+objective in ``factory.OBJECTIVES`` that trains an image encoder, random initialisation against a brief
 pretraining, on CPU.
 
     python tools/digits_table.py --tsne assets/digits_tsne.png --json runs/digits_table/results.json
@@ -49,7 +49,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--objectives",
         nargs="+",
         default=None,
-        help="default: every objective in build.OBJECTIVES with an encoder",
+        help="default: every objective in factory.OBJECTIVES with an encoder",
     )
     parser.add_argument("--out-dir", default="runs/digits_table")
     parser.add_argument("--reuse", action="store_true", help="keep existing pretraining runs in --out-dir")
@@ -74,8 +74,8 @@ if is_program(__name__):  # --help and usage errors answer before the heavy impo
 
 import torch  # noqa: E402
 
-from mmssl import build  # noqa: E402
 from mmssl import config as C  # noqa: E402
+from mmssl import factory  # noqa: E402
 from mmssl.checkpoints import read_checkpoint  # noqa: E402
 from mmssl.eval.features import Features, fingerprint, probe_train_features, split_features  # noqa: E402
 from mmssl.eval.knn import SETTINGS, knn_accuracy  # noqa: E402
@@ -124,7 +124,7 @@ def pretrain(
 
 
 def evaluate(ckpt: Path, random_init: bool, probe: dict, cache: Path, device: str) -> dict:
-    backbone, info = build.load_encoder(ckpt, random_init=random_init, seed=probe["seed"])
+    backbone, info = factory.load_encoder(ckpt, random_init=random_init, seed=probe["seed"])
     d = probe["data"]
     common = dict(
         encoder_id=f"{fingerprint(ckpt)}:{'random' if random_init else 'trained'}:{probe['seed']}",
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     probe = C.to_dict(C.load(args.probe_cfg, args.probe, schema=C.LinearProbeConfig))
     # by default every objective that trains an image encoder from images alone: the digits have no captions
     names = args.objectives or [
-        n for n, spec in build.OBJECTIVES.items() if spec.encoder and spec.text == "none"
+        n for n, spec in factory.OBJECTIVES.items() if spec.encoder and spec.text == "none"
     ]
     json_path = Path(args.json) if args.json else out_dir / "results.json"
     rows, panels = [], {}

@@ -63,7 +63,7 @@ from mmssl.interop import Unsupported  # a plain exception class: imports nothin
 
 
 def export_encoder(backbone, info: dict, out: Path, formats: list[str], source: str) -> dict[str, float]:
-    """``info``: ``build.load_encoder``'s (image size, mean/std, interpolation, objective, global step)."""
+    """``info``: ``factory.load_encoder``'s (image size, mean/std, interpolation, objective, global step)."""
     from mmssl.export import export_backbone, round_trip_diff
 
     diffs: dict[str, float] = {}
@@ -164,9 +164,9 @@ def _check_requested(requested: list[str] | None, offered: list[str], what: str)
 def _export_parts(source: Path, args, requested: list[str] | None) -> dict[str, float]:
     """A folder of saved parts (a LLaVA run's llava/): the model without Lightning, through the spec that
     writes such folders (``ObjectiveSpec.load_parts``)."""
-    from mmssl import build
+    from mmssl import factory
 
-    specs = [s for s in build.OBJECTIVES.values() if s.load_parts is not None]
+    specs = [s for s in factory.OBJECTIVES.values() if s.load_parts is not None]
     if len(specs) != 1:
         raise Unsupported(f"{source}: a folder, but {len(specs)} objectives load saved parts")
     spec = specs[0]
@@ -176,9 +176,9 @@ def _export_parts(source: Path, args, requested: list[str] | None) -> dict[str, 
 
 
 def _export_checkpoint(path: Path, args, requested: list[str] | None) -> dict[str, float]:
-    from mmssl import build
+    from mmssl import factory
 
-    ckpt, cfg, spec = build.read_run(path)  # which formats apply: the spec's, never the objective's name
+    ckpt, cfg, spec = factory.read_run(path)  # which formats apply: the spec's, never the objective's name
     out = Path(args.out) if args.out else path.with_name(f"{cfg.name}_{cfg.objective}")
     # a CLIP run with open_clip's image tower keeps no mmssl backbone at its spec's encoder attribute
     prefix = f"objective.{spec.encoder}.model."
@@ -194,7 +194,7 @@ def _export_checkpoint(path: Path, args, requested: list[str] | None) -> dict[st
     diffs: dict[str, float] = {}
     encoder_formats = [f for f in wanted if f in ENCODER]
     if encoder_formats:
-        backbone, info = build.load_encoder(path)
+        backbone, info = factory.load_encoder(path)
         if requested is None and "vit" in encoder_formats:
             from mmssl.interop.hf_vit import check_vit
 
@@ -206,7 +206,7 @@ def _export_checkpoint(path: Path, args, requested: list[str] | None) -> dict[st
         diffs |= export_encoder(backbone, info, out, encoder_formats, str(path))
     objective_formats = [f for f in wanted if f not in ENCODER]
     if objective_formats:  # only these need the whole objective (an encoder export builds the encoder alone)
-        objective, cfg = build.objective_from_checkpoint(path)
+        objective, cfg = factory.objective_from_checkpoint(path)
         diffs |= export_objective(cfg, objective, spec, out, objective_formats, strict=requested is not None)
     return diffs
 

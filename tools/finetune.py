@@ -49,13 +49,13 @@ import torch  # noqa: E402
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from mmssl import build  # noqa: E402
 from mmssl import config as C  # noqa: E402
+from mmssl import factory  # noqa: E402
 from mmssl.backbones import as_backbone  # noqa: E402
-from mmssl.build import finetune as FT  # noqa: E402
 from mmssl.checkpoints import CheckpointError, strip_prefix  # noqa: E402
 from mmssl.config import finetune as F  # noqa: E402
 from mmssl.export import export_backbone, round_trip_diff  # noqa: E402
+from mmssl.factory import finetune as FT  # noqa: E402
 
 
 def print_config(cfg) -> None:
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print_config(cfg)
         return 0
 
-    out = build.run_dir(cfg)
+    out = factory.run_dir(cfg)
     last = out / "checkpoints" / "last.ckpt"
     if args.resume and not last.is_file():
         print(f"error: --resume: no checkpoint at {last}", file=sys.stderr)
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     except (C.ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    plan = build.plan(cfg, datamodule)
+    plan = factory.plan(cfg, datamodule)
     module = FT.build_module(cfg, plan, classifier)
     trainer = FT.build_trainer(cfg, plan)
     if trainer.is_global_zero:

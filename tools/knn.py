@@ -48,7 +48,7 @@ if is_program(__name__):  # --help and usage errors answer before the heavy impo
 
 import torch  # noqa: E402
 
-from mmssl import build  # noqa: E402
+from mmssl import factory  # noqa: E402
 from mmssl.checkpoints import CheckpointError  # noqa: E402
 from mmssl.eval.features import fingerprint, split_features  # noqa: E402
 from mmssl.eval.knn import SETTINGS, bank_too_small, knn_accuracy  # noqa: E402
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        backbone, info = build.load_encoder(args.encoder, random_init=args.random_init, seed=args.seed)
+        backbone, info = factory.load_encoder(args.encoder, random_init=args.random_init, seed=args.seed)
         common = dict(
             encoder_id=f"{fingerprint(args.encoder)}:{'random' if args.random_init else 'trained'}:{args.seed}",
             layers=[args.layer], pool=args.pool, img_size=args.img_size, crop_pct=args.crop_pct,

@@ -57,8 +57,8 @@ if is_program(__name__):  # --help and usage errors answer before the heavy impo
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from mmssl import build  # noqa: E402
 from mmssl import config as C  # noqa: E402
+from mmssl import factory  # noqa: E402
 from mmssl.checkpoints import CheckpointError  # noqa: E402
 from mmssl.eval.features import fingerprint, probe_train_features, split_features  # noqa: E402
 from mmssl.eval.linear_probe import as_rows, best, markdown_table, train_probes  # noqa: E402
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> dict:
             raise C.ConfigError(
                 f"config key 'data.{key}': required (labelled shards, an image folder, demo:X/Y)"
             )
-    backbone, info = build.load_encoder(args.encoder, random_init=args.random_init, seed=cfg.seed)
+    backbone, info = factory.load_encoder(args.encoder, random_init=args.random_init, seed=cfg.seed)
     encoder_id = f"{fingerprint(args.encoder)}:{'random' if args.random_init else 'trained'}:{cfg.seed}"
     common = dict(
         encoder_id=encoder_id, layers=list(cfg.layers), pool=cfg.pool, img_size=d.img_size, crop_pct=d.crop_pct,

@@ -32,7 +32,7 @@ if is_program(__name__):  # --help and usage errors answer before the heavy impo
 
 import torch  # noqa: E402
 
-from mmssl import build  # noqa: E402
+from mmssl import factory  # noqa: E402
 from mmssl.checkpoints import CheckpointError  # noqa: E402
 from mmssl.eval.masked import masked_report  # noqa: E402
 
@@ -40,7 +40,7 @@ from mmssl.eval.masked import masked_report  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        objective, cfg = build.objective_from_checkpoint(
+        objective, cfg = factory.objective_from_checkpoint(
             args.checkpoint, ["data.num_workers=0"], random_init=args.random_init
         )
     except (CheckpointError, FileNotFoundError) as e:
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.data.val_shards:
         print(f"masked_report: {args.checkpoint}: the run has no data.val_shards", file=sys.stderr)
         return 2
-    batches = build.build_datamodule(cfg).val_dataloader()
+    batches = factory.build_datamodule(cfg).val_dataloader()
     report = masked_report(objective, batches, torch.Generator().manual_seed(args.seed))
     print(json.dumps({"checkpoint": str(args.checkpoint), **report}))
     return 0

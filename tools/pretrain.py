@@ -84,7 +84,7 @@ import lightning.pytorch as L  # noqa: E402
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from mmssl import build, checkpoints, launch  # noqa: E402
+from mmssl import checkpoints, factory, launch  # noqa: E402
 from mmssl import config as C  # noqa: E402
 from mmssl.callbacks import LastCheckpoint  # noqa: E402
 from mmssl.data.shards import NoDecodableSamples  # noqa: E402
@@ -102,7 +102,7 @@ def print_config(cfg) -> int:
     """The resolved recipe as YAML, then its parameter count as a comment: needs none of the recipe's files."""
     try:
         with contextlib.redirect_stdout(sys.stderr):  # whatever building prints stays out of the YAML
-            total, trainable = count_parameters(build.build_objective(cfg))
+            total, trainable = count_parameters(factory.build_objective(cfg))
         count = f"# {cfg.objective} objective: {total:,} parameters ({trainable:,} trainable)"
     except C.ConfigError:  # a value no run can use (e.g. backbone.img_size): refused as at the start of a run
         raise
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if kept and launch.is_global_zero():
         print(f"mmssl: {kept}", file=sys.stderr)
-    out = build.run_dir(cfg)
+    out = factory.run_dir(cfg)
     lock = launch.RunLock(out) if launch.is_global_zero() else None
     try:
         if lock is not None:
@@ -206,10 +206,10 @@ def train(cfg, out: Path, ckpt: Path | None, shapes: dict | None = None) -> int:
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in config.yaml
     try:
         C.validate_machine(cfg)  # e.g. trainer.strategy=fsdp without CUDA GPUs, before any model or data work
-        datamodule = build.build_datamodule(cfg)
-        plan = build.plan(cfg, datamodule)
+        datamodule = factory.build_datamodule(cfg)
+        plan = factory.plan(cfg, datamodule)
         # a bad model name or backbone.weights file names its key (ValueError); whole patches checked
-        module = build.build_module(cfg, plan)
+        module = factory.build_module(cfg, plan)
     except (C.ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -225,7 +225,7 @@ def train(cfg, out: Path, ckpt: Path | None, shapes: dict | None = None) -> int:
         except checkpoints.CheckpointError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    trainer = build.build_trainer(cfg, plan, objective=module.objective)
+    trainer = factory.build_trainer(cfg, plan, objective=module.objective)
     if trainer.world_size != plan.world_size:  # the lr and schedule assume plan.world_size processes
         print(
             f"error: Lightning will train with {trainer.world_size} processes but the schedule was planned for "
@@ -287,7 +287,9 @@ def closing_summary(cfg, out: Path, trainer: L.Trainer) -> str:
         last = "final.png" if (out / "pictures" / "final.png").is_file() else pictures[-1].name
         files = f"{len(pictures)} file" + "s" * (len(pictures) > 1)
         lines.append(f"  pictures    {out / 'pictures'}/ ({files}, the last: {last})")
-    if build.spec_of(cfg).save_parts is not None:  # files other tools load without Lightning (build_trainer)
+    if (
+        factory.spec_of(cfg).save_parts is not None
+    ):  # files other tools load without Lightning (build_trainer)
         lines.append(f"  parts       {out / cfg.objective}/")
     return "\n".join(lines)
 

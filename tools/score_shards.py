@@ -72,7 +72,7 @@ if is_program(__name__):  # --help and usage errors answer before the heavy impo
 
 import torch  # noqa: E402
 
-from mmssl import build  # noqa: E402
+from mmssl import factory  # noqa: E402
 from mmssl.data.module import resolve_shards  # noqa: E402
 from mmssl.data.shards import SampleDecoder  # noqa: E402
 from mmssl.data.transforms import CaptionTokens, eval_view, llava_view  # noqa: E402
@@ -85,16 +85,16 @@ from mmssl.vlm.parts import load_parts  # noqa: E402
 def _clip_score(path: str, device: str):
     """A checkpoint whose objective embeds pictures and captions in one space (its spec reads caption tokens,
     and it has ``encode_image`` / ``encode_text``); its evaluation view and training caption tokeniser."""
-    objective, cfg = build.objective_from_checkpoint(path)
-    if build.spec_of(cfg).text != "tokens" or not all(
+    objective, cfg = factory.objective_from_checkpoint(path)
+    if factory.spec_of(cfg).text != "tokens" or not all(
         callable(getattr(objective, m, None)) for m in ("encode_image", "encode_text")
     ):
         raise ValueError(
             f"a {cfg.objective!r} checkpoint: the clip_score scorer needs an objective that embeds pictures "
             "and caption tokens in one space (encode_image / encode_text)"
         )
-    _, view = build.build_views(cfg)
-    text_fn = CaptionTokens(build.build_tokenizer(cfg))  # as the training data workers tokenise
+    _, view = factory.build_views(cfg)
+    text_fn = CaptionTokens(factory.build_tokenizer(cfg))  # as the training data workers tokenise
     return scorers.ClipScore(objective.to(device)), view, text_fn, cfg.data.max_image_pixels
 
 
@@ -112,7 +112,7 @@ def _vlm(path: str, args: argparse.Namespace):
 
 
 def _embed(path: str, device: str):
-    backbone, info = build.load_encoder(path)
+    backbone, info = factory.load_encoder(path)
     view = eval_view(
         info["img_size"],
         info.get("crop_pct", 0.875),

@@ -57,7 +57,7 @@ if is_program(__name__):  # --help and usage errors answer before the heavy impo
 
 import torch  # noqa: E402
 
-from mmssl import build  # noqa: E402
+from mmssl import factory  # noqa: E402
 from mmssl.data.module import resolve_shards  # noqa: E402
 from mmssl.data.shards import SampleDecoder, eval_pipeline, read_manifest  # noqa: E402
 from mmssl.data.transforms import CaptionTokens  # noqa: E402
@@ -67,8 +67,8 @@ from mmssl.eval.zero_shot import embed, retrieval_recall, zero_shot_accuracy, ze
 def load_objective(path: str | Path):
     """(objective, config) of an image-text checkpoint (an objective that reads caption tokens and embeds
     images and texts in one space), through the shared checkpoint loader."""
-    objective, cfg = build.objective_from_checkpoint(path)
-    if build.spec_of(cfg).text != "tokens" or not hasattr(objective, "encode_text"):
+    objective, cfg = factory.objective_from_checkpoint(path)
+    if factory.spec_of(cfg).text != "tokens" or not hasattr(objective, "encode_text"):
         raise ValueError(
             f"{path}: objective {cfg.objective!r} does not embed captions; zero-shot evaluation needs an "
             "image-text objective (encode_image / encode_text)"
@@ -104,9 +104,9 @@ def templates(names: list[str]) -> list[str]:
 def evaluate(args: argparse.Namespace) -> dict:
     objective, cfg = load_objective(args.checkpoint)
     objective.to(args.device)
-    tokenizer = build.build_tokenizer(cfg)
+    tokenizer = factory.build_tokenizer(cfg)
     urls = resolve_shards(args.shards, "--shards")
-    _, view = build.build_views(cfg)
+    _, view = factory.build_views(cfg)
     pipeline = eval_pipeline(
         urls,
         view,

@@ -2,7 +2,7 @@
 
 ``load("mae_vitb", ["optim.base_lr=3e-4"])`` returns a validated OmegaConf ``DictConfig``. Unknown keys and
 wrong types fail here, before any model or data work, with the full key path in the message. Key names equal
-the constructor argument names they feed (see ``mmssl/build/``).
+the constructor argument names they feed (see ``mmssl/factory/``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from mmssl.config.paths import find_file as find_file  # re-exported: C.find_fil
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-PRECISIONS = ("auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed")  # auto: build/precision.py
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed")  # auto: factory/precision.py
 # trainer.loggers: name -> (packages, any one of which the logger needs; the pip extra installing it)
 LOGGERS: dict[str, tuple[tuple[str, ...], str]] = {
     "csv": ((), ""),
@@ -110,7 +110,7 @@ class DataConfig:
 @dataclass
 class FSDPConfig:
     """Used with ``trainer.strategy=fsdp`` only, ignored otherwise (Lightning's FSDPStrategy, wired in
-    ``build/fsdp.py``). Every transformer block of the objective is one FSDP unit; checkpoints always hold full
+    ``factory/fsdp.py``). Every transformer block of the objective is one FSDP unit; checkpoints always hold full
     (gathered) state dicts."""
 
     sharding_strategy: str = "FULL_SHARD"  # FULL_SHARD | SHARD_GRAD_OP | HYBRID_SHARD | NO_SHARD

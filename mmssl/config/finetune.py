@@ -3,7 +3,7 @@
 Defaults are the MAE fine-tuning protocol (He et al. 2021, Appendix A.3 / Table 9; facebookresearch/mae
 ``main_finetune.py`` and FINETUNE.md); ``configs/finetune_*.yaml`` hold what a recipe changes. The optimizer,
 data batch and trainer sections have the pretraining config's key names, so the schedule, lr scaling and the
-Lightning trainer are derived by the same code (``C.learning_rate``, ``build.plan``).
+Lightning trainer are derived by the same code (``C.learning_rate``, ``factory.plan``).
 """
 
 from __future__ import annotations

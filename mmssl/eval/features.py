@@ -246,7 +246,7 @@ def split_features(
     device: str | torch.device = "cpu",
 ) -> Features:
     """Features of one labelled split for an encoder described by ``info`` (image size, mean/std,
-    interpolation: what ``build.load_encoder`` returns), cached under a key of everything that matters.
+    interpolation: what ``factory.load_encoder`` returns), cached under a key of everything that matters.
 
     ``augment_copy=None`` uses the evaluation view (resize + centre crop); an integer draws augmented copy
     number ``augment_copy`` with the linear-probe training augmentation of MAE and SimCLR

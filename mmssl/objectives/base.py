@@ -19,7 +19,7 @@ An objective is a plain ``torch.nn.Module``:
 * Optional ``flops_per_sample() -> int | None``: training FLOPs (forward + backward) per sample, counted as in
   ``mmssl/flops.py``; the training system logs MFU from it on GPUs. None or absent: no MFU.
 * Optional ``_no_split_modules``: names of block classes, besides the timm / open_clip / transformers blocks
-  found on their own, that ``trainer.strategy=fsdp`` makes its sharding units (``build/fsdp.py``).
+  found on their own, that ``trainer.strategy=fsdp`` makes its sharding units (``factory/fsdp.py``).
 * ``backbone``: the encoder being pretrained, a ``mmssl.backbones`` backbone (``embed_dim``, ``forward_pooled``,
   ``forward_tokens``; its timm model at ``.backbone.model``). Every objective that trains an image encoder
   exposes it under this name: evaluation (``eval/``: features, linear probe, kNN, online probes) and export

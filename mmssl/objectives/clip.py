@@ -202,7 +202,7 @@ def open_clip_text_tower(
     ``open_clip_model(name).text``, without building an image tower that an mmssl backbone replaces.
 
     open_clip has no public text-tower factory; ``_build_text_tower`` is what its ``CustomTextCLIP`` calls
-    (tests/test_clip.py checks the two agree, so a change in open_clip fails there)."""
+    (tests/objectives/test_clip.py checks the two agree, so a change in open_clip fails there)."""
     base = open_clip.get_model_config(name.replace("/", "-"))
     _check_offline(name, base, text_cfg)
     cfg = {**base["text_cfg"], **_overrides(text_cfg, CLIPTextCfg, "clip.text_cfg")}

@@ -11,8 +11,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from mmssl import build
 from mmssl import config as C
+from mmssl import factory
 from mmssl.data import demo, shapes
 from mmssl.data.demo import encode
 from mmssl.data.module import resolve_shards
@@ -53,15 +53,15 @@ def tiny_clip_checkpoint(path: Path, shards: str, steps: int, seed: int = 0) -> 
     """A tiny CLIP trained ``steps`` AdamW steps on ``shards``, saved as tools/pretrain.py saves checkpoints."""
     cfg = C.load("clip_demo", [*TINY_CLIP, f"data.train_shards={shards}"])
     torch.manual_seed(seed)
-    objective = build.build_objective(cfg)
+    objective = factory.build_objective(cfg)
     if steps:
         _train(objective, cfg, shards, steps, seed)
     return save_checkpoint(objective, cfg, path)
 
 
 def _train(objective: torch.nn.Module, cfg, shards: str, steps: int, seed: int) -> None:
-    view, _ = build.build_views(cfg)
-    prepare = ApplyView(view, CaptionTokens(build.build_tokenizer(cfg)))
+    view, _ = factory.build_views(cfg)
+    prepare = ApplyView(view, CaptionTokens(factory.build_tokenizer(cfg)))
     decoder = SampleDecoder(require_text=True)
     urls = resolve_shards(shards, "shards")
     pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())

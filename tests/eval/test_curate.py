@@ -20,7 +20,7 @@ from curate_helpers import photo_tiles, save_checkpoint, shapes_shards, tiny_cli
 from eval_fixtures import _one_thread  # noqa: F401
 from PIL import Image
 
-from mmssl import build
+from mmssl import factory
 from mmssl.data.demo import encode
 from mmssl.data.module import resolve_shards
 from mmssl.data.shards import write_shards
@@ -144,8 +144,8 @@ def test_clip_scores_are_cosines_of_the_checkpoint_embeddings_long_captions_cut(
                                       "--num-workers", "0", "--batch-size", "6"]) == 0  # fmt: skip
     scores = read_scores(tmp_path / "s")
     assert len(scores.rows) == 21 and scores.embeddings.shape == (21, 32)
-    model, cfg = build.objective_from_checkpoint(clip_ckpt)
-    view = build.build_views(cfg)[1]
+    model, cfg = factory.objective_from_checkpoint(clip_ckpt)
+    view = factory.build_views(cfg)[1]
     bpe = open_clip.get_tokenizer("ViT-B-32")  # the full-length tokenizer: cut by hand below
     import webdataset as wds
 
@@ -264,7 +264,7 @@ def test_ranks_and_workers_score_every_sample_once(tmp_path):
 
 def test_a_checkpoint_of_the_wrong_kind_is_refused_by_name(tmp_path, capsys):
     cfg = tiny_cfg()
-    mae = save_checkpoint(build.build_objective(cfg), cfg, tmp_path / "mae.ckpt")
+    mae = save_checkpoint(factory.build_objective(cfg), cfg, tmp_path / "mae.ckpt")
     spec, _ = shapes_shards(tmp_path / "data", 4, seed=0, per_shard=4)
     score = tool("score_shards").main
     assert score([spec, "--scorer", "clip_score", str(mae), "--out", str(tmp_path / "a")]) == 2
@@ -376,7 +376,7 @@ def test_top_fraction_filter_keeps_the_best_and_draws_the_histogram(tmp_path, cl
 
 def test_embedding_dedup_follows_the_saved_embeddings(tmp_path):
     cfg = tiny_cfg()
-    mae = save_checkpoint(build.build_objective(cfg), cfg, tmp_path / "mae.ckpt")
+    mae = save_checkpoint(factory.build_objective(cfg), cfg, tmp_path / "mae.ckpt")
     spec, _ = shapes_shards(tmp_path / "data", 30, seed=0, per_shard=12)
     assert tool("score_shards").main([spec, "--scorer", "embed", str(mae), "--out", str(tmp_path / "e"),
                                       "--num-workers", "0"]) == 0  # fmt: skip

@@ -1,7 +1,5 @@
 """Frozen features: layer/pool selection against hand-written forwards, loaders, labels, the disk cache."""
 
-import os
-
 import pytest
 import torch
 from eval_fixtures import _one_thread  # noqa: F401
@@ -12,11 +10,6 @@ from mmssl import config as C
 from mmssl.backbones import create_backbone
 from mmssl.data.shards import write_shards
 from mmssl.data.transforms import eval_view
-
-
-@pytest.fixture(scope="session")
-def demo_root(tmp_path_factory) -> str:
-    return os.environ.get("MMSSL_DATA") or str(tmp_path_factory.mktemp("mmssl_data"))
 
 
 @pytest.fixture(scope="module")

@@ -23,11 +23,6 @@ from mmssl.eval.knn import knn_accuracy
 from mmssl.eval.online import KNNMonitor, OnlineLinearProbe
 
 
-@pytest.fixture(scope="session")
-def demo_root(tmp_path_factory) -> str:
-    return os.environ.get("MMSSL_DATA") or str(tmp_path_factory.mktemp("mmssl_data"))
-
-
 def tiny_vit(seed: int = 0):
     torch.manual_seed(seed)
     return create_backbone(

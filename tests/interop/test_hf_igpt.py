@@ -11,8 +11,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torch import nn
 
-from mmssl import build
 from mmssl import config as C
+from mmssl import factory
 from mmssl.interop import Unsupported
 from mmssl.interop.hf_igpt import hf_input, round_trip, save_imagegpt
 
@@ -31,7 +31,7 @@ def digits(n: int = 6, side: int = 16) -> list[Image.Image]:
 def test_transformers_loads_the_export_with_identical_ids_logits_and_completions(tmp_path):
     cfg = C.load("igpt_demo", SMALL)
     torch.manual_seed(0)
-    objective = build.build_objective(cfg).eval()
+    objective = factory.build_objective(cfg).eval()
     nn.init.normal_(objective.transformer.head.weight, std=0.5)  # zero-initialised logits would be trivial
     for blk in objective.transformer.blocks:
         nn.init.normal_(blk.norm1.weight, 1.0, 0.2)
@@ -40,7 +40,7 @@ def test_transformers_loads_the_export_with_identical_ids_logits_and_completions
     hf = transformers.ImageGPTForCausalImageModeling.from_pretrained(folder).eval()
     processor = transformers.AutoImageProcessor.from_pretrained(folder)
     pictures = digits()
-    _, view = build.build_views(cfg)
+    _, view = factory.build_views(cfg)
     images = torch.stack([view(p)["image"] for p in pictures])
     ids = objective.tokens(images)  # (B, 256)
     assert torch.equal(processor(pictures, return_tensors="pt")["input_ids"], ids)
@@ -71,6 +71,6 @@ def test_transformers_loads_the_export_with_identical_ids_logits_and_completions
     [(["igpt.mode=bert"], "mode=ar"), (["igpt.norm=layernorm"], "rmsnorm")],
 )
 def test_bert_mode_and_layernorm_are_refused(overrides, message, tmp_path):
-    objective = build.build_objective(C.load("igpt_demo", [*SMALL, *overrides]))
+    objective = factory.build_objective(C.load("igpt_demo", [*SMALL, *overrides]))
     with pytest.raises(Unsupported, match=message):
         save_imagegpt(objective, tmp_path / "x")

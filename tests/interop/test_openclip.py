@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mmssl import build
 from mmssl import config as C
+from mmssl import factory
 from mmssl.interop import Unsupported
 from mmssl.interop.openclip import WEIGHTS, compare, save_open_clip, tower_configs
 
@@ -35,7 +35,7 @@ def export(cfg, objective, folder, name="tiny-clip"):
     c = cfg.clip
     model_cfg = tower_configs(
         c.model, text_cfg=dict(c.text_cfg), vision_cfg=dict(c.vision_cfg), embed_dim=c.embed_dim,
-        image_size=build.img_size(cfg),
+        image_size=factory.img_size(cfg),
     )  # fmt: skip
     d = cfg.data
     return save_open_clip(objective, folder, model_cfg, name=name, mean=list(d.mean), std=list(d.std))
@@ -45,7 +45,7 @@ def export(cfg, objective, folder, name="tiny-clip"):
 def test_open_clip_loads_the_export_with_identical_features(tower, tmp_path):
     cfg = clip_cfg(tower)
     torch.manual_seed(0)
-    objective = build.build_objective(cfg).eval()
+    objective = factory.build_objective(cfg).eval()
     with torch.no_grad():  # non-trivial values where a mapping could go wrong silently
         objective.logit_scale.fill_(2.5)
         if tower == "vit":
@@ -55,7 +55,7 @@ def test_open_clip_loads_the_export_with_identical_features(tower, tmp_path):
 
     g = torch.Generator().manual_seed(1)
     images = torch.randn(3, 3, 32, 32, generator=g)
-    tokens = build.build_tokenizer(cfg)(["a small red circle", "a big blue square at the top", "x"])
+    tokens = factory.build_tokenizer(cfg)(["a small red circle", "a big blue square at the top", "x"])
     by_dir, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
     open_clip.add_model_config(folder / "tiny-clip.json")
     by_name, _, _ = open_clip.create_model_and_transforms("tiny-clip", pretrained=str(folder / WEIGHTS))
@@ -65,7 +65,7 @@ def test_open_clip_loads_the_export_with_identical_features(tower, tmp_path):
         assert type(model).__name__ == "CLIP"  # open_clip's standard layout, not CustomTextCLIP
     # the same preparation of a picture as mmssl's CLIP evaluation view
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8))
-    _, val_view = build.build_views(cfg)
+    _, val_view = factory.build_views(cfg)
     ours = val_view(picture)["image"]
     theirs = preprocess(picture)
     assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
@@ -76,9 +76,9 @@ def test_open_clip_loads_the_export_with_identical_features(tower, tmp_path):
 def test_settings_open_clip_cannot_express_are_refused(tmp_path):
     cfg = clip_cfg("vit", "clip.model=ViT-B-32-quickgelu")
     with pytest.raises(Unsupported, match="QuickGELU.*both towers"):
-        export(cfg, build.build_objective(cfg), tmp_path / "a")
+        export(cfg, factory.build_objective(cfg), tmp_path / "a")
     cfg = clip_cfg("cnn", "backbone.img_size=32")
-    objective = build.build_objective(cfg)
+    objective = factory.build_objective(cfg)
     objective.backbone.model.global_pool.pool_type = "max"
     with pytest.raises(Unsupported, match="pooling 'max'"):
         export(cfg, objective, tmp_path / "b")

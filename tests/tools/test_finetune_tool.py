@@ -19,12 +19,12 @@ from PIL import Image
 from tool_loader import ROOT, tool
 
 from mmssl import config as C
-from mmssl.build import build_objective
 from mmssl.checkpoints import load_exported
 from mmssl.config import finetune as F
 from mmssl.data.module import resolve_shards
 from mmssl.data.shards import SampleDecoder, eval_pipeline
 from mmssl.data.transforms import eval_view
+from mmssl.factory import build_objective
 from mmssl.optim import warmup_cosine
 
 TINY_MAE = ["backbone.depth=2", "backbone.embed_dim=64", "backbone.num_heads=4", "mae.decoder_embed_dim=32",

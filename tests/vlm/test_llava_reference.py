@@ -13,12 +13,12 @@ from llava_helpers import make_llava, tokenizer
 from PIL import Image
 
 from mmssl import config as C
-from mmssl.build import build_datamodule
-from mmssl.build.objectives import build_views
 from mmssl.config.objectives import LlavaConfig
 from mmssl.data.demo import encode
 from mmssl.data.shards import SampleDecoder, eval_pipeline, write_shards
 from mmssl.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, llava_view
+from mmssl.factory import build_datamodule
+from mmssl.factory.objectives import build_views
 from mmssl.vlm.decoders import word_tokenizer
 from mmssl.vlm.prompt import IGNORE_INDEX, IMAGE_TOKEN_ID, PromptEncoder
 

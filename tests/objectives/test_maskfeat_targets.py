@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmssl import build
 from mmssl import config as C
+from mmssl import factory
 from mmssl.losses import masked_mse
 from mmssl.ops import patchify
 from mmssl.targets.hog import HOGTarget
@@ -21,7 +21,7 @@ def test_loss_is_the_sum_of_per_target_masked_mses():
     cfg = C.load("maskfeat_pixel_hog_demo", VIT)
     assert list(cfg.maskfeat.targets) == ["hog", "pixel"]
     torch.manual_seed(0)
-    objective = build.build_objective(cfg)
+    objective = factory.build_objective(cfg)
     hog_dim = 3 * cfg.maskfeat.nbins * (16 // cfg.maskfeat.cell_size) ** 2  # 108 per 16 px patch
     assert objective.head.out_features == hog_dim + 16 * 16 * 3  # two heads side by side
 
@@ -42,7 +42,7 @@ def test_loss_is_the_sum_of_per_target_masked_mses():
 
 
 def test_single_target_is_unchanged_and_bad_targets_name_the_key():
-    objective = build.build_objective(C.load("maskfeat_demo", VIT))
+    objective = factory.build_objective(C.load("maskfeat_demo", VIT))
     assert isinstance(objective.target, HOGTarget)
     with pytest.raises(C.ConfigError, match="maskfeat.targets"):
         C.load("maskfeat_demo", [*VIT, "maskfeat.targets=[hog, depth]"])

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from mmssl import config as C
-from mmssl.build import build_backbone, build_objective, build_tokenizer
 from mmssl.data import shapes
 from mmssl.data.transforms import eval_view
+from mmssl.factory import build_backbone, build_objective, build_tokenizer
 from mmssl.lit import PretrainModule
 from mmssl.objectives.clip import open_clip_model
 from mmssl.optim import create_optimizer
@@ -97,7 +97,7 @@ def test_text_tower_alone_is_open_clips_text_tower():
 
 @pytest.mark.parametrize("tower", ["backbone", "open_clip"])
 def test_features_are_unit_norm_in_the_joint_space(tower):
-    # gradients (the logit scale included) and checkpoints: tests/test_contract.py
+    # gradients (the logit scale included) and checkpoints: tests/objectives/test_contract.py
     cfg = tiny(*(OPEN_CLIP_TOWER if tower == "open_clip" else []))
     out = build_objective(cfg)(batch(cfg))
     assert out["image_features"].shape == out["text_features"].shape == (6, 32)

@@ -1,4 +1,4 @@
-"""Composed objectives (objectives/compose.py, build/compose.py): SLIP = CLIP + SimCLR on one image tower. The
+"""Composed objectives (objectives/compose.py, factory/compose.py): SLIP = CLIP + SimCLR on one image tower. The
 composite's loss and shared-encoder gradient equal the two objectives run separately on the same batch and views;
 views are the union of the parts'; what cannot compose is refused with the key named."""
 
@@ -9,8 +9,8 @@ import copy
 import pytest
 import torch
 
-from mmssl import build
 from mmssl import config as C
+from mmssl import factory
 from mmssl.data import shapes
 from mmssl.data.shards import collate
 from mmssl.data.transforms import ApplyView, CaptionTokens
@@ -26,7 +26,7 @@ def slip_cfg(*overrides: str) -> C.DictConfig:
 
 
 def batch_of(cfg, n: int = 6, seed: int = 0) -> dict:
-    spec = build.spec_of(cfg)
+    spec = factory.spec_of(cfg)
     apply = ApplyView(spec.views(cfg)[0], CaptionTokens(spec.tokenizer(cfg)))
     return collate(
         [apply({"image": img, "caption": cap}) for _, img, cap, _, _ in shapes.samples("train", n, seed)]
@@ -38,7 +38,7 @@ def test_slip_recipe_is_the_papers():
     assert dict(cfg.compose.objectives) == {"clip": 1.0, "simclr": 0.5}
     s = cfg.simclr
     assert (s.proj_num_layers, s.proj_hidden_dim, s.proj_out_dim, s.temperature) == (3, 4096, 256, 0.1)
-    objective = build.build_objective(C.load("slip_demo", SLIP))
+    objective = factory.build_objective(C.load("slip_demo", SLIP))
     head = objective.parts["simclr"].head.mlp
     assert isinstance(head[-1], torch.nn.Linear) and head[-1].bias is not None  # SLIP's head ends in a Linear
     assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in head) == 2
@@ -47,7 +47,7 @@ def test_slip_recipe_is_the_papers():
 def test_slip_loss_and_gradient_equal_the_two_objectives_run_separately():
     cfg = slip_cfg()
     torch.manual_seed(0)
-    slip = build.build_objective(cfg).train()
+    slip = factory.build_objective(cfg).train()
     # two independent objectives with the composite's weights (each deep copy has its own encoder)
     clip, simclr = copy.deepcopy(slip.parts["clip"]), copy.deepcopy(slip.parts["simclr"])
     assert clip.backbone is not simclr.backbone
@@ -77,7 +77,7 @@ def test_slip_loss_and_gradient_equal_the_two_objectives_run_separately():
 def test_views_that_make_the_same_key_are_refused():
     cfg = C.load("mae_demo", [*VIT, "objective=compose", "compose.objectives={mae: 1.0, maskfeat: 1.0}"])
     with pytest.raises(C.ConfigError, match=r"compose.objectives.*\['image'\]"):
-        build.build_views(cfg)
+        factory.build_views(cfg)
 
 
 @pytest.mark.parametrize(
@@ -96,4 +96,4 @@ def test_bad_compositions_name_the_key(objectives, match):
 def test_parts_without_a_shared_encoder_are_refused():
     cfg = C.load("igpt_demo", ["objective=compose", "compose.objectives={igpt: 1.0}"])
     with pytest.raises(C.ConfigError, match="'igpt' cannot be a part"):
-        build.spec_of(cfg)
+        factory.spec_of(cfg)

@@ -8,17 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_igpt as tiny
 from torch import nn
 
 from mmssl import config as C
-from mmssl.build import build_objective
 from mmssl.data.transforms import eval_view
 from mmssl.eval.features import encode, labelled_loader, resolve_layers
+from mmssl.factory import build_objective
 from mmssl.objectives.igpt import IGPTEncoder, ImageGPT
 from mmssl.sequence import SequenceTransformer, sample_logits
 from mmssl.targets.palette import Palette, fit_kmeans, inertia
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 import fit_palette  # noqa: E402
 
@@ -38,17 +39,6 @@ def probe_accuracy(train_x, train_y, val_x, val_y) -> float:
 
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     return float(clf.fit(train_x.numpy(), train_y.numpy()).score(val_x.numpy(), val_y.numpy()))
-
-
-def tiny(
-    mode: str = "ar", k: int = 8, side: int = 8, depth: int = 2, palette: Palette | None = None
-) -> ImageGPT:
-    transformer = SequenceTransformer(
-        k, side * side, embed_dim=32, depth=depth, num_heads=4, causal=mode == "ar"
-    )
-    if palette is None:
-        palette = Palette(torch.linspace(0, 1, k)[:, None].repeat(1, 3))  # k greys
-    return ImageGPT(transformer, palette, mode=mode)
 
 
 def randomise_head(objective: ImageGPT) -> None:
@@ -163,7 +153,7 @@ def test_matches_transformers_imagegpt_logits():
 
 @pytest.mark.parametrize("mode", ["ar", "bert"])
 def test_loss_is_log_k_at_init(mode):
-    # gradients, weight-decay names, the palette as a checkpointed buffer: tests/test_contract.py
+    # gradients, weight-decay names, the palette as a checkpointed buffer: tests/objectives/test_contract.py
     objective = tiny(mode)
     out = objective({"image": torch.rand(4, 3, 8, 8)})
     assert math.isclose(out["loss"].item(), math.log(8), rel_tol=1e-5)  # zero-initialised logits: uniform

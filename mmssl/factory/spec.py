@@ -1,5 +1,5 @@
 """What shared code needs to know about one objective (DESIGN.md §9): one :class:`ObjectiveSpec` per entry of
-the build table (``objectives.py``). The data module, checkpoint loading, evaluation and the tools ask the
+the objective table (``objectives.py``). The data module, checkpoint loading, evaluation and the tools ask the
 spec; none of them compares objective names.
 """
 
@@ -12,8 +12,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 from torch import nn
 
-from mmssl.build.exports import ExportFormat
 from mmssl.data.transforms import View
+from mmssl.factory.exports import ExportFormat
 
 # How an objective reads the captions of image-text shards (``.txt``), i.e. which batch key it needs
 # (objectives/base.py, BATCH_KEYS): none; "tokens", (B, L) int64 ids made in the data workers by the spec's
@@ -54,7 +54,7 @@ class ObjectiveSpec:
     * ``load_parts(folder) -> nn.Module``: the inverse of ``save_parts`` (the objective, without Lightning,
       from a folder it wrote), so that ``tools/export.py`` exports such a folder too; or None.
     * ``resolve(cfg) -> ObjectiveSpec``: for an entry whose text handling, weight files... depend on its config
-      (a composition: its parts'); ``build.spec_of(cfg)`` returns the resolved spec. None: this spec as it is.
+      (a composition: its parts'); ``factory.spec_of(cfg)`` returns the resolved spec. None: this spec as it is.
     """
 
     build: Callable[[DictConfig], nn.Module]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SHORT = ["data.batch_size=16", "data.num_workers=0", "trainer.max_steps=4", "trainer.log_every_n_steps=1",
          "optim.warmup_steps=1", "data.val_shards=null"]  # fmt: skip
 DEMOS = {  # recipe -> metrics that must be logged

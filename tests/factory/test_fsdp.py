@@ -1,8 +1,8 @@
-"""FSDP wiring (build/fsdp.py) and gradient checkpointing, on CPU.
+"""FSDP wiring (factory/fsdp.py) and gradient checkpointing, on CPU.
 
 Lightning runs FSDP on CUDA only, so the unit tests check what mmssl hands it (wrapped block classes, keys ->
 FSDPStrategy arguments, the refusal on CPU) and wrap objectives with torch's own FSDP on a one-process gloo
-group; the slow tests run the real CLI under Lightning's FSDPStrategy on two CPU processes (tests/fsdp_worker.py).
+group; the slow tests run the real CLI under Lightning's FSDPStrategy on two CPU processes (tests/factory/fsdp_worker.py).
 The 1-GPU run belongs to benchmarks/gpu_check.py.
 """
 
@@ -29,13 +29,13 @@ from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from mmssl import build
 from mmssl import config as C
+from mmssl import factory
 from mmssl.backbones import create_backbone
-from mmssl.build import block_classes, build_objective, fsdp_kwargs
+from mmssl.factory import block_classes, build_objective, fsdp_kwargs
 from mmssl.optim import param_groups
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "vlm"))
 sys.path.insert(0, str(ROOT / "tools"))
 import pretrain  # noqa: E402
@@ -155,7 +155,7 @@ def test_fsdp_on_a_cpu_machine_is_refused_naming_the_key(accelerator):
     with pytest.raises(C.ConfigError, match=r"trainer\.strategy.*CUDA"):
         C.validate_machine(cfg)
     with pytest.raises(C.ConfigError, match=r"trainer\.strategy.*CUDA"):  # library users get it too
-        build.build_trainer(cfg, build.Plan(1, 64, 1e-3, 10, 10, 0), objective=build_objective(cfg))
+        factory.build_trainer(cfg, factory.Plan(1, 64, 1e-3, 10, 10, 0), objective=build_objective(cfg))
     # a checkpoint's config of an FSDP run still loads on this machine
     assert C.from_dict(C.to_dict(cfg)).trainer.strategy == "fsdp"
 
@@ -165,7 +165,7 @@ def test_the_cli_refuses_fsdp_before_data_or_model_work(tmp_path, monkeypatch, c
     def no_work(cfg):
         raise AssertionError("data work started")
 
-    monkeypatch.setattr(build, "build_datamodule", no_work)
+    monkeypatch.setattr(factory, "build_datamodule", no_work)
     code = pretrain.main(["--cfg", "mae_demo", "trainer.strategy=fsdp", f"out_dir={tmp_path}"])
     assert code == 2
     err = capsys.readouterr().err
@@ -264,7 +264,7 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients(path):
 def test_grad_checkpointing_on_a_model_without_it_names_the_key():
     cfg = C.load("simclr_digits", ["backbone.name=dla46_c", "backbone.grad_checkpointing=true"])
     with pytest.raises(C.ConfigError, match=r"backbone\.grad_checkpointing.*dla46_c"):
-        build.build_backbone(cfg)
+        factory.build_backbone(cfg)
 
 
 # --- the real thing: tools/pretrain.py under Lightning's FSDPStrategy, 2 CPU processes ------------------------
@@ -273,14 +273,9 @@ def test_grad_checkpointing_on_a_model_without_it_names_the_key():
 def worker(args: list[str], demo_root: str, timeout: int = 300) -> None:
     env = {**os.environ, "MMSSL_DATA": demo_root, "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}  # fmt: skip
-    cmd = [sys.executable, str(ROOT / "tests" / "fsdp_worker.py"), *args]
+    cmd = [sys.executable, str(ROOT / "tests" / "factory" / "fsdp_worker.py"), *args]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert res.returncode == 0, f"{args}:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory) -> str:
-    return os.environ.get("MMSSL_DATA") or str(tmp_path_factory.mktemp("mmssl_data"))
 
 
 RUN = ["data.batch_size=8", "data.num_workers=0", "data.shuffle_buffer=32", "data.val_shards=null",
@@ -301,9 +296,9 @@ def test_mae_under_fsdp_saves_full_checkpoints_that_load_anywhere_and_resume(tmp
     plain = build_objective(mae_cfg())
     state = {k.removeprefix("objective."): v for k, v in ckpt["state_dict"].items()}
     assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in plain.state_dict().items()}
-    loaded, _ = build.objective_from_checkpoint(ckpt_dir / "last.ckpt")
+    loaded, _ = factory.objective_from_checkpoint(ckpt_dir / "last.ckpt")
     torch.testing.assert_close(loaded.state_dict(), state)
-    backbone, _ = build.load_encoder(ckpt_dir / "last.ckpt")  # what export and evaluation read
+    backbone, _ = factory.load_encoder(ckpt_dir / "last.ckpt")  # what export and evaluation read
     assert backbone.embed_dim == 32
 
     # the optimizer's groups were taken before FSDP flattened the weights: 2-D weights still decay

@@ -1,4 +1,4 @@
-"""The build table: one :class:`ObjectiveSpec` per objective (its builder, views, text handling, encoder,
+"""The objective table: one :class:`ObjectiveSpec` per objective (its builder, views, text handling, encoder,
 checkpoint fix-ups), and the objectives and encoders inside checkpoints, rebuilt through it."""
 
 from __future__ import annotations
@@ -13,16 +13,6 @@ from torch import nn
 
 from mmssl import config as C
 from mmssl.backbones import Backbone
-from mmssl.build.compose import compose_objective, compose_spec, compose_views
-from mmssl.build.encoders import (
-    build_backbone,
-    checkpoint_config,
-    encoder_info,
-    img_size,
-    trained_encoder,
-)
-from mmssl.build.exports import IMAGE_GPT, LLAVA, VIT_MAE, open_clip_format
-from mmssl.build.spec import ObjectiveSpec
 from mmssl.checkpoints import (
     CheckpointError,
     load_backbone_weights,
@@ -42,6 +32,16 @@ from mmssl.data.transforms import (
     mae_view,
     simclr_view,
 )
+from mmssl.factory.compose import compose_objective, compose_spec, compose_views
+from mmssl.factory.encoders import (
+    build_backbone,
+    checkpoint_config,
+    encoder_info,
+    img_size,
+    trained_encoder,
+)
+from mmssl.factory.exports import IMAGE_GPT, LLAVA, VIT_MAE, open_clip_format
+from mmssl.factory.spec import ObjectiveSpec
 from mmssl.heads import ProjectionHead
 from mmssl.objectives.clip import (
     CLIP,
@@ -205,7 +205,7 @@ def _siglip(cfg: DictConfig) -> nn.Module:
 
 
 def _open_clip_config(cfg: DictConfig) -> dict:
-    """The open_clip model config of a CLIP run (its export format, ``build/exports.py``)."""
+    """The open_clip model config of a CLIP run (its export format, ``factory/exports.py``)."""
     from mmssl.interop.openclip import tower_configs
 
     c = cfg.clip
@@ -356,7 +356,7 @@ def _compose_spec(cfg: DictConfig) -> ObjectiveSpec:
     return compose_spec(cfg.compose.objectives, OBJECTIVES, "compose.objectives", _compose, _compose_views)
 
 
-# The build table: one spec per objective (spec.py says what each field means). Adding an objective adds its
+# The objective table: one spec per objective (spec.py says what each field means). Adding an objective adds its
 # builder and views above and one entry here, its config section (config/objectives.py) and its recipe.
 OBJECTIVES: dict[str, ObjectiveSpec] = {
     "mae": ObjectiveSpec(_mae, _mae_views, exports={"vitmae": VIT_MAE}),
@@ -499,8 +499,8 @@ def read_run(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict, Dic
 def objective_from_config(config: dict, source: str = "given to PretrainModule") -> nn.Module:
     """A freshly built objective from a checkpoint's saved run config (``hyper_parameters.config``), before its
     weights are loaded; its spec's ``weight_files`` are reset as for :func:`objective_from_checkpoint`.
-    ``PretrainModule.load_from_checkpoint(path)``'s factory (installed by ``mmssl.build``: lit.py may not
-    import build)."""
+    ``PretrainModule.load_from_checkpoint(path)``'s factory (installed by ``mmssl.factory``: lit.py may not
+    import the factory)."""
     spec = OBJECTIVES.get(config.get("objective", C.Config.objective))
     ckpt = {"hyper_parameters": {"config": config}}
     cfg = checkpoint_config(source, ckpt, (), spec.weight_files if spec is not None else ())

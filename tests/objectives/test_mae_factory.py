@@ -10,7 +10,7 @@ from conftest import tiny_cfg
 from torch import nn
 
 from mmssl.backbones import create_backbone
-from mmssl.build import build_objective
+from mmssl.factory import build_objective
 from mmssl.objectives.masked import mae
 from mmssl.ops import sincos_2d
 

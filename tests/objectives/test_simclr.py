@@ -15,8 +15,8 @@ from PIL import Image
 from torch import nn
 
 from mmssl import config as C
-from mmssl.build import build_datamodule, build_objective
 from mmssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, simclr_blur_kernel, simclr_view
+from mmssl.factory import build_datamodule, build_objective
 from mmssl.losses import nt_xent, nt_xent_logits
 from mmssl.optim import create_optimizer
 

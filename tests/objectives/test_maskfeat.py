@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_pretrain_cli import cli, demo_root, load_ckpt, metrics, uneven_shards  # noqa: F401 (fixtures)
+from conftest import cli, load_ckpt, metrics
 
 from mmssl import config as C
-from mmssl.build import build_objective
+from mmssl.factory import build_objective
 from mmssl.ops import block_masking
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 import masked_report  # noqa: E402
 import pretrain  # noqa: E402
@@ -117,7 +117,7 @@ def test_loss_is_mse_on_masked_patches_only():
 
 
 def test_no_token_is_exempt_from_weight_decay():
-    # gradients and frozen parameters: tests/test_contract.py (MaskFeat freezes nothing); SlowFast decays every
+    # gradients and frozen parameters: tests/objectives/test_contract.py (MaskFeat freezes nothing); SlowFast decays every
     # token (tests/test_optim.py)
     assert tiny().no_weight_decay() == set()
 

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from mmssl import config as C
-from mmssl.build import build_objective
-from mmssl.build.objectives import _llava_vision
+from mmssl.factory import build_objective
+from mmssl.factory.objectives import _llava_vision
 from mmssl.objectives.clip import open_clip_model, recorded_quick_gelu
 from mmssl.vlm.vision import VisionTower, create_encoder
 

@@ -1,4 +1,4 @@
-"""The whole-objective export formats (``mmssl/interop/``) as :class:`ExportFormat` values that the build table
+"""The whole-objective export formats (``mmssl/interop/``) as :class:`ExportFormat` values that the objective table
 hands to its entries (``ObjectiveSpec.exports``); ``tools/export.py`` writes, reports and checks them without
 knowing which objective it holds. Each interop module is imported when its format is used (transformers and
 open_clip are slow to import)."""

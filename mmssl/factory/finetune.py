@@ -18,8 +18,6 @@ from omegaconf import DictConfig
 
 from mmssl import config as C
 from mmssl.backbones import CNNBackbone, ViTBackbone
-from mmssl.build import Plan, _strategy, run_dir
-from mmssl.build.objectives import load_encoder
 from mmssl.callbacks import LastCheckpoint, RankReport
 from mmssl.checkpoints import CheckpointError
 from mmssl.config import finetune as F
@@ -34,6 +32,8 @@ from mmssl.eval.finetune import (
     finetune_views,
     make_mixup,
 )
+from mmssl.factory import Plan, _strategy, run_dir
+from mmssl.factory.objectives import load_encoder
 from mmssl.lit import PretrainModule
 from mmssl.throughput import ThroughputLogger
 
@@ -126,7 +126,7 @@ def build_classifier(cfg: DictConfig, backbone) -> tuple[Classifier, dict]:
 def build_module(cfg: DictConfig, p: Plan, classifier: Classifier) -> PretrainModule:
     o = cfg.optim
     if cfg.trainer.compile:
-        classifier.compile()  # in place: state-dict keys unchanged (see build.build_module)
+        classifier.compile()  # in place: state-dict keys unchanged (see factory.build_module)
     return PretrainModule(
         classifier, lr=p.lr, total_steps=p.total_steps, warmup_steps=p.warmup_steps, optimizer=o.name,
         weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps, momentum=o.momentum, min_lr=o.min_lr,

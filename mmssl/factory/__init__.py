@@ -1,9 +1,9 @@
 """The only place where a config becomes objects (DESIGN.md §1): plain name -> spec tables.
 
-``objectives.py`` holds the build table (one ``ObjectiveSpec`` per objective, ``spec.py``: builder, data
+``objectives.py`` holds the objective table (one ``ObjectiveSpec`` per objective, ``spec.py``: builder, data
 views, text handling, encoder, checkpoint fix-ups) and rebuilds objectives and encoders from checkpoints;
 ``encoders.py`` a config's backbone and the run config inside a checkpoint; this module wires a run together
-(data module, schedule, Lightning module, trainer) and is the one entry point: ``from mmssl import build``.
+(data module, schedule, Lightning module, trainer) and is the one entry point: ``from mmssl import factory``.
 Shared code asks an objective's spec, never its name. Nothing in mmssl imports this package; tools do.
 """
 
@@ -25,13 +25,19 @@ from torch import nn
 
 from mmssl import config as C
 from mmssl import launch
-from mmssl.build.encoders import (  # re-exported: mmssl.build is the one entry point for tools
+from mmssl.callbacks import AtomicCheckpointIO, LastCheckpoint, RankReport, SaveParts
+from mmssl.data.module import ShardDataModule, resolve_shards
+from mmssl.data.shards import SampleDecoder, count_samples
+from mmssl.data.transforms import CaptionTokens, eval_view
+from mmssl.eval.knn import bank_too_small
+from mmssl.eval.online import KNNMonitor, OnlineLinearProbe
+from mmssl.factory.encoders import (  # re-exported: mmssl.factory is the one entry point for tools
     build_backbone,
     encoder_info,
     img_size,
 )
-from mmssl.build.fsdp import block_classes, fsdp_kwargs, fsdp_strategy
-from mmssl.build.objectives import (
+from mmssl.factory.fsdp import block_classes, fsdp_kwargs, fsdp_strategy
+from mmssl.factory.objectives import (
     OBJECTIVES,
     build_objective,
     build_tokenizer,
@@ -42,14 +48,8 @@ from mmssl.build.objectives import (
     read_run,
     spec_of,
 )
-from mmssl.build.precision import resolve_precision
-from mmssl.build.spec import ObjectiveSpec
-from mmssl.callbacks import AtomicCheckpointIO, LastCheckpoint, RankReport, SaveParts
-from mmssl.data.module import ShardDataModule, resolve_shards
-from mmssl.data.shards import SampleDecoder, count_samples
-from mmssl.data.transforms import CaptionTokens, eval_view
-from mmssl.eval.knn import bank_too_small
-from mmssl.eval.online import KNNMonitor, OnlineLinearProbe
+from mmssl.factory.precision import resolve_precision
+from mmssl.factory.spec import ObjectiveSpec
 from mmssl.lit import PretrainModule
 from mmssl.loggers import make_loggers
 from mmssl.throughput import ThroughputLogger

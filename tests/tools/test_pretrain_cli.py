@@ -3,7 +3,6 @@ uneven shards, and bad input. The CLI runs in a subprocess (Lightning's ddp stra
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -14,56 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import MAE_TINY_RUN as TINY
+from conftest import ROOT, cli, load_ckpt, metrics  # noqa: F401 (fixtures: demo_root, uneven_shards)
 
 from mmssl import config as C
-from mmssl.build import build_objective
 from mmssl.data import demo
-from mmssl.data.shards import SampleDecoder, eval_pipeline, write_shards
+from mmssl.data.shards import SampleDecoder, eval_pipeline
 from mmssl.data.transforms import eval_view
+from mmssl.factory import build_objective
 from mmssl.optim import warmup_cosine
 
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 import pretrain  # noqa: E402
-
-TINY = [
-    "backbone.img_size=32",
-    "backbone.depth=2",
-    "backbone.embed_dim=64",
-    "backbone.num_heads=4",
-    "mae.decoder_embed_dim=64",
-    "mae.decoder_depth=1",
-    "mae.decoder_num_heads=4",
-    "data.batch_size=32",
-    "data.num_workers=0",
-    "data.shuffle_buffer=100",
-    "trainer.precision=32-true",
-    "trainer.log_every_n_steps=1",
-]
-
-
-@pytest.fixture(scope="session")
-def demo_root(tmp_path_factory) -> str:
-    return os.environ.get("MMSSL_DATA") or str(tmp_path_factory.mktemp("mmssl_data"))
-
-
-def cli(args: list[str], demo_root: str, timeout: int = 300, **popen) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "MMSSL_DATA": demo_root,
-        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-    }
-    cmd = [sys.executable, str(ROOT / "tools" / "pretrain.py"), "--cfg", "mae_demo", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT, **popen)
-
-
-def metrics(run: Path, version: int = 0) -> list[dict]:
-    with open(run / "logs" / f"version_{version}" / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def load_ckpt(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.mark.slow
@@ -164,25 +125,6 @@ def test_non_finite_loss_stops_without_saving_nan_weights(tmp_path, demo_root):
     ckpts = list((tmp_path / "nan" / "checkpoints").glob("*.ckpt"))
     for path in ckpts:
         assert all(torch.isfinite(v).all() for v in load_ckpt(path)["state_dict"].values()), path
-
-
-@pytest.fixture
-def uneven_shards(tmp_path, demo_root) -> str:
-    """Real photo crops in 3 train shards of 5, 17 and 58 samples and 3 val shards of 3, 9 and 1 samples."""
-    src = Path(demo.ensure_demo("photos", demo_root))
-    import webdataset as wds
-
-    samples = [s for s in wds.WebDataset(sorted(str(p) for p in src.glob("train-*.tar")), shardshuffle=False)]
-    out = tmp_path / "uneven"
-    for i, (start, stop) in enumerate([(0, 5), (5, 22), (22, 80)]):
-        write_shards(
-            ({"__key__": s["__key__"], "jpg": s["jpg"]} for s in samples[start:stop]), out, f"train{i}"
-        )
-    for i, (start, stop) in enumerate([(80, 83), (83, 92), (92, 93)]):
-        write_shards(
-            ({"__key__": s["__key__"], "jpg": s["jpg"]} for s in samples[start:stop]), out, f"val{i}"
-        )
-    return str(out)
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """A composition's spec from its parts' specs (DESIGN.md §9; the objective is ``objectives/compose.py``): the parts
 are built from their own config sections and share the first one's encoder; the views are the union of the
 parts' views (each makes its own batch keys); text handling, weight files and data buffers are the parts'.
-Generic: the parts come in as ``{name: weight}`` and the build table, never by name."""
+Generic: the parts come in as ``{name: weight}`` and the objective table, never by name."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from PIL import Image
 from torch import nn
 
 from mmssl import config as C
-from mmssl.build.encoders import img_size
-from mmssl.build.spec import ObjectiveSpec
 from mmssl.data.transforms import UnionView, View
+from mmssl.factory.encoders import img_size
+from mmssl.factory.spec import ObjectiveSpec
 from mmssl.objectives.compose import Compose
 
 

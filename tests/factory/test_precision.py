@@ -1,13 +1,13 @@
-"""trainer.precision=auto (mmssl/build/precision.py): bf16-mixed on CPUs with native bf16, 32-true on AVX2-only
+"""trainer.precision=auto (mmssl/factory/precision.py): bf16-mixed on CPUs with native bf16, 32-true on AVX2-only
 CPUs, a warning for an explicit bf16 there, and the resolved value reaching Lightning's Trainer."""
 
 import warnings
 
 import pytest
 
-from mmssl import build
 from mmssl import config as C
-from mmssl.build import precision
+from mmssl import factory
+from mmssl.factory import precision
 
 # /proc/cpuinfo "flags" of the two kinds of machine in issue 17 (abridged to the vector extensions)
 AVX2_ONLY = (
@@ -58,9 +58,9 @@ def test_cpu_flags_reads_the_flags_line(monkeypatch, tmp_path):
 def test_auto_is_the_default_and_build_trainer_resolves_it(monkeypatch, tmp_path, capsys):
     cfg = C.load("mae_demo", [f"out_dir={tmp_path}", "trainer.accelerator=cpu", "trainer.precision=auto"])
     assert C.load("mae_vitb").trainer.precision == "auto"  # the recipes no longer force bf16
-    plan = build.Plan(1, 8, 1e-3, 10, 10, 1)
+    plan = factory.Plan(1, 8, 1e-3, 10, 10, 1)
     for flags, expected in ((AVX2_ONLY, "32-true"), (AVX512_BF16, "bf16-mixed")):
         fake_cpu(monkeypatch, flags)
-        trainer = build.build_trainer(cfg, plan)
+        trainer = factory.build_trainer(cfg, plan)
         assert trainer.precision == expected
         assert f"mmssl: precision {expected} (auto: the CPU" in capsys.readouterr().out

@@ -15,14 +15,14 @@ import torch
 import yaml
 from PIL import Image
 
-from mmssl import build
 from mmssl import config as C
+from mmssl import factory
 from mmssl.data.module import ShardDataModule
 from mmssl.data.shards import write_shards
 from mmssl.data.transforms import eval_view
 from mmssl.losses import masked_mse
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 import linear_probe  # noqa: E402
 import pretrain  # noqa: E402
@@ -76,9 +76,9 @@ def test_max_steps_must_be_positive_or_null():
         with pytest.raises(C.ConfigError, match="'trainer.max_steps'.*null"):
             C.load("mae_demo", [f"trainer.max_steps={value}"])
     datamodule = SimpleNamespace(steps_per_epoch=lambda world, accumulate: 7)
-    assert build.plan(C.load("mae_demo", ["trainer.max_steps=5"]), datamodule).total_steps == 5
+    assert factory.plan(C.load("mae_demo", ["trainer.max_steps=5"]), datamodule).total_steps == 5
     epochs = C.load("mae_demo", ["trainer.max_steps=null", "trainer.max_epochs=3"])
-    assert build.plan(epochs, datamodule).total_steps == 21
+    assert factory.plan(epochs, datamodule).total_steps == 21
 
 
 def test_vit_image_size_must_be_whole_patches(capsys):
@@ -122,11 +122,11 @@ def test_knn_k_beyond_the_memory_bank_is_reported(tmp_path, caplog):
     shards = _tiny_set(tmp_path, 40)
     knn = ["eval.knn_every_n_epochs=1", f"eval.knn_train_shards={shards}", f"eval.knn_val_shards={shards}"]
     with caplog.at_level(logging.WARNING):
-        build.eval_callbacks(C.load("mae_demo", [*knn, "eval.knn_k=200"]))
+        factory.eval_callbacks(C.load("mae_demo", [*knn, "eval.knn_k=200"]))
     assert "eval.knn_k=200 but the memory bank holds 40 samples" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        build.eval_callbacks(C.load("mae_demo", [*knn, "eval.knn_k=20"]))
+        factory.eval_callbacks(C.load("mae_demo", [*knn, "eval.knn_k=20"]))
     assert "knn_k" not in caplog.text
 
 
@@ -188,7 +188,7 @@ def test_a_recipe_prints_without_its_palette_file_and_a_run_needs_it(capsys, tmp
     assert pretrain.main(["--cfg", "igpt_demo", *missing, "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["igpt"]["palette"].endswith("absent.safetensors")
     with pytest.raises(C.ConfigError, match=r"'igpt\.palette': no such file"):
-        build.build_datamodule(C.load("igpt_demo", missing))
+        factory.build_datamodule(C.load("igpt_demo", missing))
 
 
 def test_a_training_run_refuses_before_its_first_step(tmp_path, capsys):

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmssl import build
 from mmssl import config as C
+from mmssl import factory
 from mmssl.ops import random_masking
 
 TEXT = ["clip.embed_dim=16", "clip.text_cfg={context_length: 16, width: 32, heads: 2, layers: 1}"]
@@ -19,7 +19,7 @@ def flip(ratio: float, img: int = 32):
            "backbone.num_heads=2"]  # fmt: skip
     cfg = C.load("flip_demo", [*vit, *TEXT, f"clip.image_mask_ratio={ratio}"])
     torch.manual_seed(0)
-    return build.build_objective(cfg)
+    return factory.build_objective(cfg)
 
 
 def tokens_seen(objective, images: torch.Tensor) -> int:

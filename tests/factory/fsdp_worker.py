@@ -3,12 +3,12 @@
 Lightning refuses FSDP with its CPU accelerator (``type(strategy) is FSDPStrategy`` in its accelerator
 connector) and so does mmssl (``config.validate_machine``); FSDP itself runs on CPU with gloo when told
 ``device_id=cpu`` (Lightning passes the device's index, None on CPU). This script lifts the refusals and wraps
-the root with that device; everything else is Lightning's: the strategy comes from ``build.fsdp_kwargs``
+the root with that device; everything else is Lightning's: the strategy comes from ``factory.fsdp_kwargs``
 exactly as on GPUs (auto-wrap per block, activation checkpointing, full state dicts), and the run is the real
 CLI (data, module, callbacks, checkpoints, resume). Lightning re-launches this very command for rank 1, which
 applies the same patches.
 
-    python tests/fsdp_worker.py --cfg mae_demo trainer.devices=2 ...
+    python tests/factory/fsdp_worker.py --cfg mae_demo trainer.devices=2 ...
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import pretrain  # noqa: E402
 
-from mmssl import build  # noqa: E402
 from mmssl import config as C  # noqa: E402
+from mmssl import factory  # noqa: E402
 
 
 class CPUFSDPStrategy(FSDPStrategy):
@@ -49,7 +49,7 @@ class CPUFSDPStrategy(FSDPStrategy):
 def main() -> int:
     torch.set_num_threads(1)
     C.validate_machine = lambda cfg: None
-    build.fsdp_strategy = lambda cfg, objective: CPUFSDPStrategy(**build.fsdp_kwargs(cfg, objective))
+    factory.fsdp_strategy = lambda cfg, objective: CPUFSDPStrategy(**factory.fsdp_kwargs(cfg, objective))
     return pretrain.main(sys.argv[1:])
 
 

@@ -9,8 +9,8 @@ from dataclasses import fields, is_dataclass
 
 import pytest
 
-from mmssl import build
 from mmssl import config as C
+from mmssl import factory
 from mmssl.config.objectives import PROJECTOR_PATTERN
 from mmssl.objectives.igpt import MODES
 from mmssl.sequence import NORMS
@@ -72,6 +72,6 @@ def test_full_checks_apply_to_the_objective_in_use_only():
 
 def test_the_igpt_palette_is_required_for_training_only():
     cfg = C.load("igpt_demo", ["igpt.palette=null"])  # --print-config and checkpoints need no palette file
-    assert build.build_objective(cfg) is not None
+    assert factory.build_objective(cfg) is not None
     with pytest.raises(C.ConfigError, match=r"'igpt\.palette': required for training.*fit_palette"):
-        build.build_datamodule(cfg)
+        factory.build_datamodule(cfg)

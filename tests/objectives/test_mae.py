@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_cfg
 
 from mmssl import config as C
-from mmssl.build import build_objective
+from mmssl.factory import build_objective
 from mmssl.interop.hf_mae import to_vit_mae
 
 transformers = pytest.importorskip("transformers")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 STEPS = 25
 SMALL = [
@@ -27,11 +27,6 @@ SMALL = [
 RESNET = ["backbone.name=resnet18"]
 VIT = ["backbone.name=vit_tiny_patch16_224", "backbone.patch_size=8", "backbone.depth=4",
        "optim.name=adamw", "optim.lr=1e-3", "optim.weight_decay=0.05"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory) -> str:
-    return os.environ.get("MMSSL_DATA") or str(tmp_path_factory.mktemp("mmssl_data"))
 
 
 def cli(args: list[str], demo_root: str, timeout: int = 900) -> subprocess.CompletedProcess:

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from open_clip.loss import SigLipLoss
 from siglip_ddp_worker import global_batch, run, tiny_siglip
 
-from mmssl import build
 from mmssl import config as C
+from mmssl import factory
 
 
 def algorithm_1(img: torch.Tensor, txt: torch.Tensor, t: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -45,8 +45,8 @@ def test_config_builds_siglip_with_the_papers_init():
         ["backbone.depth=1", "clip.text_cfg={context_length: 16, width: 32, heads: 2, layers: 1}"],
     )
     assert C.active_objectives(cfg) == ["siglip", "clip"]
-    assert build.spec_of(cfg).text == "tokens"
-    objective = build.build_objective(cfg)
+    assert factory.spec_of(cfg).text == "tokens"
+    objective = factory.build_objective(cfg)
     assert objective.logit_scale.exp().item() == pytest.approx(10.0)
     assert objective.logit_bias.item() == -10.0
 

@@ -11,12 +11,12 @@ from safetensors.torch import save_file
 
 from mmssl import config as C
 from mmssl.backbones import as_backbone
-from mmssl.build import build_datamodule, build_module, build_objective, plan
 from mmssl.checkpoints import CheckpointError
 from mmssl.data.module import resolve_shards
 from mmssl.data.shards import SampleDecoder, eval_pipeline
 from mmssl.data.transforms import eval_view
 from mmssl.export import export_backbone
+from mmssl.factory import build_datamodule, build_module, build_objective, plan
 
 TINY_MAE = ["backbone.depth=2", "backbone.embed_dim=64", "backbone.num_heads=4", "mae.decoder_embed_dim=32",
             "mae.decoder_depth=1", "mae.decoder_num_heads=4", "data.num_workers=0"]  # fmt: skip

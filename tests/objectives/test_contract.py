@@ -1,11 +1,11 @@
-"""The objective contract (objectives/base.py; DESIGN.md §6.1, §9) for every entry of the build table, on a
+"""The objective contract (objectives/base.py; DESIGN.md §6.1, §9) for every entry of the objective table, on a
 batch that the entry's own data views make from real pictures with captions and conversations:
 
 * a finite scalar loss, in training (train view) and in eval mode (validation view);
 * every trainable parameter gets a gradient, no frozen one does, and the frozen set is the documented one;
 * ``no_weight_decay`` names exist; ``visualize`` draws (B, 3, H, W) pictures in [0, 1];
-* a checkpoint round trip through ``build.objective_from_checkpoint`` (the files named by the spec's
-  ``weight_files`` gone, the ``data_buffers`` kept by a random-init baseline) and ``build.load_encoder``;
+* a checkpoint round trip through ``factory.objective_from_checkpoint`` (the files named by the spec's
+  ``weight_files`` gone, the ``data_buffers`` kept by a random-init baseline) and ``factory.load_encoder``;
 * ``save_parts`` writes its files.
 
 A new table entry fails ``test_every_table_entry_has_tiny_configs`` until it gets tiny configs below; then
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from mmssl import build
 from mmssl import config as C
+from mmssl import factory
 from mmssl.checkpoints import CheckpointError
 from mmssl.data import shapes
 from mmssl.data.shards import collate
@@ -123,7 +123,7 @@ def frozen_expected(name: str, expected: tuple[str, ...]) -> bool:
 @pytest.mark.parametrize("name, variant", CASES, ids=[f"{n}-{v}" for n, v in CASES])
 def test_forward_backward_and_pictures(name, variant, decoder_dir):
     cfg = tiny_config(name, variant, decoder_dir)
-    spec = build.spec_of(cfg)
+    spec = factory.spec_of(cfg)
     torch.manual_seed(0)
     objective = spec.build(cfg).train()
     out = objective(make_batch(cfg, spec, train=True))
@@ -171,7 +171,7 @@ def save_checkpoint(objective, cfg, path, missing_files: tuple[str, ...]) -> Non
 @pytest.mark.parametrize("name, variant", CASES, ids=[f"{n}-{v}" for n, v in CASES])
 def test_checkpoint_round_trip(name, variant, decoder_dir, tmp_path):
     cfg = tiny_config(name, variant, decoder_dir)
-    spec = build.spec_of(cfg)
+    spec = factory.spec_of(cfg)
     torch.manual_seed(1)
     objective = spec.build(cfg).eval()
     with torch.no_grad():  # trained weights: nothing a fresh build could reproduce
@@ -180,7 +180,7 @@ def test_checkpoint_round_trip(name, variant, decoder_dir, tmp_path):
     path = tmp_path / "last.ckpt"
     save_checkpoint(objective, cfg, path, spec.weight_files)
 
-    loaded, loaded_cfg = build.objective_from_checkpoint(path)
+    loaded, loaded_cfg = factory.objective_from_checkpoint(path)
     assert loaded_cfg.objective == name and not loaded.training
     saved = objective.state_dict()
     for key, value in loaded.state_dict().items():
@@ -192,7 +192,7 @@ def test_checkpoint_round_trip(name, variant, decoder_dir, tmp_path):
         torch.manual_seed(2)
         assert torch.equal(loaded(batch)["loss"], expected)
 
-    baseline, _ = build.objective_from_checkpoint(path, random_init=True, seed=0)
+    baseline, _ = factory.objective_from_checkpoint(path, random_init=True, seed=0)
     fresh = baseline.state_dict()
     data = [k for k in saved if k.startswith(spec.data_buffers)]
     assert all(torch.equal(fresh[k], saved[k]) for k in data)
@@ -201,9 +201,9 @@ def test_checkpoint_round_trip(name, variant, decoder_dir, tmp_path):
 
     if spec.encoder is None or not hasattr(objective, spec.encoder):
         with pytest.raises(CheckpointError, match="encoder"):
-            build.load_encoder(path)
+            factory.load_encoder(path)
         return
-    encoder, info = build.load_encoder(path)
+    encoder, info = factory.load_encoder(path)
     own = getattr(objective, spec.encoder).state_dict()
     assert encoder.state_dict().keys() == own.keys()
     assert all(torch.equal(v, own[k]) for k, v in encoder.state_dict().items())
@@ -211,19 +211,19 @@ def test_checkpoint_round_trip(name, variant, decoder_dir, tmp_path):
         with pytest.raises(ValueError, match="not a timm model"):
             export_backbone(encoder, path.parent / "export", img_size=8, mean=[0.5] * 3, std=[0.5] * 3)
     assert info["objective"] == name and info["global_step"] == 7
-    untrained, _ = build.load_encoder(path, random_init=True)
+    untrained, _ = factory.load_encoder(path, random_init=True)
     assert not torch.equal(next(iter(untrained.parameters())), next(iter(encoder.parameters())))
 
 
-@pytest.mark.parametrize("name", [n for n, s in build.OBJECTIVES.items() if s.save_parts is not None])
+@pytest.mark.parametrize("name", [n for n, s in factory.OBJECTIVES.items() if s.save_parts is not None])
 def test_save_parts_writes_files(name, decoder_dir, tmp_path):
     cfg = tiny_config(name, next(iter(TINY[name])), decoder_dir)
-    spec = build.OBJECTIVES[name]
+    spec = factory.OBJECTIVES[name]
     objective = spec.build(cfg)
     spec.save_parts(objective, tmp_path / "parts", objective.state_dict())
     assert any((tmp_path / "parts").iterdir())
 
 
 def test_every_table_entry_has_tiny_configs():
-    assert set(TINY) == set(build.OBJECTIVES)
-    assert set(build.OBJECTIVES) == set(C.objective_names())  # one config section per entry
+    assert set(TINY) == set(factory.OBJECTIVES)
+    assert set(factory.OBJECTIVES) == set(C.objective_names())  # one config section per entry
