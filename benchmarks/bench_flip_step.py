@@ -17,6 +17,7 @@ import statistics
 import time
 
 import torch
+from common import Ratio, machine_line
 
 from mmssl import config as C
 from mmssl.data import shapes
@@ -43,7 +44,10 @@ def step_time(objective, opt, batch, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def main() -> None:
+QUICK = ["--size", "tiny", "--batch", "16", "--steps", "1", "--rounds", "2"]
+
+
+def measure(argv: list[str] | None = None) -> list[Ratio]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -53,7 +57,8 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75])
     parser.add_argument("--steps", type=int, default=2, help="steps per round")
     parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    print(machine_line())
     settings = {}
     for ratio in [0.0, *args.ratios]:
         cfg = C.load("flip_vitb16", [f"backbone.img_size={args.img}", f"clip.image_mask_ratio={ratio}",
@@ -77,11 +82,15 @@ def main() -> None:
             times[ratio].append(step_time(objective, opt, batch, args.steps))
     clip = statistics.median(times[0.0])
     print(f"CLIP (mask 0): {clip * 1000:8.1f} ms/step")
+    rows = []
     for ratio in args.ratios:
         t = statistics.median(times[ratio])
         print(f"FLIP mask {ratio:.2f}: {t * 1000:8.1f} ms/step | step-time ratio FLIP/CLIP {t / clip:.2f}x "
               f"(speed-up {clip / t:.2f}x)")  # fmt: skip
+        case = f"{args.size} {args.img}px, batch {args.batch}, mask {ratio:g}"
+        rows.append(Ratio.of_times("FLIP step", case, "fp32", t, clip, "unmasked CLIP (mmssl)"))
+    return rows
 
 
 if __name__ == "__main__":
-    main()
+    measure()

@@ -43,6 +43,25 @@ def load_average() -> tuple[float, float, float] | None:
         return None
 
 
+def other_cpu_load(seconds: float = 1.0) -> float | None:
+    """Cores kept busy by *other* processes over ``seconds``: the machine's busy time (``/proc/stat``) minus this
+    process's own. The load average cannot tell: it counts this process too, so right after one benchmark it
+    reads about 2 on an otherwise idle 2-core machine."""
+    import time
+
+    def busy() -> float:
+        fields = [float(x) for x in open("/proc/stat").readline().split()[1:]]
+        return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+    try:
+        mine, total, start = sum(os.times()[:2]), busy(), time.perf_counter()
+        time.sleep(seconds)
+        mine, total = sum(os.times()[:2]) - mine, busy() - total
+        return max(0.0, (total - mine) / (time.perf_counter() - start))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def machine_line() -> str:
     """Threads, ISA, native bf16 and the 1-minute load average: printed at the top of every benchmark."""
     load = load_average()

@@ -10,8 +10,10 @@ table: one row per comparison, ratio > 1 meaning mmssl is faster (fp32 and bf16 
 only on CPUs with native bf16). A benchmark that fails (e.g. a peer library missing) is reported and skipped.
 
 Ratios measured while other work runs are not comparable (the two sides of a comparison alternate, but
-contention is not uniform): the load average is checked before each benchmark and a warning printed above
-the table when the machine was not quiet. The JSON holds the rows, the machine line and the load averages.
+contention is not uniform): before each benchmark the CPU time other processes use over one second is
+measured (``/proc/stat`` minus this process; the load average would count this process's previous benchmark)
+and a warning printed above the table when the machine was not quiet. The JSON holds the rows, the machine
+line, the load averages and the other processes' CPU use.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import Ratio, load_average, machine_line  # noqa: E402
+from common import Ratio, load_average, machine_line, other_cpu_load  # noqa: E402
 
-QUIET_LOAD = 0.5  # 1-minute load average of an idle machine stays below this
+QUIET_OTHERS = 0.2  # cores busy with other processes on an idle machine stay below this
 
 
 def discover() -> list[str]:
@@ -62,13 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     rows: list[Ratio] = []
     loads: dict[str, list[float] | None] = {}
+    others: dict[str, float | None] = {}
     failed: dict[str, str] = {}
     start = time.perf_counter()
     print(machine_line())
     for name in names:
         loads[name] = list(load_average() or []) or None
+        others[name] = other_cpu_load()
+        busy_now = "n/a" if others[name] is None else f"{others[name]:.2f}"
         print(
-            f"\n===== bench_{name} (load average {loads[name][0] if loads[name] else 'n/a'}) =====",
+            f"\n===== bench_{name} (load average {loads[name][0] if loads[name] else 'n/a'}, "
+            f"other processes {busy_now} cores) =====",
             flush=True,
         )
         torch.set_num_threads(threads)  # benchmarks may pin one thread; each starts from the default
@@ -81,14 +87,14 @@ def main(argv: list[str] | None = None) -> int:
             failed[name] = f"{type(exn).__name__}: {exn}"
             traceback.print_exc()
     torch.set_num_threads(threads)
-    busy = {n: la[0] for n, la in loads.items() if la and la[0] >= QUIET_LOAD}
+    busy = {n: v for n, v in others.items() if v is not None and v >= QUIET_OTHERS}
     print(f"\n===== {len(rows)} ratios from {len(names) - len(failed)} benchmarks, "
           f"{(time.perf_counter() - start) / 60:.1f} min{' (--quick)' if args.quick else ''} =====")  # fmt: skip
     print(f"{datetime.date.today()}, {platform.node()}, {machine_line()}")
     if busy:
         print(
-            f"WARNING: the machine was not quiet (1-minute load average >= {QUIET_LOAD} before "
-            f"{', '.join(f'{n} ({v:.1f})' for n, v in busy.items())}): other work was running and these "
+            f"WARNING: the machine was not quiet (other processes used >= {QUIET_OTHERS} cores before "
+            f"{', '.join(f'{n} ({v:.2f})' for n, v in busy.items())}): other work was running and these "
             "ratios are not comparable; rerun on an idle machine"
         )
     print(table(rows))
@@ -103,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "quick": args.quick,
         "load_before": loads,
+        "other_cores_before": others,
         "busy": busy,
         "rows": [r.as_dict() for r in rows],
         "failed": failed,
