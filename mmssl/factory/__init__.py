@@ -59,8 +59,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "OBJECTIVES", "ObjectiveSpec", "Plan", "block_classes", "build_backbone", "build_datamodule", "build_module",
-    "build_objective", "build_tokenizer", "build_trainer", "build_views", "encoder_info", "eval_callbacks",
-    "fsdp_kwargs", "fsdp_strategy", "img_size", "load_encoder", "objective_from_checkpoint",
+    "build_objective", "build_tokenizer", "build_trainer", "build_views", "checkpointing", "encoder_info",
+    "eval_callbacks", "fsdp_kwargs", "fsdp_strategy", "img_size", "load_encoder", "objective_from_checkpoint",
     "objective_from_config", "plan", "read_run", "run_dir", "spec_of",
 ]  # fmt: skip
 
@@ -202,25 +202,14 @@ def build_trainer(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) 
     t, out = cfg.trainer, run_dir(cfg)
     precision, why = resolve_precision(t.precision, t.accelerator)
     rank_zero_only(print)(f"mmssl: precision {precision} ({why})")
-    ckpt_dir = out / "checkpoints"
     strategy = _strategy(cfg, objective)
     # Pictures are drawn on rank 0 outside the training step, where FSDP holds only shards of the weights.
     pictures = [] if t.strategy == "fsdp" else [
         PictureCallback(out / "pictures", cfg.data.mean, cfg.data.std, every_n_steps=t.picture_every_n_steps)
     ]  # fmt: skip
+    saving, plugins = checkpointing(t, out / "checkpoints")
     callbacks = [
-        ModelCheckpoint(
-            dirpath=ckpt_dir,
-            filename="step{step:07d}",
-            auto_insert_metric_name=False,
-            every_n_train_steps=t.ckpt_every_n_steps,
-            save_top_k=t.keep_checkpoints,
-            monitor="step",
-            mode="max",
-            save_last=True,
-            enable_version_counter=False,  # last.ckpt is always the newest state, never last-v1.ckpt
-        ),
-        LastCheckpoint(ckpt_dir / "last.ckpt"),
+        *saving,
         *pictures,
         RankReport(out),
         ThroughputLogger(),  # train/images_per_s, tokens_per_s, mfu
@@ -250,8 +239,27 @@ def build_trainer(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) 
         enable_progress_bar=t.progress_bar,
         callbacks=callbacks,
         default_root_dir=out,
-        plugins=[*_cluster_plugins(), AtomicCheckpointIO()],  # no truncated .ckpt under a final name
+        plugins=plugins,
     )
+
+
+def checkpointing(t: DictConfig, ckpt_dir: Path) -> tuple[list[L.Callback], list]:
+    """(callbacks, trainer plugins) that save a run, shared by pretraining and fine-tuning (``t``: the trainer
+    section): step checkpoints every ``ckpt_every_n_steps`` (the newest ``keep_checkpoints`` kept), ``last.ckpt``
+    at the end and on SIGTERM/SIGINT, all written atomically (no truncated .ckpt under a final name that
+    ``--resume`` would pick up) and, under srun, without Lightning's own SLURM requeue."""
+    step = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="step{step:07d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=t.ckpt_every_n_steps,
+        save_top_k=t.keep_checkpoints,
+        monitor="step",
+        mode="max",
+        save_last=True,
+        enable_version_counter=False,  # last.ckpt is always the newest state, never last-v1.ckpt
+    )
+    return [step, LastCheckpoint(ckpt_dir / "last.ckpt")], [*_cluster_plugins(), AtomicCheckpointIO()]
 
 
 def _cluster_plugins() -> list:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from mmssl import config as C
 from mmssl.backbones import CNNBackbone, ViTBackbone
-from mmssl.callbacks import LastCheckpoint, RankReport
+from mmssl.callbacks import RankReport
 from mmssl.checkpoints import CheckpointError
 from mmssl.config import finetune as F
 from mmssl.data.folder import FolderDataModule
@@ -32,7 +32,7 @@ from mmssl.eval.finetune import (
     finetune_views,
     make_mixup,
 )
-from mmssl.factory import Plan, _strategy, run_dir
+from mmssl.factory import Plan, _strategy, checkpointing, run_dir
 from mmssl.factory.objectives import load_encoder
 from mmssl.lit import PretrainModule
 from mmssl.throughput import ThroughputLogger
@@ -137,6 +137,7 @@ def build_module(cfg: DictConfig, p: Plan, classifier: Classifier) -> PretrainMo
 def build_trainer(cfg: DictConfig, p: Plan) -> L.Trainer:
     t, out = cfg.trainer, run_dir(cfg)
     ckpt_dir = out / "checkpoints"
+    saving, plugins = checkpointing(t, ckpt_dir)  # step checkpoints and last.ckpt as pretraining's
     callbacks = [
         ModelCheckpoint(  # first: trainer.checkpoint_callback, "best" of trainer.validate(ckpt_path="best")
             dirpath=ckpt_dir,
@@ -148,18 +149,7 @@ def build_trainer(cfg: DictConfig, p: Plan) -> L.Trainer:
             auto_insert_metric_name=False,
             enable_version_counter=False,
         ),  # fmt: skip
-        ModelCheckpoint(
-            dirpath=ckpt_dir,
-            filename="step{step:07d}",
-            auto_insert_metric_name=False,
-            every_n_train_steps=t.ckpt_every_n_steps,
-            save_top_k=t.keep_checkpoints,
-            monitor="step",
-            mode="max",
-            save_last=True,
-            enable_version_counter=False,
-        ),  # fmt: skip
-        LastCheckpoint(ckpt_dir / "last.ckpt"),
+        *saving,
         RankReport(out),
         ThroughputLogger(),
     ]
@@ -181,6 +171,7 @@ def build_trainer(cfg: DictConfig, p: Plan) -> L.Trainer:
         logger=CSVLogger(out, name="logs"),
         callbacks=callbacks,
         default_root_dir=out,
+        plugins=plugins,
     )
 
 
