@@ -1,9 +1,10 @@
 """The only place where a config becomes objects (DESIGN.md §1): plain name -> spec tables.
 
 ``objectives.py`` holds the objective table (one ``ObjectiveSpec`` per objective, ``spec.py``: builder, data
-views, text handling, encoder, checkpoint fix-ups) and rebuilds objectives and encoders from checkpoints;
-``encoders.py`` a config's backbone and the run config inside a checkpoint; this module wires a run together
-(data module, schedule, Lightning module, trainer) and is the one entry point: ``from mmssl import factory``.
+views, text handling, encoder, checkpoint fix-ups); ``loading.py`` rebuilds objectives and encoders from
+checkpoints through it; ``encoders.py`` a config's backbone and the run config inside a checkpoint; this module
+wires a run together (objective, data module, schedule, Lightning module, trainer, checkpointing) and is the one
+entry point: ``from mmssl import factory``.
 Shared code asks an objective's spec, never its name. Nothing in mmssl imports this package; tools do.
 """
 
@@ -37,17 +38,14 @@ from mmssl.factory.encoders import (  # re-exported: mmssl.factory is the one en
     img_size,
 )
 from mmssl.factory.fsdp import block_classes, fsdp_kwargs, fsdp_strategy
-from mmssl.factory.objectives import (
-    OBJECTIVES,
-    build_objective,
-    build_tokenizer,
-    build_views,
+from mmssl.factory.loading import (
     load_encoder,
+    load_pretrained_backbone,
     objective_from_checkpoint,
     objective_from_config,
     read_run,
-    spec_of,
 )
+from mmssl.factory.objectives import OBJECTIVES, build_tokenizer, build_views, spec_of
 from mmssl.factory.precision import resolve_precision
 from mmssl.factory.spec import ObjectiveSpec
 from mmssl.lit import PretrainModule
@@ -68,6 +66,14 @@ __all__ = [
 # PretrainModule.load_from_checkpoint(path) rebuilds the objective from the checkpoint's run config through this
 # factory: lit.py may not import build (DESIGN.md §3), so build hands it over when it is imported.
 PretrainModule.objective_factory = staticmethod(objective_from_config)
+
+
+def build_objective(cfg: DictConfig) -> nn.Module:
+    objective = spec_of(cfg).build(cfg)
+    # continued pretraining: the starting weights go in after the objective's own init (MAE re-inits everything)
+    if cfg.backbone.weights:
+        load_pretrained_backbone(objective, cfg)
+    return objective
 
 
 def build_datamodule(cfg: DictConfig) -> ShardDataModule:

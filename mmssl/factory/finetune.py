@@ -33,7 +33,7 @@ from mmssl.eval.finetune import (
     make_mixup,
 )
 from mmssl.factory import Plan, _strategy, checkpointing, run_dir
-from mmssl.factory.objectives import load_encoder
+from mmssl.factory.loading import load_encoder
 from mmssl.lit import PretrainModule
 from mmssl.throughput import ThroughputLogger
 
