@@ -59,7 +59,7 @@ __all__ = [
     "OBJECTIVES", "ObjectiveSpec", "Plan", "block_classes", "build_backbone", "build_datamodule", "build_module",
     "build_objective", "build_tokenizer", "build_trainer", "build_views", "checkpointing", "encoder_info",
     "eval_callbacks", "fsdp_kwargs", "fsdp_strategy", "img_size", "load_encoder", "objective_from_checkpoint",
-    "objective_from_config", "plan", "read_run", "run_dir", "spec_of",
+    "objective_from_config", "plan", "read_run", "run_dir", "spec_of", "trainer_args",
 ]  # fmt: skip
 
 
@@ -132,7 +132,11 @@ def plan(cfg: DictConfig, datamodule: ShardDataModule) -> Plan:
     return Plan(world, C.global_batch(cfg), C.learning_rate(cfg), per_epoch, total, min(warmup, total))
 
 
-def build_module(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) -> PretrainModule:
+def build_module(
+    cfg: DictConfig, p: Plan, objective: nn.Module | None = None, layer_decay: float | None = None
+) -> PretrainModule:
+    """The Lightning module training ``objective`` (the config's when None) on plan ``p``; ``layer_decay``: the
+    layer-wise lr decay of fine-tuning (``optim.layer_decay_param_groups``)."""
     o = cfg.optim
     objective = objective if objective is not None else build_objective(cfg)
     if cfg.trainer.compile:
@@ -153,6 +157,7 @@ def build_module(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) -
         seed=cfg.seed,
         warmup_start_lr=o.warmup_start_lr,
         config=C.to_dict(cfg),
+        layer_decay=layer_decay,
     )
 
 
@@ -225,27 +230,37 @@ def build_trainer(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) 
     if save_parts is not None:
         callbacks.append(SaveParts(out / cfg.objective, save_parts))
     return L.Trainer(
+        **trainer_args(cfg, p),
+        strategy=strategy,
+        precision=precision,
+        limit_val_batches=None if cfg.data.val_shards else 0,
+        enable_model_summary=False,  # tools/pretrain.py prints the parameter count in its opening line
+        logger=make_loggers(t.loggers, out, cfg.name),  # logs/version_N: a resumed run keeps earlier metrics
+        enable_progress_bar=t.progress_bar,
+        callbacks=callbacks,
+        plugins=plugins,
+    )
+
+
+def trainer_args(cfg: DictConfig, p: Plan) -> dict:
+    """The ``L.Trainer`` arguments pretraining and fine-tuning share: devices, the step budget of plan ``p``,
+    accumulation, clipping and the logging and validation cadence (the ``trainer`` section), and the run
+    directory. Shards split themselves (and image folders bring their own samplers): no distributed sampler."""
+    t = cfg.trainer
+    return dict(
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=strategy,
-        precision=precision,
         max_steps=p.total_steps,
         max_epochs=math.ceil(p.total_steps / p.steps_per_epoch),
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val,
         log_every_n_steps=t.log_every_n_steps,
         check_val_every_n_epoch=t.val_every_n_epochs,
-        limit_val_batches=None if cfg.data.val_shards else 0,
-        use_distributed_sampler=False,  # shards are split by the pipeline itself
+        use_distributed_sampler=False,
         num_sanity_val_steps=0,
-        enable_model_summary=False,  # tools/pretrain.py prints the parameter count in its opening line
         sync_batchnorm=t.sync_batchnorm,
-        logger=make_loggers(t.loggers, out, cfg.name),  # logs/version_N: a resumed run keeps earlier metrics
-        enable_progress_bar=t.progress_bar,
-        callbacks=callbacks,
-        default_root_dir=out,
-        plugins=plugins,
+        default_root_dir=run_dir(cfg),
     )
 
 

@@ -7,7 +7,6 @@ held-out top-1 is kept as ``checkpoints/best.ckpt`` besides the step checkpoints
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -32,7 +31,8 @@ from mmssl.eval.finetune import (
     finetune_views,
     make_mixup,
 )
-from mmssl.factory import Plan, _strategy, checkpointing, run_dir
+from mmssl.factory import Plan, _strategy, checkpointing, run_dir, trainer_args
+from mmssl.factory import build_module as pretraining_module
 from mmssl.factory.loading import load_encoder
 from mmssl.lit import PretrainModule
 from mmssl.throughput import ThroughputLogger
@@ -124,14 +124,8 @@ def build_classifier(cfg: DictConfig, backbone) -> tuple[Classifier, dict]:
 
 
 def build_module(cfg: DictConfig, p: Plan, classifier: Classifier) -> PretrainModule:
-    o = cfg.optim
-    if cfg.trainer.compile:
-        classifier.compile()  # in place: state-dict keys unchanged (see factory.build_module)
-    return PretrainModule(
-        classifier, lr=p.lr, total_steps=p.total_steps, warmup_steps=p.warmup_steps, optimizer=o.name,
-        weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps, momentum=o.momentum, min_lr=o.min_lr,
-        seed=cfg.seed, warmup_start_lr=o.warmup_start_lr, config=C.to_dict(cfg), layer_decay=o.layer_decay,
-    )  # fmt: skip
+    """Pretraining's Lightning module (optimizer, schedule, compile) around ``classifier``, with layer decay."""
+    return pretraining_module(cfg, p, classifier, layer_decay=cfg.optim.layer_decay)
 
 
 def build_trainer(cfg: DictConfig, p: Plan) -> L.Trainer:
@@ -154,23 +148,11 @@ def build_trainer(cfg: DictConfig, p: Plan) -> L.Trainer:
         ThroughputLogger(),
     ]
     return L.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
+        **trainer_args(cfg, p),
         strategy=_strategy(cfg, None),  # fsdp is refused by the config (mmssl.config.finetune)
         precision=t.precision,
-        max_steps=p.total_steps,
-        max_epochs=math.ceil(p.total_steps / p.steps_per_epoch),
-        accumulate_grad_batches=t.accumulate_grad_batches,
-        gradient_clip_val=t.gradient_clip_val,
-        log_every_n_steps=t.log_every_n_steps,
-        check_val_every_n_epoch=t.val_every_n_epochs,
-        use_distributed_sampler=False,  # shards split themselves; folders bring their own samplers
-        num_sanity_val_steps=0,
-        sync_batchnorm=t.sync_batchnorm,
         logger=CSVLogger(out, name="logs"),
         callbacks=callbacks,
-        default_root_dir=out,
         plugins=plugins,
     )
 

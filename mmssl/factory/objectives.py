@@ -29,6 +29,7 @@ from mmssl.factory.encoders import (
 from mmssl.factory.exports import IMAGE_GPT, LLAVA, VIT_MAE, open_clip_format
 from mmssl.factory.spec import ObjectiveSpec
 from mmssl.heads import ProjectionHead
+from mmssl.interop.openclip import tower_configs
 from mmssl.objectives.clip import (
     CLIP,
     clip_tokenizer,
@@ -194,8 +195,6 @@ def _siglip(cfg: DictConfig) -> nn.Module:
 
 def _open_clip_config(cfg: DictConfig) -> dict:
     """The open_clip model config of a CLIP run (its export format, ``factory/exports.py``)."""
-    from mmssl.interop.openclip import tower_configs
-
     c = cfg.clip
     return tower_configs(
         c.model, text_cfg=dict(c.text_cfg), vision_cfg=dict(c.vision_cfg), embed_dim=c.embed_dim,
