@@ -33,7 +33,7 @@ def field_defaults(tree: ast.AST) -> set[int]:
 
 def table_entries(tree: ast.Module) -> set[int]:
     """ids of the nodes that belong to the objective table: the ``OBJECTIVES`` value and the private functions it
-    names, with the private helpers they call. Generic code in the same file (the loaders) is not exempt."""
+    names, with the private helpers they call. Generic code in the same file (``spec_of``) is not exempt."""
     functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
     table = [
         n.value

@@ -1,9 +1,10 @@
 """The only place where a config becomes objects (DESIGN.md §1): plain name -> spec tables.
 
 ``objectives.py`` holds the objective table (one ``ObjectiveSpec`` per objective, ``spec.py``: builder, data
-views, text handling, encoder, checkpoint fix-ups) and rebuilds objectives and encoders from checkpoints;
-``encoders.py`` a config's backbone and the run config inside a checkpoint; this module wires a run together
-(data module, schedule, Lightning module, trainer) and is the one entry point: ``from mmssl import factory``.
+views, text handling, encoder, checkpoint fix-ups); ``loading.py`` rebuilds objectives and encoders from
+checkpoints through it; ``encoders.py`` a config's backbone and the run config inside a checkpoint; this module
+wires a run together (objective, data module, schedule, Lightning module, trainer, checkpointing) and is the one
+entry point: ``from mmssl import factory``.
 Shared code asks an objective's spec, never its name. Nothing in mmssl imports this package; tools do.
 """
 
@@ -37,17 +38,14 @@ from mmssl.factory.encoders import (  # re-exported: mmssl.factory is the one en
     img_size,
 )
 from mmssl.factory.fsdp import block_classes, fsdp_kwargs, fsdp_strategy
-from mmssl.factory.objectives import (
-    OBJECTIVES,
-    build_objective,
-    build_tokenizer,
-    build_views,
+from mmssl.factory.loading import (
     load_encoder,
+    load_pretrained_backbone,
     objective_from_checkpoint,
     objective_from_config,
     read_run,
-    spec_of,
 )
+from mmssl.factory.objectives import OBJECTIVES, build_tokenizer, build_views, spec_of
 from mmssl.factory.precision import resolve_precision
 from mmssl.factory.spec import ObjectiveSpec
 from mmssl.lit import PretrainModule
@@ -59,15 +57,23 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "OBJECTIVES", "ObjectiveSpec", "Plan", "block_classes", "build_backbone", "build_datamodule", "build_module",
-    "build_objective", "build_tokenizer", "build_trainer", "build_views", "encoder_info", "eval_callbacks",
-    "fsdp_kwargs", "fsdp_strategy", "img_size", "load_encoder", "objective_from_checkpoint",
-    "objective_from_config", "plan", "read_run", "run_dir", "spec_of",
+    "build_objective", "build_tokenizer", "build_trainer", "build_views", "checkpointing", "encoder_info",
+    "eval_callbacks", "fsdp_kwargs", "fsdp_strategy", "img_size", "load_encoder", "objective_from_checkpoint",
+    "objective_from_config", "plan", "read_run", "run_dir", "spec_of", "trainer_args",
 ]  # fmt: skip
 
 
 # PretrainModule.load_from_checkpoint(path) rebuilds the objective from the checkpoint's run config through this
 # factory: lit.py may not import build (DESIGN.md §3), so build hands it over when it is imported.
 PretrainModule.objective_factory = staticmethod(objective_from_config)
+
+
+def build_objective(cfg: DictConfig) -> nn.Module:
+    objective = spec_of(cfg).build(cfg)
+    # continued pretraining: the starting weights go in after the objective's own init (MAE re-inits everything)
+    if cfg.backbone.weights:
+        load_pretrained_backbone(objective, cfg)
+    return objective
 
 
 def build_datamodule(cfg: DictConfig) -> ShardDataModule:
@@ -126,7 +132,11 @@ def plan(cfg: DictConfig, datamodule: ShardDataModule) -> Plan:
     return Plan(world, C.global_batch(cfg), C.learning_rate(cfg), per_epoch, total, min(warmup, total))
 
 
-def build_module(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) -> PretrainModule:
+def build_module(
+    cfg: DictConfig, p: Plan, objective: nn.Module | None = None, layer_decay: float | None = None
+) -> PretrainModule:
+    """The Lightning module training ``objective`` (the config's when None) on plan ``p``; ``layer_decay``: the
+    layer-wise lr decay of fine-tuning (``optim.layer_decay_param_groups``)."""
     o = cfg.optim
     objective = objective if objective is not None else build_objective(cfg)
     if cfg.trainer.compile:
@@ -147,6 +157,7 @@ def build_module(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) -
         seed=cfg.seed,
         warmup_start_lr=o.warmup_start_lr,
         config=C.to_dict(cfg),
+        layer_decay=layer_decay,
     )
 
 
@@ -202,25 +213,14 @@ def build_trainer(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) 
     t, out = cfg.trainer, run_dir(cfg)
     precision, why = resolve_precision(t.precision, t.accelerator)
     rank_zero_only(print)(f"mmssl: precision {precision} ({why})")
-    ckpt_dir = out / "checkpoints"
     strategy = _strategy(cfg, objective)
     # Pictures are drawn on rank 0 outside the training step, where FSDP holds only shards of the weights.
     pictures = [] if t.strategy == "fsdp" else [
         PictureCallback(out / "pictures", cfg.data.mean, cfg.data.std, every_n_steps=t.picture_every_n_steps)
     ]  # fmt: skip
+    saving, plugins = checkpointing(t, out / "checkpoints")
     callbacks = [
-        ModelCheckpoint(
-            dirpath=ckpt_dir,
-            filename="step{step:07d}",
-            auto_insert_metric_name=False,
-            every_n_train_steps=t.ckpt_every_n_steps,
-            save_top_k=t.keep_checkpoints,
-            monitor="step",
-            mode="max",
-            save_last=True,
-            enable_version_counter=False,  # last.ckpt is always the newest state, never last-v1.ckpt
-        ),
-        LastCheckpoint(ckpt_dir / "last.ckpt"),
+        *saving,
         *pictures,
         RankReport(out),
         ThroughputLogger(),  # train/images_per_s, tokens_per_s, mfu
@@ -230,28 +230,57 @@ def build_trainer(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) 
     if save_parts is not None:
         callbacks.append(SaveParts(out / cfg.objective, save_parts))
     return L.Trainer(
+        **trainer_args(cfg, p),
+        strategy=strategy,
+        precision=precision,
+        limit_val_batches=None if cfg.data.val_shards else 0,
+        enable_model_summary=False,  # tools/pretrain.py prints the parameter count in its opening line
+        logger=make_loggers(t.loggers, out, cfg.name),  # logs/version_N: a resumed run keeps earlier metrics
+        enable_progress_bar=t.progress_bar,
+        callbacks=callbacks,
+        plugins=plugins,
+    )
+
+
+def trainer_args(cfg: DictConfig, p: Plan) -> dict:
+    """The ``L.Trainer`` arguments pretraining and fine-tuning share: devices, the step budget of plan ``p``,
+    accumulation, clipping and the logging and validation cadence (the ``trainer`` section), and the run
+    directory. Shards split themselves (and image folders bring their own samplers): no distributed sampler."""
+    t = cfg.trainer
+    return dict(
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=strategy,
-        precision=precision,
         max_steps=p.total_steps,
         max_epochs=math.ceil(p.total_steps / p.steps_per_epoch),
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val,
         log_every_n_steps=t.log_every_n_steps,
         check_val_every_n_epoch=t.val_every_n_epochs,
-        limit_val_batches=None if cfg.data.val_shards else 0,
-        use_distributed_sampler=False,  # shards are split by the pipeline itself
+        use_distributed_sampler=False,
         num_sanity_val_steps=0,
-        enable_model_summary=False,  # tools/pretrain.py prints the parameter count in its opening line
         sync_batchnorm=t.sync_batchnorm,
-        logger=make_loggers(t.loggers, out, cfg.name),  # logs/version_N: a resumed run keeps earlier metrics
-        enable_progress_bar=t.progress_bar,
-        callbacks=callbacks,
-        default_root_dir=out,
-        plugins=[*_cluster_plugins(), AtomicCheckpointIO()],  # no truncated .ckpt under a final name
+        default_root_dir=run_dir(cfg),
     )
+
+
+def checkpointing(t: DictConfig, ckpt_dir: Path) -> tuple[list[L.Callback], list]:
+    """(callbacks, trainer plugins) that save a run, shared by pretraining and fine-tuning (``t``: the trainer
+    section): step checkpoints every ``ckpt_every_n_steps`` (the newest ``keep_checkpoints`` kept), ``last.ckpt``
+    at the end and on SIGTERM/SIGINT, all written atomically (no truncated .ckpt under a final name that
+    ``--resume`` would pick up) and, under srun, without Lightning's own SLURM requeue."""
+    step = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="step{step:07d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=t.ckpt_every_n_steps,
+        save_top_k=t.keep_checkpoints,
+        monitor="step",
+        mode="max",
+        save_last=True,
+        enable_version_counter=False,  # last.ckpt is always the newest state, never last-v1.ckpt
+    )
+    return [step, LastCheckpoint(ckpt_dir / "last.ckpt")], [*_cluster_plugins(), AtomicCheckpointIO()]
 
 
 def _cluster_plugins() -> list:

@@ -1,7 +1,7 @@
 """The whole-objective export formats (``mmssl/interop/``) as :class:`ExportFormat` values that the objective table
 hands to its entries (``ObjectiveSpec.exports``); ``tools/export.py`` writes, reports and checks them without
-knowing which objective it holds. Each interop module is imported when its format is used (transformers and
-open_clip are slow to import)."""
+knowing which objective it holds. The interop modules import nothing the objective table has not imported
+already (transformers and open_clip are loaded by the objectives and VLM decoders they convert)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 from torch import nn
+
+from mmssl.interop import hf_igpt, hf_llava, hf_mae, hf_vit, openclip
 
 
 @dataclass(frozen=True)
@@ -24,23 +26,20 @@ class ExportFormat:
     usage: str
 
 
-def _save_vitmae(cfg: DictConfig, objective: nn.Module, folder: Path) -> Path:
-    from mmssl.interop import hf_mae
-
+def _image(cfg: DictConfig) -> dict:
+    """The run's image settings, which the exported image processor / preprocess config carries."""
     d = cfg.data
-    return hf_mae.save_vit_mae(
-        objective, folder, mean=list(d.mean), std=list(d.std), interpolation=d.interpolation
-    )
+    return {"mean": list(d.mean), "std": list(d.std), "interpolation": d.interpolation}
 
 
-def _round_trip_vitmae(objective: nn.Module, folder: Path) -> float:
-    from mmssl.interop import hf_mae
-
-    return hf_mae.round_trip(objective, folder)
+def _save_vitmae(cfg: DictConfig, objective: nn.Module, folder: Path) -> Path:
+    return hf_vit.save_with_processor(
+        hf_mae.to_vit_mae(objective), folder, **_image(cfg)
+    )  # + ViTImageProcessor
 
 
 VIT_MAE = ExportFormat(
-    _save_vitmae, _round_trip_vitmae, "transformers.ViTMAEForPreTraining.from_pretrained('{folder}')"
+    _save_vitmae, hf_mae.round_trip, "transformers.ViTMAEForPreTraining.from_pretrained('{folder}')"
 )
 
 
@@ -49,64 +48,37 @@ def open_clip_format(model_cfg: Callable[[DictConfig], dict]) -> ExportFormat:
     (``interop.openclip.tower_configs``)."""
 
     def save(cfg: DictConfig, objective: nn.Module, folder: Path) -> Path:
-        from mmssl.interop import openclip
-
-        d = cfg.data
-        return openclip.save_open_clip(
-            objective, folder, model_cfg(cfg), name=folder.name, mean=list(d.mean), std=list(d.std),
-            interpolation=d.interpolation,
-        )  # fmt: skip
-
-    def round_trip(objective: nn.Module, folder: Path) -> float:
-        from mmssl.interop import openclip
-
-        return openclip.round_trip(objective, folder)
+        return openclip.save_open_clip(objective, folder, model_cfg(cfg), name=folder.name, **_image(cfg))
 
     usage = (
         "open_clip.create_model_and_transforms('local-dir:{folder}'), or open_clip.add_model_config("
         "'{folder}/{name}.json') and create_model_and_transforms('{name}', "
         "pretrained='{folder}/open_clip_model.safetensors')"
     )
-    return ExportFormat(save, round_trip, usage)
+    return ExportFormat(save, openclip.round_trip, usage)
 
 
 def _save_imagegpt(cfg: DictConfig, objective: nn.Module, folder: Path) -> Path:
-    from mmssl.interop import hf_igpt
-
     return hf_igpt.save_imagegpt(objective, folder, interpolation=cfg.data.interpolation)
-
-
-def _round_trip_imagegpt(objective: nn.Module, folder: Path) -> float:
-    from mmssl.interop import hf_igpt
-
-    return hf_igpt.round_trip(objective, folder)
 
 
 IMAGE_GPT = ExportFormat(
     _save_imagegpt,
-    _round_trip_imagegpt,
+    hf_igpt.round_trip,
     "transformers.ImageGPTForCausalImageModeling.from_pretrained('{folder}'), "
     "AutoImageProcessor.from_pretrained('{folder}')",
 )
 
 
 def _save_llava(cfg: DictConfig | None, objective: nn.Module, folder: Path) -> Path:
-    from mmssl.interop import hf_llava
-
     return hf_llava.save_llava(
         objective, folder
     )  # everything it needs is in the model (prompt, image settings)
 
 
-def _round_trip_llava(objective: nn.Module, folder: Path) -> float:
-    from mmssl.interop import hf_llava
-
-    return hf_llava.round_trip(objective, folder)
-
-
 LLAVA = ExportFormat(
     _save_llava,
-    _round_trip_llava,
+    hf_llava.round_trip,
     "transformers.LlavaForConditionalGeneration.from_pretrained('{folder}'), "
     "AutoProcessor.from_pretrained('{folder}')",
 )

@@ -7,7 +7,6 @@ held-out top-1 is kept as ``checkpoints/best.ckpt`` besides the step checkpoints
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from omegaconf import DictConfig
 
 from mmssl import config as C
 from mmssl.backbones import CNNBackbone, ViTBackbone
-from mmssl.callbacks import LastCheckpoint, RankReport
+from mmssl.callbacks import RankReport
 from mmssl.checkpoints import CheckpointError
 from mmssl.config import finetune as F
 from mmssl.data.folder import FolderDataModule
@@ -32,8 +31,9 @@ from mmssl.eval.finetune import (
     finetune_views,
     make_mixup,
 )
-from mmssl.factory import Plan, _strategy, run_dir
-from mmssl.factory.objectives import load_encoder
+from mmssl.factory import Plan, _strategy, checkpointing, run_dir, trainer_args
+from mmssl.factory import build_module as pretraining_module
+from mmssl.factory.loading import load_encoder
 from mmssl.lit import PretrainModule
 from mmssl.throughput import ThroughputLogger
 
@@ -124,19 +124,14 @@ def build_classifier(cfg: DictConfig, backbone) -> tuple[Classifier, dict]:
 
 
 def build_module(cfg: DictConfig, p: Plan, classifier: Classifier) -> PretrainModule:
-    o = cfg.optim
-    if cfg.trainer.compile:
-        classifier.compile()  # in place: state-dict keys unchanged (see factory.build_module)
-    return PretrainModule(
-        classifier, lr=p.lr, total_steps=p.total_steps, warmup_steps=p.warmup_steps, optimizer=o.name,
-        weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps, momentum=o.momentum, min_lr=o.min_lr,
-        seed=cfg.seed, warmup_start_lr=o.warmup_start_lr, config=C.to_dict(cfg), layer_decay=o.layer_decay,
-    )  # fmt: skip
+    """Pretraining's Lightning module (optimizer, schedule, compile) around ``classifier``, with layer decay."""
+    return pretraining_module(cfg, p, classifier, layer_decay=cfg.optim.layer_decay)
 
 
 def build_trainer(cfg: DictConfig, p: Plan) -> L.Trainer:
     t, out = cfg.trainer, run_dir(cfg)
     ckpt_dir = out / "checkpoints"
+    saving, plugins = checkpointing(t, ckpt_dir)  # step checkpoints and last.ckpt as pretraining's
     callbacks = [
         ModelCheckpoint(  # first: trainer.checkpoint_callback, "best" of trainer.validate(ckpt_path="best")
             dirpath=ckpt_dir,
@@ -148,39 +143,17 @@ def build_trainer(cfg: DictConfig, p: Plan) -> L.Trainer:
             auto_insert_metric_name=False,
             enable_version_counter=False,
         ),  # fmt: skip
-        ModelCheckpoint(
-            dirpath=ckpt_dir,
-            filename="step{step:07d}",
-            auto_insert_metric_name=False,
-            every_n_train_steps=t.ckpt_every_n_steps,
-            save_top_k=t.keep_checkpoints,
-            monitor="step",
-            mode="max",
-            save_last=True,
-            enable_version_counter=False,
-        ),  # fmt: skip
-        LastCheckpoint(ckpt_dir / "last.ckpt"),
+        *saving,
         RankReport(out),
         ThroughputLogger(),
     ]
     return L.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
+        **trainer_args(cfg, p),
         strategy=_strategy(cfg, None),  # fsdp is refused by the config (mmssl.config.finetune)
         precision=t.precision,
-        max_steps=p.total_steps,
-        max_epochs=math.ceil(p.total_steps / p.steps_per_epoch),
-        accumulate_grad_batches=t.accumulate_grad_batches,
-        gradient_clip_val=t.gradient_clip_val,
-        log_every_n_steps=t.log_every_n_steps,
-        check_val_every_n_epoch=t.val_every_n_epochs,
-        use_distributed_sampler=False,  # shards split themselves; folders bring their own samplers
-        num_sanity_val_steps=0,
-        sync_batchnorm=t.sync_batchnorm,
         logger=CSVLogger(out, name="logs"),
         callbacks=callbacks,
-        default_root_dir=out,
+        plugins=plugins,
     )
 
 

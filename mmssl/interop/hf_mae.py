@@ -76,19 +76,6 @@ def to_vit_mae(objective: MaskedModeling) -> nn.Module:
     return hf
 
 
-def save_vit_mae(
-    objective: MaskedModeling, folder: str | Path, *, mean: list[float], std: list[float], interpolation: str
-) -> Path:
-    """Write a ``ViTMAEForPreTraining.from_pretrained`` folder with its ``ViTImageProcessor``."""
-    from mmssl.interop.hf_vit import image_processor
-
-    folder = Path(folder)
-    hf = to_vit_mae(objective)
-    hf.save_pretrained(folder)
-    image_processor(hf.config.image_size, mean, std, interpolation).save_pretrained(folder)
-    return folder
-
-
 @torch.no_grad()
 def compare(objective: MaskedModeling, hf: nn.Module, images: Tensor, noise: Tensor) -> dict[str, float]:
     """The same images and masking noise through both: max |difference| of predictions and of the loss, and

@@ -192,15 +192,22 @@ def image_processor(img_size: int, mean: list[float], std: list[float], interpol
     )
 
 
+def save_with_processor(
+    hf: nn.Module, folder: str | Path, *, mean: list[float], std: list[float], interpolation: str
+) -> Path:
+    """Write ``hf`` (a ViT or ViTMAE model) as a ``from_pretrained`` folder with the ``ViTImageProcessor`` of its
+    input size."""
+    folder = Path(folder)
+    hf.save_pretrained(folder)
+    image_processor(hf.config.image_size, mean, std, interpolation).save_pretrained(folder)
+    return folder
+
+
 def save_vit_model(
     model: VisionTransformer, folder: str | Path, *, mean: list[float], std: list[float], interpolation: str
 ) -> Path:
     """Write a ``ViTModel.from_pretrained`` / ``AutoModel`` / ``AutoImageProcessor`` folder."""
-    folder = Path(folder)
-    hf = to_vit_model(model)
-    hf.save_pretrained(folder)
-    image_processor(hf.config.image_size, mean, std, interpolation).save_pretrained(folder)
-    return folder
+    return save_with_processor(to_vit_model(model), folder, mean=mean, std=std, interpolation=interpolation)
 
 
 @torch.no_grad()

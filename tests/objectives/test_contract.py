@@ -6,7 +6,7 @@ batch that the entry's own data views make from real pictures with captions and 
 * ``no_weight_decay`` names exist; ``visualize`` draws (B, 3, H, W) pictures in [0, 1];
 * a checkpoint round trip through ``factory.objective_from_checkpoint`` (the files named by the spec's
   ``weight_files`` gone, the ``data_buffers`` kept by a random-init baseline) and ``factory.load_encoder``;
-* ``save_parts`` writes its files.
+* ``save_parts`` writes its files; every export format loads back in its own library.
 
 A new table entry fails ``test_every_table_entry_has_tiny_configs`` until it gets tiny configs below; then
 every check here covers it.
@@ -222,6 +222,23 @@ def test_save_parts_writes_files(name, decoder_dir, tmp_path):
     objective = spec.build(cfg)
     spec.save_parts(objective, tmp_path / "parts", objective.state_dict())
     assert any((tmp_path / "parts").iterdir())
+
+
+EXPORTS = [(name, fmt) for name, spec in factory.OBJECTIVES.items() for fmt in spec.exports]
+
+
+@pytest.mark.parametrize("name, fmt", EXPORTS, ids=[f"{n}-{f}" for n, f in EXPORTS])
+def test_whole_objective_exports_load_back_in_their_own_library(name, fmt, decoder_dir, tmp_path):
+    """Each of the spec's export formats (factory/exports.py) writes a folder that its own library (transformers,
+    open_clip) loads back computing what the objective computes."""
+    cfg = tiny_config(name, next(iter(TINY[name])), decoder_dir)
+    spec = factory.OBJECTIVES[name]
+    torch.manual_seed(0)
+    objective = spec.build(cfg).eval()
+    export = spec.exports[fmt]
+    folder = export.save(cfg, objective, tmp_path / fmt)
+    assert folder.is_dir() and any(folder.iterdir())
+    assert export.round_trip(objective, folder) < 1e-4
 
 
 def test_every_table_entry_has_tiny_configs():
