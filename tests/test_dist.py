@@ -14,14 +14,13 @@ import pytest
 import torch
 from conftest import clip_batch, tiny_clip
 from dist_helpers import assert_ranks_equal_one_process, one_process, two_processes
+from lightly.loss import NTXentLoss  # a dev dependency (pyproject.toml)
 from open_clip.loss import SigLipLoss
 from torch import nn
 
 from mmssl import config as C
 from mmssl.factory import build_objective
 from mmssl.losses import clip_loss
-
-lightly_loss = pytest.importorskip("lightly.loss")
 
 
 def halves_differ(full: torch.Tensor, halves: list[torch.Tensor]) -> bool:
@@ -30,19 +29,15 @@ def halves_differ(full: torch.Tensor, halves: list[torch.Tensor]) -> bool:
 
 @pytest.mark.timeout(300)
 def test_clip_two_processes_equal_one_process(tmp_path):
-    ranks = [r["clip"] for r in two_processes({"clip": lambda: (tiny_clip(), clip_batch())}, tmp_path)]
-    out, grads = one_process(lambda: (tiny_clip(), clip_batch()))
+    make = lambda: (tiny_clip(), clip_batch())  # noqa: E731
+    ranks = [r["clip"] for r in two_processes({"clip": make}, tmp_path)]
+    out, grads = one_process(make)
     assert_ranks_equal_one_process(ranks, out["loss"], grads)
-    # the mean of the ranks' local losses (each: its images against all 8 captions) is the global loss
-    torch.testing.assert_close(
-        torch.stack([r["local_loss"] for r in ranks]).mean(), out["loss"].detach(), atol=1e-5, rtol=0
-    )
     # the check can fail: each half scored against its own captions only (no gathered negatives) differs
     with torch.no_grad():
         img, txt, scale = out["image_features"], out["text_features"], out["logit_scale"]
-        assert halves_differ(
-            out["loss"], [clip_loss(img[s], txt[s], scale, gather=False) for s in (slice(0, 4), slice(4, 8))]
-        )
+        halves = [clip_loss(img[s], txt[s], scale, gather=False) for s in (slice(0, 4), slice(4, 8))]
+    assert halves_differ(out["loss"], halves)
 
 
 @pytest.mark.timeout(300)
@@ -54,9 +49,8 @@ def test_siglip_two_processes_equal_one_process(tmp_path):
     # the check can fail: each half scored against its own texts only (no exchanged negatives) differs
     with torch.no_grad():
         img, txt, t, b = out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"]
-        assert halves_differ(
-            out["loss"], [SigLipLoss()(img[s], txt[s], t, b) for s in (slice(0, 4), slice(4, 8))]
-        )
+        halves = [SigLipLoss()(img[s], txt[s], t, b) for s in (slice(0, 4), slice(4, 8))]
+    assert halves_differ(out["loss"], halves)
 
 
 SIMCLR = {
@@ -83,7 +77,7 @@ def lightly_ntxent(objective: nn.Module, local: dict[str, torch.Tensor]) -> dict
     """lightly's NT-Xent on this rank's projections, gathered across ranks when the objective gathers."""
     with torch.no_grad():
         z1, z2 = objective.head(objective.embed(torch.cat([local["view1"], local["view2"]]))).chunk(2)
-    loss = lightly_loss.NTXentLoss(temperature=0.1, gather_distributed=objective.gather_distributed)
+    loss = NTXentLoss(temperature=0.1, gather_distributed=objective.gather_distributed)
     return {"lightly": loss(z1, z2)}
 
 
