@@ -52,8 +52,9 @@ def _rank(rank: int, world: int, cases: dict[str, Make], extra: Extra | None, ou
         for name, make in cases.items():
             objective, batch = make()
             local = shard(batch, rank, world)
-            loss = DistributedDataParallel(objective)(local)["loss"]  # DDP averages gradients, as Lightning's
-            loss.backward()
+            model = DistributedDataParallel(objective)  # averages gradients over ranks, as Lightning's DDP
+            loss = model(local)["loss"]
+            loss.backward()  # the wrapper must outlive this: its reducer's hooks do the average
             mean = loss.detach().clone()
             dist.all_reduce(mean)
             results[name] = {"loss": mean / world, "local_loss": loss.detach(), "grads": grads_of(objective)}
