@@ -8,6 +8,7 @@ import csv
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,18 @@ def cli(args: list[str], demo_root: str, timeout: int = 300, **popen) -> subproc
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT, **popen)
 
 
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> bool:
+    """Waits until ``path`` exists, ``proc`` exits or ``timeout`` seconds pass; True when the path exists."""
+    deadline = time.monotonic() + timeout
+    while not path.exists() and time.monotonic() < deadline:
+        try:
+            proc.wait(timeout=0.2)  # returns at once when the process dies
+            break
+        except subprocess.TimeoutExpired:
+            pass
+    return path.exists()
+
+
 def metrics(run: Path, version: int = 0) -> list[dict]:
     with open(run / "logs" / f"version_{version}" / "metrics.csv") as f:
         return list(csv.DictReader(f))
@@ -84,20 +97,17 @@ def load_ckpt(path: Path) -> dict:
 
 @pytest.fixture
 def uneven_shards(tmp_path, demo_root) -> str:
-    """Real photo crops in 3 train shards of 5, 17 and 58 samples and 3 val shards of 3, 9 and 1 samples."""
-    src = Path(demo.ensure_demo("photos", demo_root))
+    """Real labelled digits (32 px, ``png`` + ``cls``) in 3 train shards of 5, 17 and 58 samples and 3 val shards
+    of 3, 9 and 1 samples."""
+    src = Path(demo.ensure_demo("digits", demo_root))
     import webdataset as wds
 
     samples = [s for s in wds.WebDataset(sorted(str(p) for p in src.glob("train-*.tar")), shardshuffle=False)]
     out = tmp_path / "uneven"
-    for i, (start, stop) in enumerate([(0, 5), (5, 22), (22, 80)]):
-        write_shards(
-            ({"__key__": s["__key__"], "jpg": s["jpg"]} for s in samples[start:stop]), out, f"train{i}"
-        )
-    for i, (start, stop) in enumerate([(80, 83), (83, 92), (92, 93)]):
-        write_shards(
-            ({"__key__": s["__key__"], "jpg": s["jpg"]} for s in samples[start:stop]), out, f"val{i}"
-        )
+    for split, cuts in (("train", [(0, 5), (5, 22), (22, 80)]), ("val", [(80, 83), (83, 92), (92, 93)])):
+        for i, (start, stop) in enumerate(cuts):
+            keep = ({"__key__": s["__key__"], "png": s["png"], "cls": s["cls"]} for s in samples[start:stop])
+            write_shards(keep, out, f"{split}{i}")
     return str(out)
 
 
@@ -111,3 +121,32 @@ def tiny_igpt(
     if palette is None:
         palette = Palette(torch.linspace(0, 1, k)[:, None].repeat(1, 3))  # k greys
     return ImageGPT(transformer, palette, mode=mode)
+
+
+CLIP_TEXT = {"context_length": 16, "width": 32, "heads": 2, "layers": 1}  # a 1-layer open_clip text tower
+
+
+def tiny_clip(loss: str = "clip"):
+    """CLIP (or SigLIP) with the same weights in every process: a 1-block timm ViT image tower on 32 px images and
+    a 1-layer open_clip text tower. SigLIP's bias is 0, not the paper's -10: there the negatives' terms are
+    ~e^-10 each, and a test that leaves out the other rank's texts could not tell the difference."""
+    from mmssl.backbones import create_backbone
+    from mmssl.objectives.clip import CLIP, open_clip_text_tower
+    from mmssl.objectives.siglip import siglip
+
+    torch.manual_seed(0)
+    vit = create_backbone(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2
+    )
+    text = open_clip_text_tower("ViT-B-32", embed_dim=32, text_cfg=CLIP_TEXT)
+    return siglip(vit, text, logit_bias=0.0) if loss == "siglip" else CLIP(vit, text)
+
+
+def clip_batch(n: int = 8) -> dict[str, torch.Tensor]:
+    """n random 32 px images with the shapes captions, tokenised for ``tiny_clip``."""
+    from mmssl.data import shapes
+    from mmssl.objectives.clip import clip_tokenizer
+
+    captions = [caption for _, _, caption, _, _ in shapes.samples("train", n, 0)]
+    images = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return {"image": images, "tokens": clip_tokenizer("ViT-B-32", CLIP_TEXT["context_length"])(captions)}

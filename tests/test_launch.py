@@ -13,12 +13,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import wait_for
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.strategies import DDPStrategy
 from lightning_utilities.core.rank_zero import rank_zero_only
@@ -152,12 +152,12 @@ def test_global_rank_zero_is_known_before_the_trainer(env, values, zero):
 # --- run folder lock ---------------------------------------------------------------------------------------
 
 HOLDER = """
-import sys, time
+import sys
 from mmssl.launch import RunLock
 lock = RunLock(sys.argv[1])
 lock.acquire()
 print("locked", flush=True)
-time.sleep(300)
+sys.stdin.read()  # holds the lock until killed, or until the test's end of the pipe closes
 """
 
 
@@ -166,6 +166,7 @@ def holder(tmp_path):
     """Another process that holds the lock on tmp_path/run until killed."""
     proc = subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(tmp_path / "run")],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
         env={**clean_env(), "PYTHONPATH": str(ROOT)},
@@ -278,12 +279,14 @@ def metrics(run: Path, version: int) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-@pytest.mark.slow
-def test_torchrun_two_processes_make_one_world_size_2_run(tmp_path):
+def torchrun_env() -> dict:
+    return {**clean_env(), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(args: list[str]) -> list[str]:
+    """tools/pretrain.py on 2 processes started by torchrun on this machine."""
     torchrun = Path(sys.executable).parent / "torchrun"
-    args = [*TINY, "trainer.devices=auto", "trainer.max_steps=4", "trainer.ddp_timeout_s=60",
-            f"out_dir={tmp_path}", "name=run"]  # fmt: skip
-    cmd = [
+    return [
         str(torchrun),
         "--nproc_per_node",
         "2",
@@ -293,8 +296,15 @@ def test_torchrun_two_processes_make_one_world_size_2_run(tmp_path):
         "mae_demo",
         *args,
     ]
-    env = {**clean_env(), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_make_one_world_size_2_run(tmp_path):
+    args = [*TINY, "trainer.devices=auto", "trainer.max_steps=4", "trainer.ddp_timeout_s=60",
+            f"out_dir={tmp_path}", "name=run"]  # fmt: skip
+    res = subprocess.run(
+        torchrun(args), env=torchrun_env(), cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     reports = [json.loads((tmp_path / "run" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [(r["rank"], r["global_step"]) for r in reports] == [(0, 4), (1, 4)]
@@ -327,26 +337,12 @@ def launcher_rank(pid: int) -> int:
 def test_sigterm_to_one_torchrun_rank_stops_every_rank_at_one_saved_step(tmp_path):
     """Lightning 2.6's SIGTERM handler broadcast from inside the handler on the signalled rank only, which hung
     this run (4 times in 5 before mmssl.lit.LastCheckpoint replaced the handler)."""
-    torchrun = Path(sys.executable).parent / "torchrun"
-    args = [*TINY, "trainer.devices=auto", "trainer.max_steps=300", "trainer.ckpt_every_n_steps=10",
+    args = [*TINY, "trainer.devices=auto", "trainer.max_steps=300", "trainer.ckpt_every_n_steps=2",
             "trainer.ddp_timeout_s=60", f"out_dir={tmp_path}", "name=run"]  # fmt: skip
-    cmd = [
-        str(torchrun),
-        "--nproc_per_node",
-        "2",
-        "--standalone",
-        "tools/pretrain.py",
-        "--cfg",
-        "mae_demo",
-        *args,
-    ]
-    env = {**clean_env(), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = tmp_path / "run" / "checkpoints" / "step0000010.ckpt"
-    deadline = time.monotonic() + 240
-    while not first.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert first.exists(), proc.communicate()[1][-3000:]
+    proc = subprocess.Popen(torchrun(args), env=torchrun_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    first = tmp_path / "run" / "checkpoints" / "step0000002.ckpt"
+    assert wait_for(first, proc), proc.communicate()[1][-3000:]
     rank1 = next(pid for pid in children(proc.pid) if launcher_rank(pid) == 1)
     os.kill(rank1, signal.SIGTERM)
     try:
@@ -358,7 +354,7 @@ def test_sigterm_to_one_torchrun_rank_stops_every_rank_at_one_saved_step(tmp_pat
     assert len(stops) == 2 and stops[0] == stops[1], err[-3000:]  # both ranks, one step
     assert "exitcode: 143" in err  # torchrun itself reports its workers' failure with 1
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert last["global_step"] == int(stops[0]) >= 10
+    assert last["global_step"] == int(stops[0]) >= 2
 
 
 FAKE_SRUN = """#!/bin/bash
@@ -389,11 +385,7 @@ def test_sbatch_script_requeues_after_sigterm_and_resumes(tmp_path):
 
     # First incarnation: no checkpoint, so --resume auto starts fresh; SIGTERM (time limit) after step 5.
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = run / "checkpoints" / "step0000005.ckpt"
-    deadline = time.monotonic() + 240
-    while not first.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert first.exists(), proc.communicate()[1][-3000:]
+    assert wait_for(run / "checkpoints" / "step0000005.ckpt", proc), proc.communicate()[1][-3000:]
     os.kill(int((fake / "task.pid").read_text()), signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == pretrain.EXIT_SIGTERM, err[-3000:]

@@ -1,11 +1,9 @@
-"""Randomness at scale: every rank draws its own reproducible masks (also after a resume), and drawing
-pictures neither reads nor reseeds a global random generator (DESIGN.md §9)."""
+"""Randomness at scale: every micro-batch draws its own reproducible masks (run to run, and after a resume), and
+drawing pictures neither reads nor reseeds a global random generator (DESIGN.md §9). Every rank's own stream is
+checked on 2 real ranks by tests/tools/test_pretrain_cli.py's 2-process run."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +14,7 @@ import torch
 from conftest import MAE_TINY_RUN as TINY
 from conftest import tiny_cfg, tiny_igpt
 from lightning.pytorch.plugins.precision import Precision
+from mask_log_worker import masks, recording
 from torch.utils.data import DataLoader
 
 from mmssl import config as C
@@ -26,6 +25,9 @@ from mmssl.ops import random_masking
 from mmssl.viz import PictureCallback
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+import pretrain  # noqa: E402
+
 STEPS, PREEMPT_AT = 6, 2  # the interrupted run stops after step 2: last.ckpt holds global step 3
 
 
@@ -95,53 +97,39 @@ def test_picture_callback_never_reseeds_a_global_generator(tmp_path, monkeypatch
     assert calls == [], f"pictures reseeded CUDA generators: {calls}"
 
 
-# ---- per-rank streams through the real CLI ---------------------------------------------------------------
-def run_logged(args: list[str], logs: Path, root: str, **env: str) -> subprocess.CompletedProcess:
-    logs.mkdir(parents=True, exist_ok=True)
-    full_env = {
-        **os.environ,
-        **env,
-        "MASK_LOG_DIR": str(logs),
-        "MMSSL_DATA": root,
-        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-    }
-    cmd = [sys.executable, str(ROOT / "tests" / "mask_log_worker.py"), "--cfg", "mae_demo", *args]
-    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+# ---- the streams through the real CLI, in this process ------------------------------------------------------
+def run_recorded(args: list[str], logs: Path, monkeypatch, preempt_at: int = -1) -> int:
+    """tools/pretrain.py in this process (one rank), every step's mask logged to ``logs``."""
+    logs.mkdir(parents=True)
+    with monkeypatch.context() as m:
+        for owner, name, wrapper in recording(logs, preempt_at):
+            m.setattr(owner, name, wrapper)
+        return pretrain.main(["--cfg", "mae_demo", *args])
 
 
-def masks(logs: Path) -> dict[tuple[int, int], str]:
-    """(rank, step) -> digest of that step's mask; a step logged twice must have drawn the same mask."""
-    out: dict[tuple[int, int], str] = {}
-    for path in sorted(logs.glob("rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            assert out.setdefault((row["rank"], row["step"]), row["digest"]) == row["digest"]
-    return out
-
-
-@pytest.mark.slow
-def test_ddp_ranks_draw_own_masks_reproducibly_and_resume_continues_them(tmp_path, demo_root):  # noqa: F811
-    args = [*TINY, f"out_dir={tmp_path}", "data.batch_size=4", "data.val_shards=null",
-            f"trainer.max_steps={STEPS}", "trainer.accelerator=cpu", "trainer.devices=2",
-            "trainer.strategy=ddp", "trainer.ddp_timeout_s=60"]  # fmt: skip
-    res = run_logged([*args, "name=whole"], tmp_path / "whole", demo_root)
-    assert res.returncode == 0, res.stderr[-3000:]
+def test_rerun_and_resume_draw_the_masks_of_the_uninterrupted_run(tmp_path, demo_root, monkeypatch):
+    """The same seed gives the same masks run to run, and a run preempted (the SIGTERM path of LastCheckpoint)
+    after step PREEMPT_AT and resumed continues the very same streams. That each rank draws its own stream, the
+    one ``step_seed(seed, global rank, step, batch)`` gives, is checked on 2 real ranks by
+    tests/tools/test_pretrain_cli.py::test_two_process_ddp_on_uneven_shards."""
+    monkeypatch.setenv("MMSSL_DATA", demo_root)
+    args = [*TINY, f"out_dir={tmp_path}", "data.batch_size=4", "data.val_shards=null", f"trainer.max_steps={STEPS}",
+            "trainer.accelerator=cpu", "trainer.picture_every_n_steps=1000"]  # fmt: skip
+    assert run_recorded([*args, "name=whole"], tmp_path / "whole", monkeypatch) == 0
     whole = masks(tmp_path / "whole")
-    assert sorted(whole) == [(r, s) for r in (0, 1) for s in range(STEPS)]
-    # every rank at every step has a mask of its own (the old shared seed gave both ranks the same masks)
-    assert len(set(whole.values())) == 2 * STEPS
+    assert sorted(whole) == [(0, s) for s in range(STEPS)]
+    assert len({str(row["mask"]) for row in whole.values()}) == STEPS  # a new mask every step
 
-    # the same seed again, preempted (SIGTERM path of LastCheckpoint) after step PREEMPT_AT, then resumed
     parted = [*args, "name=parted"]
-    res = run_logged(parted, tmp_path / "parted", demo_root, PREEMPT_AT_STEP=str(PREEMPT_AT))
-    assert res.returncode == 143, res.stderr[-3000:]
+    assert (
+        run_recorded(parted, tmp_path / "parted", monkeypatch, preempt_at=PREEMPT_AT) == pretrain.EXIT_SIGTERM
+    )
     before = masks(tmp_path / "parted")
-    assert sorted(before) == [(r, s) for r in (0, 1) for s in range(PREEMPT_AT + 1)]
+    assert sorted(before) == [(0, s) for s in range(PREEMPT_AT + 1)]
     assert before == {k: whole[k] for k in before}  # run to run: the same masks for the same seed
-    res = run_logged([*parted, "--resume"], tmp_path / "resumed", demo_root)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert run_recorded([*parted, "--resume"], tmp_path / "resumed", monkeypatch) == 0
     resumed = masks(tmp_path / "resumed")
-    assert sorted(resumed) == [(r, s) for r in (0, 1) for s in range(PREEMPT_AT + 1, STEPS)]
+    assert sorted(resumed) == [(0, s) for s in range(PREEMPT_AT + 1, STEPS)]
     assert resumed == {k: whole[k] for k in resumed}  # the resumed run continues the same streams
 
 

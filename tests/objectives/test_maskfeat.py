@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli, load_ckpt, metrics
+from conftest import cli, metrics
 
 from mmssl import config as C
 from mmssl.factory import build_objective
@@ -243,21 +243,3 @@ def test_demo_run_learns_hog_on_real_photos(tmp_path, demo_root, capsys, monkeyp
     # there: held-out photos are 3 pictures unlike the 16 training ones (see README, "MaskFeat demo").
     assert r["model"] < 0.6 * r["zeros"] and r["model"] < 1.15 * r["constant"], r
     assert r["model"] < 0.8 * r["copy"], r  # far better than copying the nearest visible patch's HOG
-
-
-@pytest.mark.slow
-def test_two_process_ddp_through_the_cli(tmp_path, demo_root, uneven_shards):  # noqa: F811
-    train = "::".join(f"{uneven_shards}/train{i}-000000.tar" for i in range(3))
-    val = "::".join(f"{uneven_shards}/val{i}-000000.tar" for i in range(3))
-    args = ["--cfg", "maskfeat_demo", *TINY, f"out_dir={tmp_path}", "name=ddp", "data.batch_size=4",
-            f"data.train_shards={train}", f"data.val_shards={val}", "trainer.max_steps=8",
-            "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.ddp_timeout_s=60"]  # fmt: skip
-    res = cli(args, demo_root, timeout=300)  # the later --cfg wins over cli()'s default mae_demo
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "mmssl: maskfeat" in res.stdout and "world size 2, global batch 8" in res.stdout
-    reports = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["global_step"] for r in reports] == [8, 8]
-    assert reports[0]["batches"] == reports[1]["batches"] == 8
-    ckpt = load_ckpt(tmp_path / "ddp" / "checkpoints" / "last.ckpt")
-    assert "objective.mask_token" in ckpt["state_dict"] and "objective.head.weight" in ckpt["state_dict"]
-    assert (tmp_path / "ddp" / "pictures" / "final.png").is_file()

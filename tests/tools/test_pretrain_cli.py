@@ -1,5 +1,6 @@
 """tools/pretrain.py end to end: learning on held-out images, SIGTERM + resume, NaN stop, 2-process DDP on
-uneven shards, and bad input. The CLI runs in a subprocess (Lightning's ddp strategy re-launches the command)."""
+uneven shards (the one run of the path every objective shares), and bad input. The CLI runs in a subprocess
+(Lightning's ddp strategy re-launches the command)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import MAE_TINY_RUN as TINY
-from conftest import ROOT, cli, load_ckpt, metrics  # noqa: F401 (fixtures: demo_root, uneven_shards)
+from conftest import ROOT, cli, load_ckpt, metrics, wait_for  # noqa: F401 (fixtures: demo_root, uneven_shards)
+from mask_log_worker import drawn_mask, masks
 
 from mmssl import config as C
 from mmssl.data import demo
@@ -79,15 +80,7 @@ def test_signal_to_the_process_group_saves_and_resume_continues_step_and_lr(tmp_
         text=True,
         start_new_session=True,
     )
-    first = run / "checkpoints" / "step0000010.ckpt"
-    deadline = time.monotonic() + 240
-    while not first.exists() and time.monotonic() < deadline:
-        try:
-            proc.wait(timeout=0.2)  # wakes early if the run dies
-            break
-        except subprocess.TimeoutExpired:
-            pass
-    assert first.exists(), proc.communicate()[1][-3000:]
+    assert wait_for(run / "checkpoints" / "step0000010.ckpt", proc), proc.communicate()[1][-3000:]
     workers = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert len(workers) >= 3, workers  # the trainer and its two data workers share the group
     os.killpg(proc.pid, signum)
@@ -128,18 +121,48 @@ def test_non_finite_loss_stops_without_saving_nan_weights(tmp_path, demo_root):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_with_uneven_shards(tmp_path, demo_root, uneven_shards):
+@pytest.mark.timeout(600)
+def test_two_process_ddp_on_uneven_shards(tmp_path, demo_root, uneven_shards):
+    """The one 2-process run of the path every objective shares: tools/pretrain.py re-launched by Lightning's ddp
+    strategy (gloo, CPU) on the shard data module, here with MAE and the online evaluation callbacks. What differs
+    per objective under DDP (gathered or exchanged negatives, the online probe's gradient average) is checked
+    in-process: tests/test_dist.py, tests/eval/test_online.py."""
     train = "::".join(f"{uneven_shards}/train{i}-000000.tar" for i in range(3))
     val = "::".join(f"{uneven_shards}/val{i}-000000.tar" for i in range(3))
     args = [*TINY, f"out_dir={tmp_path}", "name=ddp", "data.batch_size=4", f"data.train_shards={train}",
             f"data.val_shards={val}", "trainer.max_steps=12", "trainer.accelerator=cpu", "trainer.devices=2",
-            "trainer.strategy=ddp", "trainer.ddp_timeout_s=60"]  # fmt: skip
-    res = cli(args, demo_root, timeout=300)
+            "trainer.strategy=ddp", "trainer.ddp_timeout_s=60", "eval.online_probe=true", "eval.num_classes=10",
+            "eval.online_lr=1e-2", "eval.knn_every_n_epochs=1", f"eval.knn_train_shards={train}",
+            f"eval.knn_val_shards={val}"]  # fmt: skip
+    logs = tmp_path / "masks"
+    logs.mkdir()
+    env = {**os.environ, "MASK_LOG_DIR": str(logs), "MMSSL_DATA": demo_root,
+           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "tests" / "mask_log_worker.py"), "--cfg", "mae_demo", *args]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
-    reports = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert "world size 2, global batch 8" in res.stdout
+    # uneven shards (80 samples in 5 + 17 + 58): both ranks still run the same number of batches, no hang
+    run = tmp_path / "ddp"
+    reports = [json.loads((run / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["global_step"] for r in reports] == [12, 12]
     assert reports[0]["batches"] == reports[1]["batches"] == 12
-    assert "world size 2, global batch 8" in res.stdout
+    assert load_ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 12
+    assert (run / "pictures" / "final.png").is_file()  # drawn by rank 0 alone
+
+    # every rank draws its own masks, each the one its (seed, global rank, step, batch) stream gives
+    cfg = C.load("mae_demo", args)
+    patches = (cfg.backbone.img_size // cfg.backbone.patch_size) ** 2
+    drawn = masks(logs)
+    assert sorted(drawn) == [(r, s) for r in (0, 1) for s in range(12)]
+    for (rank, step), row in drawn.items():
+        expected = drawn_mask(cfg.seed, rank, step, row["batch_idx"], 4, patches, cfg.mae.mask_ratio)
+        assert row["mask"] == expected, (rank, step)
+    assert len({str(row["mask"]) for row in drawn.values()}) == 24  # no two ranks or steps share one
+
+    # the online probe (gradients averaged over ranks) and the kNN monitor ran and logged
+    rows = metrics(run)
+    assert any(r.get("train/online_top1") for r in rows) and any(r.get("val/knn_top1") for r in rows)
 
 
 def test_print_config_shows_recipe_and_reference_size(capsys):

@@ -1,10 +1,9 @@
-"""SimCLR through tools/pretrain.py on the bundled demo digits: a ResNet and a ViT learn (falling loss), 2-process
-DDP on CPU runs the gathered loss end to end. Subprocesses, as in test_pretrain_cli.py."""
+"""SimCLR through tools/pretrain.py on the bundled demo digits: a ResNet and a ViT learn (falling loss).
+Subprocesses, as in test_pretrain_cli.py. The gathered loss under 2-process DDP: tests/test_dist.py."""
 
 from __future__ import annotations
 
 import csv
-import json
 import os
 import subprocess
 import sys
@@ -51,16 +50,3 @@ def test_pretrain_on_demo_digits_loss_falls(tmp_path, demo_root, backbone):
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.3, losses  # from about 2 log(2 * 32 - 1) = 8.3 at the start
     assert (tmp_path / "run" / "pictures" / "final.png").is_file()  # views + nearest second view
-
-
-@pytest.mark.slow
-def test_two_process_ddp_through_the_cli(tmp_path, demo_root):
-    args = [*SMALL, *RESNET, "data.batch_size=8", "data.num_workers=0", "trainer.max_steps=6", "trainer.devices=2",
-            "trainer.strategy=ddp", "trainer.ddp_timeout_s=60", f"out_dir={tmp_path}", "name=ddp"]  # fmt: skip
-    res = cli(args, demo_root)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "world size 2, global batch 16" in res.stdout
-    reports = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["global_step"] for r in reports] == [6, 6]
-    losses = train_losses(tmp_path / "ddp")
-    assert len(losses) == 6 and all(x == x for x in losses)
