@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import shutil
 import statistics
 import tempfile
@@ -40,6 +41,7 @@ from common import Ratio, machine_line
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from mmssl.data.demo import photo_sources
 from mmssl.data.module import ShardDataModule
@@ -144,10 +146,15 @@ def rate(loader, warmup: int, transform=None) -> tuple[float, float]:
     return seen / (time.perf_counter() - start[0]), seen / max(time.process_time() - start[1], 1e-9)
 
 
-def decode_rate(jpegs: list[tuple[str, bytes]]) -> float:
+def decode_rate(jpegs: list[tuple[str, bytes]], torchvision: bool = False) -> float:
+    """Full-size decodes per CPU-second: PIL (the ceiling the acceptance names), or torchvision's
+    ``decode_jpeg`` into a tensor (what ``mae_view`` uses for crops that need the full size)."""
     start = time.process_time()
     for _, data in jpegs:
-        Image.open(io.BytesIO(data)).convert("RGB")
+        if torchvision:
+            decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        else:
+            Image.open(io.BytesIO(data)).convert("RGB")
     return len(jpegs) / (time.process_time() - start)
 
 
@@ -197,28 +204,37 @@ def _measure_kind(kind: str, n: int, root: Path, args: argparse.Namespace) -> li
     )
     folder = ImageFolder(str(root / "folder"), transform=mae_reference_transform(args.img_size))
 
+    # Each worker's shuffle buffer reads two samples per sample it yields until it is full (wds.shuffle), a
+    # start-up cost that a training epoch of millions of samples amortises but a run of a few hundred does not
+    # (a 500-sample buffer over 800 images read 1.5 tar members per image): a small buffer, and its filling
+    # counted as warm-up.
+    buffer = max(4, min(n // 8, 500))
+
     def mmssl(workers: int, cpu_normalize: bool = False):
         dm = ShardDataModule(
             str(root / "shards" / "train-*.tar"), train_view=mae_view(args.img_size),
-            batch_size=args.batch_size, num_workers=workers, shuffle_buffer=min(n, 500), normalize_on_device=True,
+            batch_size=args.batch_size, num_workers=workers, shuffle_buffer=buffer, normalize_on_device=True,
         )  # fmt: skip
-        return dm.train_dataloader(), dm.batch_transform if cpu_normalize else None
+        filling = math.ceil(0.8 * buffer * max(workers, 1) / args.batch_size)  # wds.shuffle starts at 1/5
+        return dm.train_dataloader(), args.warmup + filling, dm.batch_transform if cpu_normalize else None
 
     def mmssl_cpu(workers: int):
         return mmssl(workers, cpu_normalize=True)
 
     def imagefolder(workers: int):
-        return DataLoader(folder, args.batch_size, shuffle=True, num_workers=workers, drop_last=True), None
+        loader = DataLoader(folder, args.batch_size, shuffle=True, num_workers=workers, drop_last=True)
+        return loader, args.warmup, None
 
     loaders = {"mmssl": mmssl, "mmssl, normalised on CPU": mmssl_cpu, "ImageFolder + PIL": imagefolder}
     wall: dict[str, list[float]] = {name: [] for name in loaders}
     cpu: dict[str, list[float]] = {name: [] for name in loaders}
-    decode = []
+    decode, tv_decode = [], []
     for _ in range(args.repeats):
         for name, make in loaders.items():
-            wall[name].append(rate(*make(args.workers), warmup=args.warmup)[0] / max(args.workers, 1))
-            cpu[name].append(rate(*make(0), warmup=args.warmup)[1])
+            wall[name].append(rate(*make(args.workers))[0] / max(args.workers, 1))
+            cpu[name].append(rate(*make(0))[1])
         decode.append(decode_rate(jpegs))
+        tv_decode.append(decode_rate(jpegs, torchvision=True))
     med_wall = {k: statistics.median(v) for k, v in wall.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     ceiling = statistics.median(decode)
@@ -228,6 +244,9 @@ def _measure_kind(kind: str, n: int, root: Path, args: argparse.Namespace) -> li
             f"{med_cpu[name]:7.1f} img/CPU-s in one process"
         )
     print(f"  {'decode only':26s} {ceiling:7.1f} img/CPU-s (PIL, full size)")
+    print(
+        f"  {'decode only, torchvision':26s} {statistics.median(tv_decode):7.1f} img/CPU-s (the decoder mmssl uses)"
+    )
     peer = "ImageFolder + PIL"
     rows = []
     for name, label in (("mmssl", ""), ("mmssl, normalised on CPU", ", normalised on CPU")):
