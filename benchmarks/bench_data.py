@@ -10,8 +10,10 @@ is downloaded) saved as JPEG quality 90 (``realistic_jpegs``):
 
 Each loader runs MAE's training view (RandomResizedCrop(224, scale=(0.2, 1)), bicubic, flip, normalise):
 mmssl's ``mae_view`` through ``ShardDataModule`` (shards holding the same JPEG bytes), and MAE's own
-``main_pretrain.py`` pipeline (torchvision v1 transforms on ``ImageFolder``'s PIL loader). Reported per
-kind, in images/s per core:
+``main_pretrain.py`` pipeline (torchvision v1 transforms on ``ImageFolder``'s PIL loader). mmssl's training
+loader, as built for training (``normalize_on_device=True``), hands over uint8 batches and normalises them on
+the training device; "mmssl, normalised on CPU" also does that cast and normalisation in this process (what a
+CPU-only run pays). Reported per kind, in images/s per core:
 
 * with ``--workers`` DataLoader workers (wall clock / workers; warm-up batches excluded), and
 * in one process (no workers), per CPU-second of the process: the steadier measure on a shared machine;
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import shutil
 import statistics
 import tempfile
@@ -38,6 +41,7 @@ from common import Ratio, machine_line
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from mmssl.data.demo import photo_sources
 from mmssl.data.module import ShardDataModule
@@ -127,10 +131,12 @@ def mae_reference_transform(img_size: int) -> v1.Compose:
     )
 
 
-def rate(loader, warmup: int) -> tuple[float, float]:
-    """(images per wall-second, images per CPU-second of this process) after ``warmup`` batches."""
+def rate(loader, warmup: int, transform=None) -> tuple[float, float]:
+    """(images per wall-second, images per CPU-second of this process) after ``warmup`` batches; ``transform``
+    is applied to every batch here (the deferred normalisation)."""
     seen, start = 0, None
     for i, batch in enumerate(loader):
+        batch = transform(batch) if transform is not None else batch
         images = batch["image"] if isinstance(batch, dict) else batch[0]
         if i == warmup - 1:
             start = time.perf_counter(), time.process_time()
@@ -140,10 +146,15 @@ def rate(loader, warmup: int) -> tuple[float, float]:
     return seen / (time.perf_counter() - start[0]), seen / max(time.process_time() - start[1], 1e-9)
 
 
-def decode_rate(jpegs: list[tuple[str, bytes]]) -> float:
+def decode_rate(jpegs: list[tuple[str, bytes]], torchvision: bool = False) -> float:
+    """Full-size decodes per CPU-second: PIL (the ceiling the acceptance names), or torchvision's
+    ``decode_jpeg`` into a tensor (what ``mae_view`` uses for crops that need the full size)."""
     start = time.process_time()
     for _, data in jpegs:
-        Image.open(io.BytesIO(data)).convert("RGB")
+        if torchvision:
+            decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        else:
+            Image.open(io.BytesIO(data)).convert("RGB")
     return len(jpegs) / (time.process_time() - start)
 
 
@@ -193,48 +204,66 @@ def _measure_kind(kind: str, n: int, root: Path, args: argparse.Namespace) -> li
     )
     folder = ImageFolder(str(root / "folder"), transform=mae_reference_transform(args.img_size))
 
-    def mmssl(workers: int):
+    # Each worker's shuffle buffer reads two samples per sample it yields until it is full (wds.shuffle), a
+    # start-up cost that a training epoch of millions of samples amortises but a run of a few hundred does not
+    # (a 500-sample buffer over 800 images read 1.5 tar members per image): a small buffer, and its filling
+    # counted as warm-up.
+    buffer = max(4, min(n // 8, 500))
+
+    def mmssl(workers: int, cpu_normalize: bool = False):
         dm = ShardDataModule(
             str(root / "shards" / "train-*.tar"), train_view=mae_view(args.img_size),
-            batch_size=args.batch_size, num_workers=workers, shuffle_buffer=min(n, 500),
+            batch_size=args.batch_size, num_workers=workers, shuffle_buffer=buffer, normalize_on_device=True,
         )  # fmt: skip
-        return dm.train_dataloader()
+        filling = math.ceil(0.8 * buffer * max(workers, 1) / args.batch_size)  # wds.shuffle starts at 1/5
+        return dm.train_dataloader(), args.warmup + filling, dm.batch_transform if cpu_normalize else None
+
+    def mmssl_cpu(workers: int):
+        return mmssl(workers, cpu_normalize=True)
 
     def imagefolder(workers: int):
-        return DataLoader(folder, args.batch_size, shuffle=True, num_workers=workers, drop_last=True)
+        loader = DataLoader(folder, args.batch_size, shuffle=True, num_workers=workers, drop_last=True)
+        return loader, args.warmup, None
 
-    loaders = {"mmssl": mmssl, "ImageFolder + PIL": imagefolder}
+    loaders = {"mmssl": mmssl, "mmssl, normalised on CPU": mmssl_cpu, "ImageFolder + PIL": imagefolder}
     wall: dict[str, list[float]] = {name: [] for name in loaders}
     cpu: dict[str, list[float]] = {name: [] for name in loaders}
-    decode = []
+    decode, tv_decode = [], []
     for _ in range(args.repeats):
         for name, make in loaders.items():
-            wall[name].append(rate(make(args.workers), args.warmup)[0] / max(args.workers, 1))
-            cpu[name].append(rate(make(0), args.warmup)[1])
+            wall[name].append(rate(*make(args.workers))[0] / max(args.workers, 1))
+            cpu[name].append(rate(*make(0))[1])
         decode.append(decode_rate(jpegs))
+        tv_decode.append(decode_rate(jpegs, torchvision=True))
     med_wall = {k: statistics.median(v) for k, v in wall.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     ceiling = statistics.median(decode)
     for name in loaders:
         print(
-            f"  {name:20s} {med_wall[name]:7.1f} img/s per core with {args.workers} workers, "
+            f"  {name:26s} {med_wall[name]:7.1f} img/s per core with {args.workers} workers, "
             f"{med_cpu[name]:7.1f} img/CPU-s in one process"
         )
-    print(f"  {'decode only':20s} {ceiling:7.1f} img/CPU-s (PIL, full size)")
-    peer = "ImageFolder + PIL"
-    r_wall, r_cpu = med_wall["mmssl"] / med_wall[peer], med_cpu["mmssl"] / med_cpu[peer]
+    print(f"  {'decode only':26s} {ceiling:7.1f} img/CPU-s (PIL, full size)")
     print(
-        f"  ratio mmssl / ImageFolder: {r_wall:.2f}x ({args.workers} workers), {r_cpu:.2f}x (per CPU-s); "
-        f"mmssl / decode only: {med_cpu['mmssl'] / ceiling:.0%} (per CPU-s)"
+        f"  {'decode only, torchvision':26s} {statistics.median(tv_decode):7.1f} img/CPU-s (the decoder mmssl uses)"
     )
-    return [
-        Ratio.of_rates("data loader", f"{kind}-like, {args.workers} workers", "-", med_wall["mmssl"],
-                       med_wall[peer], "img/s/core", peer),
-        Ratio.of_rates("data loader", f"{kind}-like, per CPU-s", "-", med_cpu["mmssl"], med_cpu[peer],
-                       "img/CPU-s", peer),
-        Ratio.of_rates("data loader", f"{kind}-like, vs decode only", "-", med_cpu["mmssl"], ceiling,
-                       "img/CPU-s", "PIL decode only"),
-    ]  # fmt: skip
+    peer = "ImageFolder + PIL"
+    rows = []
+    for name, label in (("mmssl", ""), ("mmssl, normalised on CPU", ", normalised on CPU")):
+        r_wall, r_cpu = med_wall[name] / med_wall[peer], med_cpu[name] / med_cpu[peer]
+        print(
+            f"  ratio {name} / ImageFolder: {r_wall:.2f}x ({args.workers} workers), {r_cpu:.2f}x (per CPU-s); "
+            f"/ decode only: {med_cpu[name] / ceiling:.0%} (per CPU-s)"
+        )
+        rows += [
+            Ratio.of_rates("data loader", f"{kind}-like, {args.workers} workers{label}", "-", med_wall[name],
+                           med_wall[peer], "img/s/core", peer),
+            Ratio.of_rates("data loader", f"{kind}-like, per CPU-s{label}", "-", med_cpu[name], med_cpu[peer],
+                           "img/CPU-s", peer),
+            Ratio.of_rates("data loader", f"{kind}-like, vs decode only{label}", "-", med_cpu[name], ceiling,
+                           "img/CPU-s", "PIL decode only"),
+        ]  # fmt: skip
+    return rows
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from mmssl.data.shards import (
     set_epoch,
     train_pipeline,
 )
-from mmssl.data.transforms import View
+from mmssl.data.transforms import NormalizeBatch, View, defer_normalize
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,12 @@ class ShardDataModule(L.LightningDataModule):
         shuffle_buffer: int = 2000,
         text_fn: Callable | None = None,
         demo_root: str | None = None,
+        normalize_on_device: bool = False,
     ) -> None:
+        """``normalize_on_device``: a training view ending in its normalisation (``mae_view``, ``clip_view``) makes
+        uint8 pictures in the workers, and ``on_after_batch_transfer`` normalises each batch on the training
+        device (Lightning calls it; a loop of your own gets uint8 batches and calls ``self.batch_transform``).
+        """
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
@@ -151,6 +156,9 @@ class ShardDataModule(L.LightningDataModule):
         if samples_per_epoch < 1:
             raise ValueError(f"data.samples_per_epoch must be >= 1, got {samples_per_epoch}")
         self.samples_per_epoch = samples_per_epoch
+        self.batch_transform: NormalizeBatch | None = None
+        if normalize_on_device:
+            train_view, self.batch_transform = defer_normalize(train_view)
         self.train_view = train_view
         self.val_view = val_view
         self.batch_size = batch_size
@@ -159,6 +167,10 @@ class ShardDataModule(L.LightningDataModule):
         self.decoder = decoder if decoder is not None else SampleDecoder()
         self.shuffle_buffer = shuffle_buffer
         self.text_fn = text_fn
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        # Training batches of a deferred view arrive uint8; validation batches (eval views) are float already.
+        return self.batch_transform(batch) if self.batch_transform is not None else batch
 
     def batches_per_rank(self, world_size: int) -> int:
         """Full batches per rank and epoch: a multiple of the worker count, at least one per worker."""

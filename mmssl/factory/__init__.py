@@ -100,6 +100,7 @@ def build_datamodule(cfg: DictConfig) -> ShardDataModule:
         ),
         shuffle_buffer=d.shuffle_buffer,
         text_fn=CaptionTokens(spec.tokenizer(cfg)) if tokens else None,
+        normalize_on_device=True,  # uint8 from the workers, one normalisation per batch on the device
     )
 
 

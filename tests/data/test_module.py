@@ -148,3 +148,71 @@ def test_lightning_fit_uses_epoch_length_and_validation(shards, with_val, reload
     assert model.train_batches == [6, 6] and trainer.global_step == 12
     assert sorted(model.val_labels) == (sorted(list(range(10)) * 2) if with_val else [])
     assert model.train_labels[0] != model.train_labels[1], "each epoch draws a fresh stream"
+
+
+def photo_shards(tmp_path, n: int = 12):
+    """JPEGs of real photos (different crops of scikit-image's chelsea) at 120x90."""
+    import skimage.data
+
+    cat = Image.fromarray(skimage.data.chelsea())
+    samples = []
+    for i in range(n):
+        buf = io.BytesIO()
+        cat.crop((i * 10, 0, i * 10 + 300, 225)).resize((120, 90)).save(buf, "JPEG", quality=90)
+        samples.append({"__key__": f"p{i}", "jpg": buf.getvalue(), "cls": i})
+    write_shards(samples, tmp_path, "photo", 5)
+    return f"{tmp_path}/photo-{{000000..000002}}.tar"
+
+
+def test_normalising_on_the_device_gives_the_same_batches(tmp_path):
+    """normalize_on_device: uint8 batches from the workers, and after on_after_batch_transfer exactly the
+    tensors the per-picture normalisation makes (same crops, flips and values)."""
+    spec = photo_shards(tmp_path)
+
+    def batches(on_device: bool):
+        dm = ShardDataModule(
+            spec, train_view=mae_view(48), batch_size=4, num_workers=0, seed=3, normalize_on_device=on_device
+        )
+        torch.manual_seed(0)
+        return dm, list(dm.train_dataloader())
+
+    _, reference = batches(False)
+    dm, deferred = batches(True)
+    assert [b["image"].dtype for b in deferred] == [torch.uint8] * 3 and reference[0][
+        "image"
+    ].dtype == torch.float32
+    for want, got in zip(reference, deferred, strict=True):
+        out = dm.on_after_batch_transfer(got, 0)
+        assert out["label"].tolist() == want["label"].tolist()
+        assert out["image"].dtype == torch.float32 and torch.allclose(out["image"], want["image"], atol=1e-6)
+    assert (reference[0]["image"] - reference[1]["image"]).abs().mean() > 0.1  # different pictures: can fail
+    # a float batch (a validation view's) passes untouched
+    val = {"image": reference[0]["image"]}
+    assert dm.on_after_batch_transfer(val, 0)["image"] is val["image"]
+
+
+def test_lightning_hands_the_step_normalised_batches(tmp_path):
+    """Lightning calls the data module's on_after_batch_transfer: training steps see float, normalised images."""
+    spec = photo_shards(tmp_path)
+    dm = ShardDataModule(spec, train_view=mae_view(32), batch_size=4, num_workers=0, normalize_on_device=True)
+    assert dm.batch_transform is not None
+    seen = []
+
+    class Probe(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def training_step(self, batch, batch_idx):
+            seen.append((batch["image"].dtype, float(batch["image"].min())))
+            return (self.w - batch["image"].mean()) ** 2
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = L.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(Probe(), datamodule=dm)
+    assert len(seen) == 2 and all(dtype == torch.float32 and low < 0 for dtype, low in seen)

@@ -13,7 +13,7 @@ from PIL import Image
 from scipy.stats import ks_2samp
 
 from mmssl.data.shards import SampleDecoder, expand_shards, train_pipeline, write_shards
-from mmssl.data.transforms import MAX_REDUCE, ScaledRandomResizedCrop, mae_view
+from mmssl.data.transforms import MAX_REDUCE, DecodeError, ScaledRandomResizedCrop, jpeg_to_tensor, mae_view
 
 
 def photo_jpeg(side: int = 1536, quality: int = 90) -> bytes:
@@ -130,3 +130,28 @@ def test_lazy_decoding_skips_and_counts_truncated_jpegs(tmp_path, big_jpeg, capl
     pipe = train_pipeline(urls, view, 4, 3, rank=0, world_size=1, seed=0, decoder=decoder, shuffle_buffer=1)
     with pytest.raises(RuntimeError, match=r"no sample could be decoded.*corrupt image"):
         list(pipe)
+
+
+def test_jpegs_decode_straight_to_tensors_with_pils_pixels():
+    """jpeg_to_tensor: the same pixels as PIL's decode; None for what it leaves to PIL (already decoded, grey,
+    corrupt), and a truncated file still fails in the view as a DecodeError (counted by the pipeline)."""
+    data = photo_jpeg(side=400)
+    x = jpeg_to_tensor(Image.open(io.BytesIO(data)))
+    want = torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1)
+    assert x is not None and x.dtype == torch.uint8 and torch.equal(x, want)
+    decoded = Image.open(io.BytesIO(data))
+    decoded.load()
+    grey = io.BytesIO()
+    decoded.convert("L").save(grey, "JPEG")
+    truncated = data[: len(data) // 2]
+    for img in (decoded, Image.open(grey), Image.open(io.BytesIO(truncated))):
+        assert jpeg_to_tensor(img) is None
+    # 400x300 at 224 px: never a reduced decode, so the view takes the tensor path and then PIL's
+    view = mae_view(224)
+    with pytest.raises(DecodeError):
+        view(Image.open(io.BytesIO(truncated)))
+    torch.manual_seed(0)
+    via_tensor = view(Image.open(io.BytesIO(data)))["image"]
+    torch.manual_seed(0)
+    via_pil = view(Image.open(io.BytesIO(data)).convert("RGB"))["image"]
+    assert torch.equal(via_tensor, via_pil)
