@@ -9,7 +9,9 @@ same size, with the same weights, in the same process:
     python benchmarks/bench_igpt.py                         # d=128, 4 blocks, 16x16 (256 tokens), batch 4
     python benchmarks/bench_igpt.py --side 32 --dim 512 --depth 8 --batch 16   # on a GPU: --device cuda
 
-Rounds alternate between the two sides so machine drift hits both alike; the median of the rounds counts.
+Rounds alternate between the two sides so machine drift hits both alike; the median of the rounds counts. A
+training round is ``--steps`` steps (one step of the default size takes tens of milliseconds, where one
+scheduler hiccup on a shared machine decides a single-step round).
 The training step runs in fp32, and in bf16 autocast where the CPU has native bf16 (``--precision``).
 """
 
@@ -36,17 +38,19 @@ def hf_twin(ours: SequenceTransformer, num_heads: int) -> ImageGPTForCausalImage
     return to_imagegpt(ImageGPT(ours, Palette(torch.rand(ours.vocab_size, 3))))
 
 
-def timed(fn, device: str) -> float:
+def timed(fn, device: str, repeat: int = 1) -> float:
+    """Seconds per call of ``fn``, averaged over ``repeat`` calls."""
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    fn()
+    for _ in range(repeat):
+        fn()
     if device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) / repeat
 
 
-QUICK = ["--rounds", "1"]
+QUICK = ["--rounds", "3", "--steps", "5"]
 
 
 def measure(argv: list[str] | None = None) -> list[Ratio]:
@@ -58,6 +62,7 @@ def measure(argv: list[str] | None = None) -> list[Ratio]:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5, help="training steps per round")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="cpu")
     add_precision_arg(p)
@@ -103,15 +108,15 @@ def measure(argv: list[str] | None = None) -> list[Ratio]:
     print(f"same weights: max |logit difference| {diff:.2e}")
     print(f"{a.depth} blocks, width {a.dim}, {a.heads} heads, {L} tokens, batch {a.batch}, {dev}")
     cases = [(f"train step {label}", label, lambda b=label == "bf16": ours_step(b),
-              lambda b=label == "bf16": hf_step(b)) for label in precisions(a.precision)]  # fmt: skip
-    cases.append(("complete half", "fp32", ours_sample, hf_sample))
+              lambda b=label == "bf16": hf_step(b), a.steps) for label in precisions(a.precision)]  # fmt: skip
+    cases.append(("complete half", "fp32", ours_sample, hf_sample, 1))
     results = []
-    for name, label, mine, theirs in cases:
+    for name, label, mine, theirs, repeat in cases:
         mine(), theirs()  # warm-up
         t_ours, t_hf = [], []
         for _ in range(a.rounds):
-            t_ours.append(timed(mine, dev))
-            t_hf.append(timed(theirs, dev))
+            t_ours.append(timed(mine, dev, repeat))
+            t_hf.append(timed(theirs, dev, repeat))
         mo, mh = statistics.median(t_ours), statistics.median(t_hf)
         print(
             f"{name:>15}: mmssl {mo * 1e3:8.1f} ms   transformers {mh * 1e3:8.1f} ms   speed-up x{mh / mo:.2f}"

@@ -27,6 +27,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg, _build_text_tower
+from open_clip.transformer import TextTransformer, text_global_pool
 from torch import Tensor, nn
 
 from mmssl.backbones import Backbone, CNNBackbone, ViTBackbone
@@ -209,6 +210,48 @@ def open_clip_text_tower(
     return _build_text_tower(embed_dim or base["embed_dim"], cfg, quick_gelu=base.get("quick_gelu", False))
 
 
+def _trimmable(tower: nn.Module) -> bool:
+    """A causal open_clip text tower pooled at the end token (argmax), without CoCa's appended class token or a
+    padding mask: the CLIP towers of open_clip's configs."""
+    return (
+        type(tower) is TextTransformer
+        and tower.attn_mask is not None
+        and tower.cls_emb is None
+        and not getattr(tower, "use_pad_mask", False)
+        and tower.pool_type == "argmax"
+        and not tower.output_tokens
+    )
+
+
+def text_features(tower: nn.Module, tokens: Tensor) -> Tensor:
+    """``tower(tokens)``, (B, L) -> (B, E), computed on the first n positions only, n = 1 + the batch's last
+    end-token position, for a tower where that changes nothing (:func:`_trimmable`).
+
+    Why nothing changes: in a causal tower the output at position t depends on tokens <= t only, and the
+    features are taken at each caption's end token (the largest id, so ``argmax``; open_clip's
+    ``text_global_pool``), so the padding after the batch's last end token never reaches them, forward or
+    backward (its gradients are exactly zero). Captions are mostly far shorter than CLIP's 77-token context,
+    so the text tower's cost falls by about L / n; a batch holding one caption of full length gains nothing.
+    The body is open_clip 3.x's ``TextTransformer.forward`` for such a tower, with the causal mask cut to n
+    (tests/objectives/test_clip.py compares it with the tower's own forward, features and gradients). Reading n
+    waits for the tokens on a GPU (one host sync per step).
+    """
+    if not _trimmable(tower):
+        return tower(tokens)
+    n = int(tokens.argmax(dim=-1).max()) + 1
+    if n >= tokens.shape[1]:
+        return tower(tokens)
+    tokens = tokens[:, :n]  # (B, n)
+    cast = tower.transformer.get_cast_dtype()
+    x = tower.token_embedding(tokens).to(cast) + tower.positional_embedding[:n].to(cast)  # (B, n, W)
+    x = tower.ln_final(tower.transformer(x, attn_mask=tower.attn_mask[:n, :n]))
+    pooled = text_global_pool(x, tokens, pool_type="argmax")  # (B, W)
+    proj = tower.text_projection
+    if proj is None:
+        return pooled
+    return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj  # (B, E)
+
+
 def clip_tokenizer(name: str, context_length: int | None = None):
     """open_clip's tokenizer for ``name``: the bundled BPE vocabulary (49,408 tokens), offline. Captions are
     lower-cased, cleaned, wrapped in start/end tokens, zero-padded, and truncated keeping the end token last.
@@ -279,7 +322,7 @@ class CLIP(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, tokens: Tensor, normalize: bool = True) -> Tensor:
-        features = self.text_tower(tokens)  # (B, L) -> (B, E), pooled at the end token
+        features = text_features(self.text_tower, tokens)  # (B, L) -> (B, E), pooled at the end token
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -18,7 +18,7 @@ from mmssl.data import shapes
 from mmssl.data.transforms import eval_view
 from mmssl.factory import build_backbone, build_objective, build_tokenizer
 from mmssl.lit import PretrainModule
-from mmssl.objectives.clip import open_clip_model
+from mmssl.objectives.clip import open_clip_model, open_clip_text_tower, text_features
 from mmssl.optim import create_optimizer
 
 TINY = [
@@ -79,6 +79,34 @@ def test_loss_matches_open_clip_model_and_clip_loss_and_the_paper_formula():
     manual = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
     assert torch.allclose(out["loss"], manual, atol=1e-5)
     assert out["logit_scale"].item() == pytest.approx(1 / 0.07, rel=1e-6)  # CLIP §2.5
+
+
+def test_text_features_cut_after_the_last_end_token_equal_the_towers_own():
+    """The text path runs only up to the batch's last end token (objectives/clip.py ``text_features``): features
+    and every parameter's gradient equal open_clip's full-context forward; a 'last'-pooled tower is not cut."""
+    torch.manual_seed(0)
+    tower = open_clip_text_tower(
+        "ViT-B-32", embed_dim=32, text_cfg={"context_length": 32, "width": 32, "heads": 2, "layers": 2}
+    )
+    captions = ["a cat", "a small red circle at the top left of a big blue square", "dog"]
+    tokens = open_clip.get_tokenizer("ViT-B-32", context_length=32)(captions)
+    assert int(tokens.argmax(-1).max()) + 1 < 32  # the cut path runs
+    grads = []
+    for fn in (text_features, lambda t, x: t(x)):
+        tower.zero_grad()
+        out = fn(tower, tokens)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in tower.named_parameters()}))
+    (ours, ours_g), (ref, ref_g) = grads
+    assert torch.allclose(ours, ref, atol=1e-6)
+    assert ours_g.keys() == ref_g.keys()
+    for (
+        name,
+        g,
+    ) in ref_g.items():  # fp32 sums in another order: differences of about 1e-6 of the gradient's scale
+        assert (ours_g[name] - g).abs().max() <= 1e-5 * g.abs().max(), name
+    tower.pool_type = "last"  # pooled at the last position: every position counts, nothing is cut
+    assert torch.equal(text_features(tower, tokens), tower(tokens))
 
 
 def test_text_tower_alone_is_open_clips_text_tower():
