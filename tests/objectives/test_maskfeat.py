@@ -214,7 +214,7 @@ def test_print_config_shows_the_vitb_recipe(capsys):
     assert C.learning_rate(C.load("maskfeat_vitb")) == pytest.approx(2e-4 * 2048 / 256)
 
 
-STEPS = 300  # the demo recipe's schedule shortened to this many steps (warmup 20)
+STEPS = 150  # the demo recipe's schedule shortened to this many steps (warmup 20)
 MIN_BELOW_CONSTANT, MIN_BELOW_COPY = 0.0, 0.3
 
 
