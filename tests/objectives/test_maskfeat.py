@@ -215,7 +215,9 @@ def test_print_config_shows_the_vitb_recipe(capsys):
 
 
 STEPS = 150  # the demo recipe's schedule shortened to this many steps (warmup 20)
-MIN_BELOW_CONSTANT, MIN_BELOW_COPY = 0.0, 0.3
+# Measured at this scale: 4.8 % below the best constant, 42.7 % below the nearest copy (held-out MSE 0.02525,
+# constant 0.02653, copy 0.04405). A model that learnt only the training set's mean HOG sits at or above 0 %.
+MIN_BELOW_CONSTANT, MIN_BELOW_COPY = 0.03, 0.35
 
 
 @pytest.mark.slow
@@ -229,7 +231,8 @@ def test_demo_run_learns_hog_of_held_out_shapes(tmp_path, demo_root, capsys, mon
     args = ["--cfg", "maskfeat_demo", f"out_dir={tmp_path}", "name=learn", "data.num_workers=0",
             f"trainer.max_steps={STEPS}", "optim.warmup_steps=20", "trainer.log_every_n_steps=1",
             "trainer.progress_bar=false"]  # fmt: skip
-    res = cli(args, demo_root, timeout=900)  # a hang guard: about a minute on a free 2-core machine
+    # a hang guard: 406 s measured on the 2-core machine shared 4 ways
+    res = cli(args, demo_root, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (run / "pictures" / "final.png").stat().st_size > 5_000
 
@@ -240,7 +243,6 @@ def test_demo_run_learns_hog_of_held_out_shapes(tmp_path, demo_root, capsys, mon
     assert masked_report.main([str(run / "checkpoints" / "last.ckpt")]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["patches"] > 3000, r  # 600 pictures, 6 of 16 patches masked (blocks may stop one patch short)
-    print(json.dumps(r))
     assert r["below_constant"] > MIN_BELOW_CONSTANT, r
     assert r["below_copy"] > MIN_BELOW_COPY, r
 
