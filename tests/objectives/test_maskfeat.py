@@ -1,5 +1,5 @@
 """MaskFeat: block masking, mask-token replacement inside the encoder, the objective contract, the recipe, and
-end-to-end runs through the CLI (learning on held-out photos, 2-process DDP)."""
+end-to-end runs through the CLI (learning on held-out shapes, 2-process DDP)."""
 
 from __future__ import annotations
 
@@ -214,32 +214,34 @@ def test_print_config_shows_the_vitb_recipe(capsys):
     assert C.learning_rate(C.load("maskfeat_vitb")) == pytest.approx(2e-4 * 2048 / 256)
 
 
+STEPS = 150  # the demo recipe's schedule shortened to this many steps (warmup 20)
+# Measured at this scale: 4.8 % below the best constant, 42.7 % below the nearest copy (held-out MSE 0.02525,
+# constant 0.02653, copy 0.04405). A model that learnt only the training set's mean HOG sits at or above 0 %.
+MIN_BELOW_CONSTANT, MIN_BELOW_COPY = 0.03, 0.35
+
+
 @pytest.mark.slow
-def test_demo_run_learns_hog_on_real_photos(tmp_path, demo_root, capsys, monkeypatch):  # noqa: F811
-    """The demo recipe (tiny ViT, 96 px, 16 px patches, HOG of 8 px cells) on the bundled photos, shortened to
-    80 steps of 32 images. The training loss falls to well under half its start, and on held-out photos the
-    masked-patch loss ends far below predicting zeros and copying the nearest visible patch, and close to the
-    best constant prediction (the mean HOG of those very patches), which the demo does not beat (README). That
-    the model reads the visible patches is tested in
-    test_overfits_one_batch_of_real_photos_far_below_the_best_constant.
-    """
+def test_demo_run_learns_hog_of_held_out_shapes(tmp_path, demo_root, capsys, monkeypatch):  # noqa: F811
+    """The demo recipe (ViT 128 x 4, 64 px, 16 px patches, HOG of 8 px cells) on the generated shapes, shortened
+    to STEPS steps of 64. On the held-out split (600 pictures from the training distribution; the demo's own
+    report, tools/masked_report.py, fixed masks) the masked-patch loss ends below the best constant prediction
+    (the mean HOG of those very patches: a model that learnt only the data set's mean HOG stops there) and far
+    below copying the nearest visible patch's HOG. The full demo's figures are in the README ("MaskFeat")."""
     run = tmp_path / "learn"
     args = ["--cfg", "maskfeat_demo", f"out_dir={tmp_path}", "name=learn", "data.num_workers=0",
-            "data.batch_size=32", "trainer.max_steps=80", "optim.lr=1.5e-3", "optim.warmup_steps=10",
-            "trainer.log_every_n_steps=1"]  # fmt: skip
-    res = cli(args, demo_root, timeout=1800)  # a hang guard: ~20 min on the shared 2-core machine
+            f"trainer.max_steps={STEPS}", "optim.warmup_steps=20", "trainer.log_every_n_steps=1",
+            "trainer.progress_bar=false"]  # fmt: skip
+    # a hang guard: 406 s measured on the 2-core machine shared 4 ways
+    res = cli(args, demo_root, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert (run / "pictures" / "final.png").stat().st_size > 10_000
+    assert (run / "pictures" / "final.png").stat().st_size > 5_000
 
     train = [float(r["train/loss"]) for r in metrics(run) if r.get("train/loss")]
-    assert len(train) == 80 and sum(train[-10:]) / 10 < 0.4 * train[0], train
-    # the demo's own report (tools/masked_report.py): every held-out photo (510 centre crops of 3 pictures never
-    # seen in training), fixed masks, against mmssl.eval.masked's baselines
-    monkeypatch.setenv("MMSSL_DATA", demo_root)  # where the run's demo:photos/val shards are
+    assert len(train) == STEPS and sum(train[-10:]) / 10 < 0.3 * train[0], train
+    monkeypatch.setenv("MMSSL_DATA", demo_root)  # where the run's demo:shapes/val shards are
     capsys.readouterr()
     assert masked_report.main([str(run / "checkpoints" / "last.ckpt")]) == 0
     r = json.loads(capsys.readouterr().out)
-    # Issue 14 item 10 asks for 15 % below the best constant; this run (and the full demo, README) does not get
-    # there: held-out photos are 3 pictures unlike the 16 training ones (see README, "MaskFeat demo").
-    assert r["model"] < 0.6 * r["zeros"] and r["model"] < 1.15 * r["constant"], r
-    assert r["model"] < 0.8 * r["copy"], r  # far better than copying the nearest visible patch's HOG
+    assert r["patches"] > 3000, r  # 600 pictures, 6 of 16 patches masked (blocks may stop one patch short)
+    assert r["below_constant"] > MIN_BELOW_CONSTANT, r
+    assert r["below_copy"] > MIN_BELOW_COPY, r
