@@ -60,8 +60,13 @@ MAE_TINY_RUN = [  # the MAE demo shrunk for CLI runs: 2 blocks, 32 px, fp32, one
 
 
 @pytest.fixture(scope="session")
-def demo_root(tmp_path_factory) -> str:
-    return os.environ.get("MMSSL_DATA") or str(tmp_path_factory.mktemp("mmssl_data"))
+def demo_root(tmp_path_factory):
+    """Where the demo shards live, exported as MMSSL_DATA for the session (tools run in-process and their
+    subprocesses read it), through a monkeypatch so the environment is restored afterwards."""
+    root = os.environ.get("MMSSL_DATA") or str(tmp_path_factory.mktemp("mmssl_data"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MMSSL_DATA", root)
+        yield root
 
 
 def cli(args: list[str], demo_root: str, timeout: int = 300, **popen) -> subprocess.CompletedProcess:

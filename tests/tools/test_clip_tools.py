@@ -22,9 +22,7 @@ TINY_CLIP = [
 
 
 @pytest.fixture(scope="module")
-def clip_run(tmp_path_factory):
-    demo_root = os.environ.get("MMSSL_DATA") or str(tmp_path_factory.mktemp("mmssl_data"))
-    os.environ["MMSSL_DATA"] = demo_root  # the tools below read demo:shapes too
+def clip_run(tmp_path_factory, demo_root):
     out = tmp_path_factory.mktemp("clip")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = [sys.executable, str(ROOT / "tools" / "pretrain.py"), "--cfg", "clip_demo", *TINY_CLIP,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 
 import pytest
@@ -21,10 +20,8 @@ TINY_MAE = [
 
 
 @pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
+def digits_run(tmp_path_factory, demo_root):
     """tools/digits_table.py for MAE with a tiny model: 40 pretraining steps, a 30-epoch probe."""
-    demo_root = os.environ.get("MMSSL_DATA") or str(tmp_path_factory.mktemp("mmssl_data"))
-    os.environ["MMSSL_DATA"] = demo_root  # the pretraining subprocess inherits it
     out = tmp_path_factory.mktemp("digits")
     args = ["--objectives", "mae", "--out-dir", str(out), "--pretrain", *TINY_MAE, "trainer.max_steps=40",
             "--probe", "epochs=30", "--json", str(out / "table.json"), "--tsne", str(out / "tsne.png")]  # fmt: skip

@@ -25,13 +25,11 @@ TINY_IGPT = [
 
 
 @pytest.fixture(scope="module")
-def igpt_run(tmp_path_factory):
-    demo_root = os.environ.get("MMSSL_DATA") or str(tmp_path_factory.mktemp("mmssl_data"))
+def igpt_run(tmp_path_factory, demo_root):
     out = tmp_path_factory.mktemp("igpt")
     palette = out / "digits8.safetensors"
     args = ["--shards", "demo:digits/train", "--k", "8", "--resolution", "8", "--images", "200", "--iters", "30",
             "--out", str(palette)]  # fmt: skip
-    os.environ["MMSSL_DATA"] = demo_root
     assert tool("fit_palette").main(args) == 0
     env = {
         **os.environ,
