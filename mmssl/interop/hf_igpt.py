@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from timm.layers import QuickGELU, RmsNorm
+from timm.layers import QuickGELU
 from torch import Tensor, nn
 
 from mmssl.interop import Unsupported
@@ -39,8 +39,8 @@ def check_igpt(objective: nn.Module) -> None:
             f"igpt.mode={objective.mode!r}: ImageGPTForCausalImageModeling is the autoregressive model only "
             "(mode=ar); a BERT-mode iGPT has no start token and attends both ways"
         )
-    if not all(isinstance(m, RmsNorm) for b in t.blocks for m in (b.norm1, b.norm2)) or not isinstance(
-        t.norm, RmsNorm
+    if not all(isinstance(m, nn.RMSNorm) for b in t.blocks for m in (b.norm1, b.norm2)) or not isinstance(
+        t.norm, nn.RMSNorm
     ):
         raise Unsupported(
             "igpt.norm=layernorm: transformers' ImageGPTLayerNorm is the reference's RMS norm (igpt.norm=rmsnorm)"
