@@ -80,15 +80,20 @@ def cli(args: list[str], demo_root: str, timeout: int = 300, **popen) -> subproc
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> bool:
-    """Waits until ``path`` exists, ``proc`` exits or ``timeout`` seconds pass; True when the path exists."""
+    """Waits until ``path`` exists, ``proc`` exits or ``timeout`` seconds pass; True when the path exists. A
+    ``*`` in the file name matches as a glob (a step checkpoint replaced by the next one may live < 0.2 s)."""
+
+    def exists() -> bool:
+        return any(path.parent.glob(path.name)) if "*" in path.name else path.exists()
+
     deadline = time.monotonic() + timeout
-    while not path.exists() and time.monotonic() < deadline:
+    while not exists() and time.monotonic() < deadline:
         try:
             proc.wait(timeout=0.2)  # returns at once when the process dies
             break
         except subprocess.TimeoutExpired:
             pass
-    return path.exists()
+    return exists()
 
 
 def metrics(run: Path, version: int = 0) -> list[dict]:
