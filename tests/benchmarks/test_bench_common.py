@@ -15,11 +15,10 @@ from common import other_cpu_load  # noqa: E402
 
 
 def test_a_busy_child_process_counts():
-    busy = subprocess.Popen(
-        [sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 4: pass"]
-    )
+    spin = "import time\nt = time.time()\nprint('spinning', flush=True)\nwhile time.time() - t < 4: pass"
+    busy = subprocess.Popen([sys.executable, "-c", spin], stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(0.5)  # the child is spinning
+        assert busy.stdout.readline().strip() == "spinning"  # the child has started its loop
         assert other_cpu_load(1.0) > 0.6
     finally:
         busy.kill()
