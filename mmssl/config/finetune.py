@@ -80,7 +80,6 @@ class FinetuneDataConfig:
 @dataclass
 class FinetuneTrainerConfig(C.TrainerConfig):
     max_epochs: int = 50  # main_finetune default (ViT-B recipe: 100)
-    precision: str = "bf16-mixed"
     ckpt_every_n_steps: int = 5000
     keep_checkpoints: int = 1
 

@@ -212,8 +212,6 @@ def eval_callbacks(cfg: DictConfig) -> list[L.Callback]:
 def build_trainer(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) -> L.Trainer:
     """``objective`` (the one being trained) is needed by trainer.strategy=fsdp: its blocks become the units."""
     t, out = cfg.trainer, run_dir(cfg)
-    precision, why = resolve_precision(t.precision, t.accelerator)
-    rank_zero_only(print)(f"mmssl: precision {precision} ({why})")
     strategy = _strategy(cfg, objective)
     # Pictures are drawn on rank 0 outside the training step, where FSDP holds only shards of the weights.
     pictures = [] if t.strategy == "fsdp" else [
@@ -233,7 +231,6 @@ def build_trainer(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) 
     return L.Trainer(
         **trainer_args(cfg, p),
         strategy=strategy,
-        precision=precision,
         limit_val_batches=None if cfg.data.val_shards else 0,
         enable_model_summary=False,  # tools/pretrain.py prints the parameter count in its opening line
         logger=make_loggers(t.loggers, out, cfg.name),  # logs/version_N: a resumed run keeps earlier metrics
@@ -244,12 +241,16 @@ def build_trainer(cfg: DictConfig, p: Plan, objective: nn.Module | None = None) 
 
 
 def trainer_args(cfg: DictConfig, p: Plan) -> dict:
-    """The ``L.Trainer`` arguments pretraining and fine-tuning share: devices, the step budget of plan ``p``,
-    accumulation, clipping and the logging and validation cadence (the ``trainer`` section), and the run
-    directory. Shards split themselves (and image folders bring their own samplers): no distributed sampler."""
+    """The ``L.Trainer`` arguments pretraining and fine-tuning share: devices, precision (``auto`` resolved and
+    printed), the step budget of plan ``p``, accumulation, clipping and the logging and validation cadence (the
+    ``trainer`` section), and the run directory. Shards split themselves (and image folders bring their own
+    samplers): no distributed sampler."""
     t = cfg.trainer
+    precision, why = resolve_precision(t.precision, t.accelerator)
+    rank_zero_only(print)(f"mmssl: precision {precision} ({why})")
     return dict(
         accelerator=t.accelerator,
+        precision=precision,
         devices=t.devices,
         num_nodes=t.num_nodes,
         max_steps=p.total_steps,

@@ -150,7 +150,6 @@ def build_trainer(cfg: DictConfig, p: Plan) -> L.Trainer:
     return L.Trainer(
         **trainer_args(cfg, p),
         strategy=_strategy(cfg, None),  # fsdp is refused by the config (mmssl.config.finetune)
-        precision=t.precision,
         logger=CSVLogger(out, name="logs"),
         callbacks=callbacks,
         plugins=plugins,

@@ -7,6 +7,8 @@ import pytest
 
 from mmssl import config as C
 from mmssl import factory
+from mmssl.config import finetune as F
+from mmssl.factory import finetune as FT
 from mmssl.factory import precision
 
 # /proc/cpuinfo "flags" of the two kinds of machine in issue 17 (abridged to the vector extensions)
@@ -63,4 +65,18 @@ def test_auto_is_the_default_and_build_trainer_resolves_it(monkeypatch, tmp_path
         fake_cpu(monkeypatch, flags)
         trainer = factory.build_trainer(cfg, plan)
         assert trainer.precision == expected
+        assert f"mmssl: precision {expected} (auto: the CPU" in capsys.readouterr().out
+
+
+def test_fine_tuning_defaults_to_auto_and_resolves_it(monkeypatch, tmp_path, capsys):
+    """The fine-tune tool shares the pretraining trainer's arguments: ``auto`` by default (it forced bf16-mixed,
+    emulated and several times slower on AVX2-only CPUs), resolved before Lightning sees it."""
+    assert F.load("finetune_mae_vitb").trainer.precision == "auto"
+    cfg = F.load(
+        "finetune_digits", [f"out_dir={tmp_path}", "trainer.accelerator=cpu", "trainer.precision=auto"]
+    )
+    plan = factory.Plan(1, 8, 1e-3, 10, 10, 1)
+    for flags, expected in ((AVX2_ONLY, "32-true"), (AVX512_BF16, "bf16-mixed")):
+        fake_cpu(monkeypatch, flags)
+        assert FT.build_trainer(cfg, plan).precision == expected
         assert f"mmssl: precision {expected} (auto: the CPU" in capsys.readouterr().out
