@@ -28,7 +28,11 @@ of 0) sends it to either side.
 Speed (``benchmarks/bench_hog.py``: ~24-29x ``skimage.feature.hog`` on one thread, 224 px): on CPU the batch
 goes through in chunks of one image with preallocated buffers (cache-resident, no page faults), the reflect
 padding is written by hand, bins are floor values of one ``atan2`` with the "mod nbins" applied to the summed
-histogram rather than per pixel, and one ``scatter_add_`` sums magnitudes into the output layout.
+histogram rather than per pixel, and one ``scatter_add_`` sums magnitudes into the output layout. Per call,
+only the arithmetic is left in the loop: the pixels' histogram offsets are cached per shape, the buffers' views
+built once, and the L2 normalisation runs once for the batch (measured ~5 % faster than per chunk: 26-27x
+skimage at batch 32). Per image (224 px, 1 thread, ~0.65 ms): gradients ~25 %, atan2 and binning ~25 %,
+magnitude ~15 %, scatter-add ~13 %, index ~9 %.
 """
 
 from __future__ import annotations
