@@ -93,14 +93,18 @@ def open_clip_step(model, opt, batch, loss_fn, bf16: bool) -> None:
         model.logit_scale.clamp_(0, math.log(100))
 
 
-def images_per_second(step, batch, steps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
+def images_per_second(step, batch, steps: int, min_seconds: float = 0.0) -> float:
+    """``steps`` steps, then more until ``min_seconds`` have passed (the same rule for both sides)."""
+    start, done = time.perf_counter(), 0
+    while done < steps or time.perf_counter() - start < min_seconds:
         step(batch)
-    return batch["image"].shape[0] * steps / (time.perf_counter() - start)
+        done += 1
+    return batch["image"].shape[0] * done / (time.perf_counter() - start)
 
 
-QUICK = ["--size", "tiny", "b32", "--batch", "8", "--steps", "1", "--rounds", "2"]
+# A tiny step takes ~0.1 s: one step a round, two rounds (the former quick setting) left the tiny ratio to the
+# noise of two samples (0.97x-1.04x between runs); rounds of at least 0.5 s keep ViT-B/32 at one step a round.
+QUICK = ["--size", "tiny", "b32", "--batch", "8", "--steps", "1", "--rounds", "3", "--min-seconds", "0.5"]
 
 
 def measure(argv: list[str] | None = None) -> list[Ratio]:
@@ -112,6 +116,7 @@ def measure(argv: list[str] | None = None) -> list[Ratio]:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=2, help="steps per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--min-seconds", type=float, default=0.0, help="repeat steps in a round until then")
     add_precision_arg(parser)
     args = parser.parse_args(argv)
     print(machine_line())
@@ -143,7 +148,7 @@ def compare(size: str, args: argparse.Namespace) -> list[Ratio]:
         rates: dict[str, list[float]] = {name: [] for name in impls}
         for _ in range(args.rounds):
             for name, step in impls.items():
-                rates[name].append(images_per_second(step, batch, args.steps))
+                rates[name].append(images_per_second(step, batch, args.steps, args.min_seconds))
         a, b = statistics.median(rates["mmssl"]), statistics.median(rates["open_clip"])
         print(f"{label}: mmssl {a:7.2f} img/s | open_clip {b:7.2f} img/s | ratio {a / b:.2f}x")
         case = f"{'ViT-B/32' if size == 'b32' else size} {args.img}px, batch {args.batch}"

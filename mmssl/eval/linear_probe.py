@@ -155,6 +155,13 @@ def train_probes(
     opt = make_optimizer(linears, [b * scale for _, b in grid], optimizer, momentum, weight_decay, nesterov)
     schedule = LambdaLR(opt, WarmupCosine(warmup, total))  # per step, as MAE's adjust_learning_rate
 
+    # The heads of one layer see the same normalised features: their BatchNorm (no parameters, and its input
+    # needs no gradient) runs once per layer and step, not once per head, and no BatchNorm backward runs. Each
+    # Linear still runs on its own (stacking the heads into one matmul changes the last bits of the gradients:
+    # a head in the grid is bit for bit the head trained alone, tests/eval/test_linear_probe.py). The shared
+    # BatchNorm's running statistics are copied into the layer's other heads after training.
+    by_layer = {layer: [i for i, (g, _) in enumerate(grid) if g == layer] for layer in layers}
+    norms = {layer: heads[ids[0]][0] for layer, ids in by_layer.items()}
     last_losses = torch.zeros(len(grid))
     for epoch in tqdm(
         range(epochs), desc="linear probes", unit="epoch", disable=not progress or None, leave=False
@@ -168,10 +175,12 @@ def train_probes(
         for step in range(steps_per_epoch):
             idx = order[step * batch : (step + 1) * batch]
             y = labels[idx].to(device)
-            xs = {layer: feats[layer][idx].to(device) for layer in layers}  # (B, D) each
-            losses_t = torch.stack(
-                [F.cross_entropy(head.train()(xs[g]), y) for head, (g, _) in zip(heads, grid, strict=True)]
-            )
+            losses = []
+            for layer, ids in by_layer.items():
+                with torch.no_grad():
+                    x = norms[layer].train()(feats[layer][idx].to(device))  # (B, D)
+                losses.extend(F.cross_entropy(linears[i](x), y) for i in ids)
+            losses_t = torch.stack(losses)  # in grid order: layers are contiguous in the grid
             opt.zero_grad(set_to_none=True)
             losses_t.sum().backward()
             opt.step()
@@ -179,6 +188,9 @@ def train_probes(
             epoch_losses += losses_t.detach().cpu()
         # A head whose loss turned non-finite (lr too high) only spoils itself: heads share no parameters.
         last_losses = epoch_losses / steps_per_epoch
+    for layer, ids in by_layer.items():
+        for i in ids[1:]:
+            heads[i][0].load_state_dict(norms[layer].state_dict())
 
     results = []
     with torch.no_grad():

@@ -28,13 +28,19 @@ of 0) sends it to either side.
 Speed (``benchmarks/bench_hog.py``: ~24-29x ``skimage.feature.hog`` on one thread, 224 px): on CPU the batch
 goes through in chunks of one image with preallocated buffers (cache-resident, no page faults), the reflect
 padding is written by hand, bins are floor values of one ``atan2`` with the "mod nbins" applied to the summed
-histogram rather than per pixel, and one ``scatter_add_`` sums magnitudes into the output layout.
+histogram rather than per pixel, and one ``scatter_add_`` sums magnitudes into the output layout. Per call,
+only the arithmetic is left in the loop: the pixels' histogram offsets are cached per shape, the buffers' views
+built once, and the L2 normalisation runs once for the batch (measured ~5 % faster than per chunk: 26-27x
+skimage at batch 32). Per image (224 px, 1 thread, ~0.65 ms): gradients ~25 %, atan2 and binning ~25 %,
+magnitude ~15 %, scatter-add ~13 %, index ~9 %.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -60,10 +66,10 @@ def image_gradients(images: Tensor, gradient: str = "sobel") -> tuple[Tensor, Te
     on the reflect-padded image. Sobel = central difference along one axis, [1, 2, 1] smoothing along the other.
     """
     _check_gradient(gradient)
-    *lead, H, W = images.shape
-    padded = images.new_empty(*lead, H + 2, W + 2)
     gx, gy = torch.empty_like(images), torch.empty_like(images)
-    _gradients(images, gradient, padded, images.new_empty(padded.numel()), gx, gy)
+    _gradients(
+        gradient, images.new_empty(*images.shape[:-2], images.shape[-2] + 2, images.shape[-1] + 2), gx, gy
+    )(images)
     return gx, gy
 
 
@@ -72,25 +78,41 @@ def _check_gradient(gradient: str) -> None:
         raise ValueError(f"HOG gradient must be one of {GRADIENTS}, got {gradient!r}")
 
 
-def _gradients(x: Tensor, gradient: str, padded: Tensor, scratch: Tensor, gx: Tensor, gy: Tensor) -> None:
-    """Writes the gradients of x (..., H, W) into gx and gy, using the buffers padded (..., H + 2, W + 2) and
-    scratch (flat, at least padded.numel()): every temporary is preallocated, see :func:`hog`."""
-    *lead, H, W = x.shape
-    padded[..., 1:-1, 1:-1] = x  # reflect padding by hand: F.pad's reflect kernel is slower than all of this
-    padded[..., 0, 1:-1] = x[..., 1, :]
-    padded[..., -1, 1:-1] = x[..., -2, :]
-    padded[..., 0] = padded[..., 2]
-    padded[..., -1] = padded[..., -3]
+def _gradients(gradient: str, padded: Tensor, gx: Tensor, gy: Tensor) -> Callable[[Tensor], None]:
+    """A function writing the gradients of x (..., H, W) into gx and gy through the buffer padded
+    (..., H + 2, W + 2) and one scratch buffer: every temporary preallocated and every view of the buffers built
+    here once, so that a call costs only the arithmetic (see :func:`hog`)."""
+    inner, top, bottom = padded[..., 1:-1, 1:-1], padded[..., 0, 1:-1], padded[..., -1, 1:-1]
+    left, right, second, third_last = padded[..., 0], padded[..., -1], padded[..., 2], padded[..., -3]
+    *lead, H, W = gx.shape
     if gradient == "central":
-        torch.sub(padded[..., 1:-1, 2:], padded[..., 1:-1, :-2], out=gx)
-        torch.sub(padded[..., 2:, 1:-1], padded[..., :-2, 1:-1], out=gy)
-        return
-    rows = scratch[: padded[..., 1:-1, :].numel()].view(*lead, H, W + 2)
-    torch.add(padded[..., :-2, :], padded[..., 2:, :], out=rows).add_(padded[..., 1:-1, :], alpha=2)
-    torch.sub(rows[..., 2:], rows[..., :-2], out=gx)  # [1, 2, 1] down the rows, then the difference across
-    cols = scratch[: padded[..., 1:-1].numel()].view(*lead, H + 2, W)
-    torch.add(padded[..., :-2], padded[..., 2:], out=cols).add_(padded[..., 1:-1], alpha=2)
-    torch.sub(cols[..., 2:, :], cols[..., :-2, :], out=gy)
+        ops = [
+            (torch.sub, padded[..., 1:-1, 2:], padded[..., 1:-1, :-2], gx),
+            (torch.sub, padded[..., 2:, 1:-1], padded[..., :-2, 1:-1], gy),
+        ]
+    else:  # [1, 2, 1] down the rows, then the difference across; and the transpose
+        scratch = padded.new_empty(padded.numel())
+        rows = scratch[: padded[..., 1:-1, :].numel()].view(*lead, H, W + 2)
+        cols = scratch[: padded[..., 1:-1].numel()].view(*lead, H + 2, W)
+        ops = [
+            (torch.add, padded[..., :-2, :], padded[..., 2:, :], rows, padded[..., 1:-1, :]),
+            (torch.sub, rows[..., 2:], rows[..., :-2], gx),
+            (torch.add, padded[..., :-2], padded[..., 2:], cols, padded[..., 1:-1]),
+            (torch.sub, cols[..., 2:, :], cols[..., :-2, :], gy),
+        ]
+
+    def run(x: Tensor) -> None:
+        inner.copy_(x)  # reflect padding by hand: F.pad's reflect kernel is slower than all of this
+        top.copy_(x[..., 1, :])
+        bottom.copy_(x[..., -2, :])
+        left.copy_(second)
+        right.copy_(third_last)
+        for op, a, b, out, *twice in ops:
+            op(a, b, out=out)
+            if twice:
+                out.add_(twice[0], alpha=2)
+
+    return run
 
 
 def hog(
@@ -123,20 +145,23 @@ def hog(
     chunk = CHUNK_ELEMENTS if images.device.type == "cpu" else B * C * H * W
     per_plane = max(1, chunk // (H * W))
     n_img, n_ch = (min(B, per_plane // C), C) if per_plane >= C else (1, 1)
-    padded = images.new_empty(n_img, n_ch, H + 2, W + 2)
-    scratch, magnitude = images.new_empty(padded.numel()), images.new_empty(n_img, n_ch, H, W)
-    gx, gy = torch.empty_like(magnitude), torch.empty_like(magnitude)
-    offset = _pixel_offsets(n_img, C, H, W, patch, cell_size, slots, images.dtype, images.device)
-    index = torch.empty_like(magnitude, dtype=torch.int64)  # scatter_add_ wants int64 (and beats index_add_)
+    exact = n_img * L * C * slots * kk < _exact_integers(images.dtype)
+    # cached on CPU only: an accelerator's chunk is the whole batch (its offsets as large as the batch)
+    offsets = _pixel_offsets if images.device.type == "cpu" else _pixel_offsets.__wrapped__
+    offset = offsets(
+        n_img, C, H, W, patch, cell_size, slots, images.dtype if exact else torch.int64, images.device
+    )
     hist = images.new_empty(n_img, L, C, slots, kk)  # the output layout, with slots for bins
     out = images.new_empty(B, L, C, nbins, kk)
+    buffers = _ChunkBuffers(gradient, n_img, n_ch, H, W, images)
     for i in range(0, B, n_img):
+        b = min(n_img, B - i)
+        views = buffers.of(b)
         hist.zero_()
         for c in range(0, C, n_ch):
-            x = images[i : i + n_img, c : c + n_ch]  # any memory layout: copied into the padded buffer
-            b = x.shape[0]
-            dx, dy, mag, idx = gx[:b], gy[:b], magnitude[:b], index[:b]
-            _gradients(x, gradient, padded[:b], scratch, dx, dy)
+            x = images[i : i + b, c : c + n_ch]  # any memory layout: copied into the padded buffer
+            views.gradients(x)
+            dx, dy, mag, idx = views.gx, views.gy, views.magnitude, views.index
             torch.mul(dx, dx, out=mag).addcmul_(dy, dy).sqrt_()  # the reference's sqrt(gx^2 + gy^2)
             if weight is not None:
                 mag.mul_(weight)
@@ -145,7 +170,7 @@ def hog(
             # Slot = floor + nbins; the "mod nbins" is applied to the histogram below (remainder_ on every
             # pixel costs more than the atan2).
             steps = torch.atan2(dx, dy, out=dx).div_(math.pi).mul_(nbins).floor_()
-            off = offset[:b, c : c + n_ch]
+            off = offset[:b] if n_ch == C else offset[:b, c : c + n_ch]
             if offset.is_floating_point():  # every index an exact integer in this dtype: one pass fewer
                 idx.copy_(torch.add(off, steps, alpha=kk, out=steps))
             else:
@@ -158,15 +183,41 @@ def hog(
                 raise ValueError("HOG: the images contain NaN or infinite values") from err
         # Slots -> bins: floor values -nbins..-1 (slots 0..nbins-1) wrap to bins 0..nbins-1, as do
         # 0..nbins-1 (slots nbins..2 nbins-1); nbins (atan2 = pi) is bin 0.
-        h = hist[: min(n_img, B - i)]
-        o = torch.add(h[:, :, :, :nbins], h[:, :, :, nbins:-1], out=out[i : i + n_img])
-        o[:, :, :, 0] += h[:, :, :, -1]
-        # L2 per cell and channel, eps 1e-12 as the reference's F.normalize (whose norm over a middle
-        # dimension is ~30x slower on CPU than this sum of squares)
-        o.div_(o.square().sum(dim=3, keepdim=True).sqrt_().clamp_min_(1e-12))
+        o = torch.add(hist[:b, :, :, :nbins], hist[:b, :, :, nbins:-1], out=out[i : i + b])
+        o[:, :, :, 0] += hist[:b, :, :, -1]
+    # L2 per cell and channel, eps 1e-12 as the reference's F.normalize (whose norm over a middle dimension is
+    # ~30x slower on CPU than this sum of squares), once for the batch: per chunk, these small ops cost more in
+    # dispatch than in arithmetic
+    out.div_(torch.mul(out, out).sum(dim=3, keepdim=True).sqrt_().clamp_min_(1e-12))
     return out.view(B, L, C, nbins, k, k)
 
 
+class _ChunkBuffers:
+    """The per-pixel buffers of one chunk (images, channels, H, W), allocated once per :func:`hog` call, and
+    their views for a chunk of b images (the last chunk may be smaller), built once per size."""
+
+    def __init__(self, gradient: str, n_img: int, n_ch: int, H: int, W: int, like: Tensor):
+        self.gradient = gradient
+        self.padded = like.new_empty(n_img, n_ch, H + 2, W + 2)
+        self.gx, self.gy = like.new_empty(n_img, n_ch, H, W), like.new_empty(n_img, n_ch, H, W)
+        self.magnitude = like.new_empty(n_img, n_ch, H, W)
+        self.index = like.new_empty(n_img, n_ch, H, W, dtype=torch.int64)  # scatter_add_ wants int64
+        self._views: dict[int, SimpleNamespace] = {}
+
+    def of(self, b: int) -> SimpleNamespace:
+        if b not in self._views:
+            gx, gy = self.gx[:b], self.gy[:b]
+            self._views[b] = SimpleNamespace(
+                gradients=_gradients(self.gradient, self.padded[:b], gx, gy),
+                gx=gx,
+                gy=gy,
+                magnitude=self.magnitude[:b],
+                index=self.index[:b],
+            )
+        return self._views[b]
+
+
+@functools.lru_cache(maxsize=4)
 def _pixel_offsets(
     images: int,
     C: int,
@@ -179,8 +230,10 @@ def _pixel_offsets(
     device: torch.device,
 ) -> Tensor:
     """(images, C, H, W): each pixel's flat index in the (image, patch, channel, slot, cell) histogram for the
-    floor value 0 (slot nbins = slots // 2), so that a floor value f lands at offset + f * k^2. In the input's
-    dtype while every index is an exact integer there (then the index costs one pass fewer), int64 otherwise.
+    floor value 0 (slot nbins = slots // 2), so that a floor value f lands at offset + f * k^2; in ``dtype``
+    (the input's while every index is an exact integer there, then the index costs one pass fewer; int64
+    otherwise). Cached (on CPU, see :func:`hog`): the same for every batch of a run, and a dozen integer passes over a 224 px image
+    (measured ~0.3 ms, ~3 % of a batch of 16). Callers must not modify the result.
     """
     k, L = patch // cell, (H // patch) * (W // patch)
     y, x = torch.arange(H, device=device), torch.arange(W, device=device)
@@ -189,8 +242,7 @@ def _pixel_offsets(
     image = torch.arange(images, device=device).view(images, 1, 1, 1)
     channel = torch.arange(C, device=device).view(1, C, 1, 1)
     offset = ((image * L + patch_id) * C + channel) * (slots * k * k) + slots // 2 * k * k + in_patch
-    largest = images * L * C * slots * k * k
-    return offset.to(dtype) if largest < _exact_integers(dtype) else offset
+    return offset.to(dtype)
 
 
 def _exact_integers(dtype: torch.dtype) -> int:

@@ -101,6 +101,26 @@ def test_a_grid_trains_each_head_as_if_alone(pixels):
     assert best(grid) in grid[:2]
 
 
+def test_a_grid_of_layers_and_lrs_is_bit_for_bit_the_heads_trained_alone(pixels):
+    """The grid shares each layer's BatchNorm between its heads: every head, running statistics included,
+    must still be exactly (torch.equal) the one a separate run trains, for LARS and for SGD."""
+    train, val = pixels
+    two = Features({"a": train.features["f"], "b": train.features["f"][:, 8:40]}, train.labels)
+    two_val = Features({"a": val.features["f"], "b": val.features["f"][:, 8:40]}, val.labels)
+    for kw in (dict(), dict(optimizer="sgd", nesterov=True, weight_decay=1e-4)):
+        kw |= dict(batch_size=128, epochs=3, warmup_epochs=1, progress=False)
+        grid = train_probes(two, two_val, base_lrs=[0.5, 4.0], **kw)
+        for g in grid:
+            alone = Features({g.layer: two.features[g.layer]}, two.labels)
+            alone_val = Features({g.layer: two_val.features[g.layer]}, two_val.labels)
+            (a,) = train_probes(alone, alone_val, base_lrs=[g.base_lr], **kw)
+            assert (g.top1, g.top5, g.train_loss) == (a.top1, a.top5, a.train_loss)
+            ours, theirs = g.head.state_dict(), a.head.state_dict()
+            assert list(ours) == list(theirs) and "0.running_var" in ours
+            for name in ours:
+                assert torch.equal(ours[name], theirs[name]), (g.layer, g.base_lr, name)
+
+
 def test_simclr_protocol_learns(pixels):
     train, val = pixels
     (r,) = train_probes(
