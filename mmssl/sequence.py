@@ -58,6 +58,8 @@ NORMS = {
 #   B2  H8 L1024 d16:  flash 38.6  explicit 30.0 / 37.5 /  31.1 /  85.9   (one (batch, head) row per chunk)
 #   B4  H8 L1024 d64:  flash 185   explicit 101  / 97.6 / 126   / 211
 # In fp32 flash stays ahead (B4 H8 L256 d16: 7.6 vs 13.5; B2 H8 L1024 d16: 46.5 vs 68.2), so fp32 keeps it.
+# Splitting causal queries in two halves (chunk 2**20, same runs, one unsplit / split): B4 H8 L256 d16 8.9 / 6.2,
+# B16 H8 L256 d16 28.3 / 20.8, B2 H8 L1024 d16 47.6 / 33.6, B4 H8 L1024 d64 113 / 101.
 EXPLICIT_CHUNK = 2**20
 
 
@@ -74,21 +76,28 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
 def explicit_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, chunk: int = EXPLICIT_CHUNK) -> Tensor:
     """``attention`` as batched matmuls and a softmax, over groups of (batch, head) rows holding at most
     ``chunk`` scores (at least one row). Scale and mask ride in the first product (``baddbmm``: alpha = the
-    scale, the mask an additive -inf bias), so no extra pass over the scores forward or backward. The scores
-    are rounded to the inputs' dtype before the softmax, as an unfused bf16 attention (transformers' eager
-    ImageGPT under autocast) does; the softmax accumulates in fp32."""
+    scale, the mask an additive -inf bias), so no extra pass over the scores forward or backward. Causal: the
+    first half of the queries is multiplied with the first half of the keys only (the rest is masked anyway),
+    a quarter of the score work saved (1.1-1.45x on this attention, measured beside ``EXPLICIT_CHUNK``). The
+    scores are rounded to the inputs' dtype before the softmax, as an unfused bf16 attention (transformers'
+    eager ImageGPT under autocast) does; the softmax accumulates in fp32."""
     B, H, Lq, hd = q.shape
     Lk = k.shape[2]
     q, k, v = q.reshape(B * H, Lq, hd), k.reshape(B * H, Lk, hd), v.reshape(B * H, Lk, hd)
-    bias = q.new_zeros(Lq, Lk)
+    # (first query, end query, keys seen): causal query i sees keys 0..i
+    blocks = [(0, Lq // 2, min(Lq // 2, Lk)), (Lq // 2, Lq, Lk)] if causal and Lq > 1 else [(0, Lq, Lk)]
+    biases = [q.new_zeros(b - a, n) for a, b, n in blocks]
     if causal:
-        bias.fill_(float("-inf")).triu_(1)  # query i sees keys 0..i
+        for (a, _, _), bias in zip(blocks, biases, strict=True):
+            bias.fill_(float("-inf")).triu_(a + 1)
     rows = max(1, chunk // (Lq * Lk))
-    out = [
-        torch.bmm(torch.baddbmm(bias, qc, kc.transpose(1, 2), alpha=hd**-0.5).softmax(-1), vc)
-        for qc, kc, vc in zip(q.split(rows), k.split(rows), v.split(rows), strict=True)
-    ]
-    return torch.cat(out).view(B, H, Lq, hd)
+    out = []
+    for qc, kc, vc in zip(q.split(rows), k.split(rows), v.split(rows), strict=True):
+        for (a, b, n), bias in zip(blocks, biases, strict=True):
+            p = torch.baddbmm(bias, qc[:, a:b], kc[:, :n].transpose(1, 2), alpha=hd**-0.5).softmax(-1)
+            out.append(torch.bmm(p, vc[:, :n]))  # (rows, b - a, hd)
+    blocked = [torch.cat(out[i : i + len(blocks)], 1) for i in range(0, len(out), len(blocks))]
+    return torch.cat(blocked).view(B, H, Lq, hd)
 
 
 class SelfAttention(Attention):

@@ -34,16 +34,18 @@ def test_explicit_attention_equals_sdpa_with_gradients(causal, chunk):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_explicit_attention_with_fewer_queries_than_keys_equals_sdpa():
-    """One new position against cached keys (``decode``: no mask) and a short block of queries."""
-    for Lq in (1, 5):
-        q, k, v = qkv(3, 2, Lq, 9, 8, seed=Lq)
-        torch.testing.assert_close(
-            explicit_attention(q, k, v, False, chunk=Lq * 9),
-            F.scaled_dot_product_attention(q, k, v),
-            rtol=1e-5,
-            atol=1e-6,
-        )
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(("Lq", "Lk"), [(1, 9), (5, 9), (9, 3), (7, 7)])
+def test_explicit_attention_with_unequal_or_odd_lengths_equals_sdpa(causal, Lq, Lk):
+    """One new position against cached keys (``decode``), a block of queries, more queries than keys (the causal
+    mask aligned at the top left, as SDPA's), odd lengths (uneven causal query blocks)."""
+    q, k, v = qkv(3, 2, Lq, Lk, 8, seed=Lq)
+    torch.testing.assert_close(
+        explicit_attention(q, k, v, causal, chunk=Lq * Lk),
+        F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_bf16_on_cpu_takes_the_explicit_path_and_is_as_close_to_fp32_as_sdpa():
