@@ -2,7 +2,8 @@
 same size, with the same weights, in the same process:
 
 * a training step: forward, next-pixel cross-entropy, backward (``mmssl.sequence.SequenceTransformer``: timm
-  blocks on torch's fused ``scaled_dot_product_attention(is_causal=True)``; HF: its own eager attention);
+  blocks on torch's fused ``scaled_dot_product_attention(is_causal=True)``, in bf16 on CPU on chunked explicit
+  matmuls + softmax instead (``mmssl.sequence.attention``); HF: its own eager attention);
 * completing the bottom half of images: ``ImageGPT.complete`` (key/value cache) vs HF ``generate`` (sampling,
   ``use_cache=True``), the same number of new tokens.
 
