@@ -38,7 +38,7 @@ from PIL import Image
 from torch.utils.data import default_collate
 from tqdm import tqdm
 
-from mmssl.data.transforms import ApplyView, DecodeError, to_rgb
+from mmssl.data.transforms import ApplyView, DecodeError, EncodedJpeg, jpeg_header, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,15 @@ class SampleDecoder:
         self.successes += 1
         return out
 
-    def _decode_image(self, data: bytes, lazy: bool = False) -> Image.Image:
+    def _decode_image(self, data: bytes, lazy: bool = False) -> Image.Image | EncodedJpeg:
+        if lazy and (header := jpeg_header(data)) is not None:
+            w, h, components = header
+            # a colour JPEG within both pixel limits (ours, and PIL's own bomb limit of twice MAX_IMAGE_PIXELS)
+            # stays bytes: its size read from the frame header, without PIL's 15 us Image.open; anything else
+            # (grey, CMYK, too large) goes through PIL, which converts, refuses or reports it
+            limit = min(self.max_image_pixels, 2 * (Image.MAX_IMAGE_PIXELS or self.max_image_pixels))
+            if components == 3 and w * h <= limit:
+                return EncodedJpeg(data, w, h)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we refuse those ourselves
             img = Image.open(io.BytesIO(data))  # reads the header only
