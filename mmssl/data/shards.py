@@ -38,6 +38,7 @@ from PIL import Image
 from torch.utils.data import default_collate
 from tqdm import tqdm
 
+from mmssl.data.tar import tar_samples
 from mmssl.data.transforms import ApplyView, DecodeError, EncodedJpeg, jpeg_header, to_rgb
 
 log = logging.getLogger(__name__)
@@ -402,7 +403,7 @@ def train_pipeline(
     return wds.DataPipeline(
         wds.ResampledShards(urls, seed=seed, worker_seed=stream_seed, deterministic=True),
         decoder.count_shards,
-        wds.tarfile_to_samples(handler=decoder.tar_error),
+        partial(tar_samples, handler=decoder.tar_error),
         decoder.count_raw,
         _SeededShuffle(shuffle_buffer, stream_seed),
         wds.map(DecodeAndView(decoder, view, text_fn)),
@@ -442,7 +443,7 @@ def eval_pipeline(
         wds.SimpleShardList(urls),
         partial(_split_by_rank, rank=rank, world_size=world_size),
         wds.split_by_worker,
-        wds.tarfile_to_samples(handler=decoder.tar_error),
+        partial(tar_samples, handler=decoder.tar_error),
         wds.map(DecodeAndView(decoder, view, text_fn)),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )
