@@ -285,8 +285,13 @@ class ScaledRandomResizedCrop:
             mode = T.InterpolationMode(self.interpolation)
             return TF.resized_crop(x, top, left, h, w, [self.size, self.size], mode)
         # torchvision's resized_crop for a uint8 CPU tensor and bicubic (crop_image, then resize_image's native
-        # uint8 antialiased kernel: the same call and the same pixels) without its dispatch (14 us a picture)
-        box = x[None, :, top : top + h, left : left + w]
+        # uint8 antialiased kernel: the same call and the same pixels) without its dispatch (14 us a picture).
+        # The kernel copies a box that is not contiguous channels-last anyway; copied here, and restrided as
+        # torchvision's resize_image does for (1, C, H, W) channels-last input (pytorch/pytorch#68430), the
+        # output is channels-last too: the kernel then writes its pixels as they come instead of repacking them
+        # into planes (0.16 instead of 0.20 ms a 500x375 photo at 224 px; collate keeps the layout).
+        box = x[None, :, top : top + h, left : left + w].contiguous(memory_format=torch.channels_last)
+        box = box.as_strided(box.shape, (box.numel(), *box.stride()[1:]))
         out = interpolate(
             box, size=(self.size, self.size), mode="bicubic", align_corners=False, antialias=True
         )
@@ -343,7 +348,9 @@ class NormalizeUint8:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shift, scale = self.shift.to(x.device), self.scale.to(x.device)  # no-ops on the CPU
-        return torch.addcmul(shift, x.to(torch.float32), scale)
+        # contiguous (C, H, W) planes out, whatever the layout in (channels-last pictures and batches)
+        y = x.to(torch.float32, memory_format=torch.contiguous_format)
+        return torch.addcmul(shift, y, scale, out=y)
 
     def __repr__(self) -> str:
         return f"NormalizeUint8(mean={self.mean}, std={self.std})"
