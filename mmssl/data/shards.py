@@ -191,7 +191,9 @@ class SampleDecoder:
 
     def __call__(self, sample: dict, lazy: bool = False) -> dict | None:
         """``lazy``: leave a JPEG undecoded (header read and checked) for a view that decodes it itself at
-        the scale it needs; :meth:`decode_failed` then counts a file that turns out corrupt."""
+        the scale it needs: a colour JPEG as an ``EncodedJpeg`` (its bytes and the size in its frame header),
+        other JPEGs as a PIL image not yet loaded; :meth:`decode_failed` then counts a file that turns out
+        corrupt."""
         url, key = str(sample.get("__url__", "?")), str(sample.get("__key__", "?"))
         out: dict[str, Any] = {"__key__": key, "__url__": url}
         if self.label_key is not None:
