@@ -66,8 +66,19 @@ def _pax(data: bytes) -> dict[str, str]:
     return out
 
 
-def _read(stream: BinaryIO, n: int) -> bytes:
+def _read_upto(stream: BinaryIO, n: int) -> bytes:
+    """``n`` bytes, fewer only at the end of the stream (a raw stream may return short reads before it)."""
     data = stream.read(n)
+    while 0 < len(data) < n:
+        more = stream.read(n - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def _read(stream: BinaryIO, n: int) -> bytes:
+    data = _read_upto(stream, n)
     if len(data) != n:
         raise tarfile.ReadError("unexpected end of data")
     return data
@@ -111,7 +122,7 @@ def tar_members(stream: BinaryIO, first: bytes) -> Iterator[tuple[str, bytes]]:
             if kind in _REGULAR and not name.endswith("/"):
                 yield name, data
             name_override = size_override = None
-        header = stream.read(BLOCK)
+        header = _read_upto(stream, BLOCK)
         if len(header) < BLOCK or header == _ZERO_BLOCK:  # the end (tarfile stops at the same places)
             return
         if not _valid(header):
@@ -135,7 +146,7 @@ class _Replay:
 
 
 def _files(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
-    first = stream.read(BLOCK)
+    first = _read_upto(stream, BLOCK)
     if len(first) == BLOCK and first == _ZERO_BLOCK:
         return  # an empty archive
     if len(first) == BLOCK and _valid(first):
@@ -158,7 +169,14 @@ def tar_samples(
     (local paths, ``pipe:``, URLs). An error in a shard (unreadable, truncated, a duplicate extension) goes to
     ``handler`` with the shard's url as its last argument, and the sample being read is dropped; the handler
     returns True to go on with the next shard."""
-    for source in url_opener(src, handler=handler):
+    return stream_samples(url_opener(src, handler=handler), handler)
+
+
+def stream_samples(
+    sources: Iterable[dict[str, Any]], handler: Callable[[Exception], bool]
+) -> Iterator[dict[str, Any]]:
+    """``tar_samples`` from opened shards, ``{"url": ..., "stream": binary file object}``."""
+    for source in sources:
         url, stream = source["url"], source["stream"]
         sample: dict[str, Any] | None = None
         try:

@@ -8,7 +8,7 @@ import pytest
 import webdataset as wds
 
 from mmssl.data.shards import write_shards
-from mmssl.data.tar import tar_samples
+from mmssl.data.tar import stream_samples, tar_samples
 
 
 def wds_samples(url: str) -> list[dict]:
@@ -115,3 +115,28 @@ def test_a_duplicate_member_is_an_error_of_its_shard(tmp_path):
         add(tf, "a.jpg", b"2")
     with pytest.raises(ValueError, match="duplicate"):
         ours(str(path))
+
+
+class _Trickle(io.RawIOBase):
+    """A raw stream that returns at most 100 bytes a read (pipes and sockets may return short reads)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        return self.data.read(min(n, 100) if n >= 0 else 100)
+
+
+def test_short_reads_are_not_the_end_of_the_shard(tmp_path, monkeypatch):
+    def no_fallback(*args, **kw):
+        raise AssertionError("an uncompressed tar read in short pieces is still ours to parse")
+
+    monkeypatch.setattr("mmssl.data.tar.tar_file_iterator", no_fallback)
+    write_shards([{"__key__": f"k{i}", "jpg": bytes([i]) * 1000, "cls": i} for i in range(3)], tmp_path, "s")
+    url = str(tmp_path / "s-000000.tar")
+    stream = _Trickle((tmp_path / "s-000000.tar").read_bytes())
+    got = list(stream_samples([{"url": url, "stream": stream}], handler=wds.reraise_exception))
+    assert len(got) == 3 and got == wds_samples(url)
