@@ -131,6 +131,8 @@ class ShardDataModule(L.LightningDataModule):
         """``normalize_on_device``: a training view ending in its normalisation (``mae_view``, ``clip_view``) makes
         uint8 pictures in the workers, and ``on_after_batch_transfer`` normalises each batch on the training
         device (Lightning calls it; a loop of your own gets uint8 batches and calls ``self.batch_transform``).
+        Those uint8 batches are laid out channels-last (``ScaledRandomResizedCrop``'s layout, kept by ``collate``);
+        ``batch_transform`` returns contiguous float32 (B, C, H, W).
         """
         super().__init__()
         if batch_size < 1:

@@ -38,7 +38,8 @@ from PIL import Image
 from torch.utils.data import default_collate
 from tqdm import tqdm
 
-from mmssl.data.transforms import ApplyView, DecodeError, to_rgb
+from mmssl.data.tar import tar_samples
+from mmssl.data.transforms import ApplyView, DecodeError, EncodedJpeg, jpeg_header, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,9 @@ class SampleDecoder:
 
     def __call__(self, sample: dict, lazy: bool = False) -> dict | None:
         """``lazy``: leave a JPEG undecoded (header read and checked) for a view that decodes it itself at
-        the scale it needs; :meth:`decode_failed` then counts a file that turns out corrupt."""
+        the scale it needs: a colour JPEG as an ``EncodedJpeg`` (its bytes and the size in its frame header),
+        other JPEGs as a PIL image not yet loaded; :meth:`decode_failed` then counts a file that turns out
+        corrupt."""
         url, key = str(sample.get("__url__", "?")), str(sample.get("__key__", "?"))
         out: dict[str, Any] = {"__key__": key, "__url__": url}
         if self.label_key is not None:
@@ -236,7 +239,15 @@ class SampleDecoder:
         self.successes += 1
         return out
 
-    def _decode_image(self, data: bytes, lazy: bool = False) -> Image.Image:
+    def _decode_image(self, data: bytes, lazy: bool = False) -> Image.Image | EncodedJpeg:
+        if lazy and (header := jpeg_header(data)) is not None:
+            w, h, components = header
+            # a colour JPEG within both pixel limits (ours, and PIL's own bomb limit of twice MAX_IMAGE_PIXELS)
+            # stays bytes: its size read from the frame header, without PIL's 15 us Image.open; anything else
+            # (grey, CMYK, too large) goes through PIL, which converts, refuses or reports it
+            limit = min(self.max_image_pixels, 2 * (Image.MAX_IMAGE_PIXELS or self.max_image_pixels))
+            if components == 3 and w * h <= limit:
+                return EncodedJpeg(data, w, h)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we refuse those ourselves
             img = Image.open(io.BytesIO(data))  # reads the header only
@@ -295,8 +306,15 @@ class SampleDecoder:
             yield sample
 
 
+def _channels_last_uint8(x: torch.Tensor) -> bool:
+    """A (C, H, W) uint8 picture whose bytes are laid out (H, W, C)."""
+    return x.dtype == torch.uint8 and x.dim() == 3 and x.shape[0] > 1 and x.permute(1, 2, 0).is_contiguous()
+
+
 def collate(samples: list[dict]) -> dict[str, Any]:
-    """Stack tensors, ints -> int64, floats -> float32, strings -> list[str]; ``__dunder__`` keys dropped."""
+    """Stack tensors, ints -> int64, floats -> float32, strings -> list[str]; ``__dunder__`` keys dropped. uint8
+    pictures laid out channels-last stay so (a channels-last (B, C, H, W) batch, which ``NormalizeBatch`` turns
+    into contiguous float planes)."""
     keys = [k for k in samples[0] if not k.startswith("__")]
     for s in samples[1:]:
         if set(k for k in s if not k.startswith("__")) != set(keys):
@@ -307,7 +325,12 @@ def collate(samples: list[dict]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k in keys:
         values = [s[k] for s in samples]
-        if isinstance(values[0], torch.Tensor):
+        if isinstance(values[0], torch.Tensor) and _channels_last_uint8(values[0]):
+            # ScaledRandomResizedCrop's pictures: stacked as (B, H, W, C), a plain copy (4 us a 224 px picture;
+            # into (B, C, H, W) planes it is a transposing one, 42 us), handed over as a channels-last (B, C, H, W)
+            # view; NormalizeBatch makes contiguous float planes of it on the training device
+            out[k] = default_collate([v.permute(1, 2, 0) for v in values]).permute(0, 3, 1, 2)
+        elif isinstance(values[0], torch.Tensor):
             # default_collate stacks straight into shared memory inside a worker, saving a copy per batch
             out[k] = default_collate(values)
         elif isinstance(values[0], (bool, int, np.integer)):
@@ -394,7 +417,7 @@ def train_pipeline(
     return wds.DataPipeline(
         wds.ResampledShards(urls, seed=seed, worker_seed=stream_seed, deterministic=True),
         decoder.count_shards,
-        wds.tarfile_to_samples(handler=decoder.tar_error),
+        partial(tar_samples, handler=decoder.tar_error),
         decoder.count_raw,
         _SeededShuffle(shuffle_buffer, stream_seed),
         wds.map(DecodeAndView(decoder, view, text_fn)),
@@ -434,7 +457,7 @@ def eval_pipeline(
         wds.SimpleShardList(urls),
         partial(_split_by_rank, rank=rank, world_size=world_size),
         wds.split_by_worker,
-        wds.tarfile_to_samples(handler=decoder.tar_error),
+        partial(tar_samples, handler=decoder.tar_error),
         wds.map(DecodeAndView(decoder, view, text_fn)),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )

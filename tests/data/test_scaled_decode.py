@@ -8,12 +8,24 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+import torchvision.transforms as T1
 import torchvision.transforms.v2 as T
 from PIL import Image
 from scipy.stats import ks_2samp
 
-from mmssl.data.shards import SampleDecoder, expand_shards, train_pipeline, write_shards
-from mmssl.data.transforms import MAX_REDUCE, DecodeError, ScaledRandomResizedCrop, jpeg_to_tensor, mae_view
+from mmssl.data.shards import SampleDecoder, collate, expand_shards, train_pipeline, write_shards
+from mmssl.data.transforms import (
+    MAX_REDUCE,
+    DecodeError,
+    EncodedJpeg,
+    HorizontalFlip,
+    ScaledRandomResizedCrop,
+    crop_box,
+    defer_normalize,
+    jpeg_header,
+    jpeg_to_tensor,
+    mae_view,
+)
 
 
 def photo_jpeg(side: int = 1536, quality: int = 90) -> bytes:
@@ -155,3 +167,110 @@ def test_jpegs_decode_straight_to_tensors_with_pils_pixels():
     torch.manual_seed(0)
     via_pil = view(Image.open(io.BytesIO(data)).convert("RGB"))["image"]
     assert torch.equal(via_tensor, via_pil)
+
+
+def _jpeg(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def test_jpeg_header_reads_the_size_and_components_pil_reads():
+    photo = Image.fromarray(skimage.data.chelsea())  # 451 x 300
+    exif = Image.Exif()
+    exif[0x010F] = "maker"  # an APP1 segment before the frame header
+    cases = {
+        "baseline": _jpeg(photo),
+        "progressive": _jpeg(photo, progressive=True),
+        "grey": _jpeg(photo.convert("L")),
+        "cmyk": _jpeg(photo.convert("CMYK")),
+        "exif+icc": _jpeg(photo, exif=exif, icc_profile=b"\0" * 3000),
+        "restart markers": _jpeg(photo, restart_marker_blocks=4),
+        "1x1": _jpeg(Image.new("RGB", (1, 1))),
+        "portrait": _jpeg(photo.transpose(Image.Transpose.TRANSPOSE)),
+    }
+    for name, data in cases.items():
+        img = Image.open(io.BytesIO(data))
+        assert jpeg_header(data) == (*img.size, len(img.getbands())), name
+    png = io.BytesIO()
+    photo.save(png, "PNG")
+    for data in (png.getvalue(), cases["baseline"][:100], b"\xff\xd8" + b"junk" * 10, b""):
+        assert jpeg_header(data) is None
+
+
+def test_crop_box_is_torchvisions_get_params_including_its_fallback():
+    """Same seed, same box as torchvision's get_params, also where ten draws miss and it falls back to the
+    central crop (a 1000 x 10 strip at scale 0.9-1 never fits an aspect ratio of 3/4-4/3)."""
+    fallbacks = 0
+    for width, height, scale in ((500, 375, (0.08, 1.0)), (375, 500, (0.2, 1.0)), (1000, 10, (0.9, 1.0)),
+                                 (10, 1000, (0.9, 1.0)), (7, 7, (0.5, 1.0)), (500, 375, (0.9, 1.0))):  # fmt: skip
+        img = Image.new("RGB", (width, height))
+        for seed in range(60):
+            torch.manual_seed(seed)
+            ours = crop_box(width, height, scale, (3 / 4, 4 / 3))
+            after = torch.rand(1)
+            torch.manual_seed(seed)
+            assert ours == T1.RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3]), (
+                width,
+                height,
+                seed,
+            )
+            assert torch.equal(after, torch.rand(1)), "the same random numbers are used up"
+            fallbacks += (
+                ours == ((height - ours[2]) // 2, (width - ours[3]) // 2, ours[2], ours[3])
+                and min(width, height) == 10
+            )
+    assert fallbacks == 120
+
+
+def test_flip_is_torchvisions_for_the_same_random_numbers():
+    x = torch.arange(2 * 3 * 5, dtype=torch.uint8).view(2, 3, 5)
+    for p in (0.5, 0.3):
+        flipped = 0
+        for seed in range(30):
+            torch.manual_seed(seed)
+            ours = HorizontalFlip(p)(x)
+            torch.manual_seed(seed)
+            assert torch.equal(ours, T.RandomHorizontalFlip(p)(x))
+            flipped += not torch.equal(ours, x)
+        assert 0 < flipped < 30
+
+
+def test_colour_jpegs_stay_bytes_until_the_view_and_give_the_same_pictures(big_jpeg):
+    """SampleDecoder(lazy=True) hands colour JPEGs on as EncodedJpeg (size from the frame header), others as PIL
+    images; the view makes bit-identical pictures from either, at full and at reduced decode."""
+    decoder = SampleDecoder()
+    small = photo_jpeg(side=480)
+    grey = _jpeg(Image.open(io.BytesIO(small)).convert("L"))
+    out = decoder({"__key__": "k", "__url__": "u", "jpg": small}, lazy=True)
+    assert isinstance(out["image"], EncodedJpeg) and out["image"].size == Image.open(io.BytesIO(small)).size
+    assert isinstance(decoder({"__key__": "g", "__url__": "u", "jpg": grey}, lazy=True)["image"], Image.Image)
+    view = mae_view(112)
+    for data in (small, big_jpeg):
+        for seed in range(4):
+            torch.manual_seed(seed)
+            ours = view(decoder({"__key__": "k", "__url__": "u", "jpg": data}, lazy=True)["image"])["image"]
+            torch.manual_seed(seed)
+            assert torch.equal(ours, view(Image.open(io.BytesIO(data)))["image"])
+    tight = SampleDecoder(max_image_pixels=1000)  # the header's size is still checked
+    assert tight({"__key__": "b", "__url__": "u", "jpg": small}, lazy=True) is None
+    assert tight.failures["decompression bomb"] == 1
+
+
+def test_channels_last_pictures_make_batches_that_normalise_to_planes():
+    """The crop's uint8 pictures are laid out channels-last; collate keeps that layout (a plain copy) and
+    NormalizeBatch gives the same contiguous float planes as from a contiguous batch."""
+    view, normalize = defer_normalize(mae_view(32))
+    data = photo_jpeg(side=320)
+    samples = []
+    for seed in range(5):
+        torch.manual_seed(seed)
+        samples.append(view(EncodedJpeg(data, *jpeg_header(data)[:2])))
+    assert all(s["image"].permute(1, 2, 0).is_contiguous() for s in samples)
+    batch = collate(samples)
+    want = torch.stack([s["image"].contiguous() for s in samples])
+    assert torch.equal(batch["image"], want) and batch["image"].is_contiguous(
+        memory_format=torch.channels_last
+    )
+    out = normalize(batch)["image"]
+    assert out.is_contiguous() and torch.equal(out, normalize({"image": want})["image"])
