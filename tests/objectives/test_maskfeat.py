@@ -215,6 +215,17 @@ def test_print_config_shows_the_vitb_recipe(capsys):
     assert C.learning_rate(C.load("maskfeat_vitb")) == pytest.approx(2e-4 * 2048 / 256)
 
 
+def test_demo_and_digits_recipes_train_the_same():
+    """maskfeat_demo is maskfeat_digits (tools/digits_table.py's recipe), so the README's demo figures are the
+    table's: the two differ only in their name and how often they save checkpoints and pictures."""
+    demo, digits = (C.to_dict(C.load(name)) for name in ("maskfeat_demo", "maskfeat_digits"))
+    for cfg in (demo, digits):
+        del cfg["name"]
+        for key in ("ckpt_every_n_steps", "picture_every_n_steps"):
+            del cfg["trainer"][key]
+    assert demo == digits
+
+
 # The demo recipe (maskfeat_demo: 3040 steps, 21.1 % below the best constant and 50.7 % below the nearest copy
 # at its end, README "MaskFeat") takes 4-10 minutes on 2 cores, too long for CI: here its schedule is annealed
 # over STEPS steps instead (73 s on the 2-core machine, load 1.5). Measured at this length: held-out MSE 0.06612,
