@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import json
 import logging
 import signal
 import sys
@@ -81,6 +82,7 @@ if is_program(__name__):  # --help and usage errors answer before the heavy impo
     parse_args(None)
 
 import lightning.pytorch as L  # noqa: E402
+import torch  # noqa: E402
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
@@ -88,6 +90,7 @@ from mmssl import checkpoints, factory, launch  # noqa: E402
 from mmssl import config as C  # noqa: E402
 from mmssl.callbacks import LastCheckpoint  # noqa: E402
 from mmssl.data.shards import NoDecodableSamples  # noqa: E402
+from mmssl.eval.masked import masked_report, reports_on  # noqa: E402
 
 EXIT_SIGTERM = 128 + signal.SIGTERM  # 143, what a shell reports for a job killed by the signal
 EXIT_SIGINT = 128 + signal.SIGINT  # 130
@@ -269,8 +272,25 @@ def train(cfg, out: Path, ckpt: Path | None, shapes: dict | None = None) -> int:
             return EXIT_SIGINT
         raise
     if trainer.is_global_zero:
+        heldout_report(cfg, out, module.objective)
         print(closing_summary(cfg, out, trainer))
     return 0
+
+
+def heldout_report(cfg, out: Path, objective) -> None:
+    """A masked-modelling run (MAE, MaskFeat) with ``data.val_shards`` ends with its held-out masked-patch MSE
+    beside the no-model baselines of ``mmssl/eval/masked.py`` (as ``tools/masked_report.py``, same fixed masks),
+    printed and written to <run dir>/masked_report.json. FSDP runs are left to tools/masked_report.py."""
+    if not cfg.data.val_shards or not reports_on(objective) or cfg.trainer.strategy == "fsdp":
+        return
+    batches = factory.build_datamodule(cfg).val_dataloader()  # every val shard, whatever the world size
+    report = masked_report(objective, batches, torch.Generator().manual_seed(0))
+    (out / "masked_report.json").write_text(json.dumps(report) + "\n")
+    print(
+        f"mmssl: held-out masked-patch MSE {report['model']:.5f}: {report['below_constant']:.1%} below the best "
+        f"constant ({report['constant']:.5f}), {report['below_copy']:.1%} below copying the nearest visible "
+        f"patch ({report['copy']:.5f}); {out / 'masked_report.json'}"
+    )
 
 
 def closing_summary(cfg, out: Path, trainer: L.Trainer) -> str:

@@ -18,6 +18,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from mmssl.objectives.masked import MaskedModeling
+
 
 def nearest_visible_copy(target: Tensor, mask: Tensor, grid: tuple[int, int]) -> Tensor:
     """target (B, L, D), mask (B, L) with 1 = masked, patches in raster order of ``grid`` -> (B, L, D): each
@@ -65,6 +67,11 @@ class MaskedBaselines:
         constant = (self.second - self.n * mean.square()).sum().item()  # sum of squared deviations from it
         report = {k: v / elements for k, v in self.sums.items()}
         return {**report, "constant": constant / elements, "patches": self.n}
+
+
+def reports_on(objective: nn.Module) -> bool:
+    """Whether :func:`masked_report` applies: a masked-modelling objective (MAE, MaskFeat)."""
+    return isinstance(objective, MaskedModeling)
 
 
 @torch.no_grad()

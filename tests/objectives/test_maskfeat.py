@@ -1,5 +1,5 @@
 """MaskFeat: block masking, mask-token replacement inside the encoder, the objective contract, the recipe, and
-end-to-end runs through the CLI (learning on held-out shapes, 2-process DDP)."""
+end-to-end runs through the CLI (learning on held-out digits, 2-process DDP)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import pretrain  # noqa: E402
 TINY = [
     "backbone.img_size=32",
     "backbone.patch_size=16",
+    "maskfeat.cell_size=8",  # the paper's 2x2 cells per 16 px patch (the digits demo: 4 px cells of 8 px patches)
     "backbone.depth=2",
     "backbone.embed_dim=64",
     "backbone.num_heads=4",
@@ -197,7 +198,7 @@ def test_config_errors_name_the_key():
         C.load("maskfeat_demo", ["maskfeat.mask_ratio=0"])
     with pytest.raises(C.ConfigError, match="maskfeat.gradient"):
         C.load("maskfeat_demo", ["maskfeat.gradient=prewitt"])
-    with pytest.raises(ValueError, match="patch size 16 is not a multiple of the cell size 12"):
+    with pytest.raises(ValueError, match="patch size 8 is not a multiple of the cell size 12"):
         build_objective(C.load("maskfeat_demo", ["maskfeat.cell_size=12"]))
 
 
@@ -214,34 +215,49 @@ def test_print_config_shows_the_vitb_recipe(capsys):
     assert C.learning_rate(C.load("maskfeat_vitb")) == pytest.approx(2e-4 * 2048 / 256)
 
 
-STEPS = 150  # the demo recipe's schedule shortened to this many steps (warmup 20)
-# Measured at this scale: 4.8 % below the best constant, 42.7 % below the nearest copy (held-out MSE 0.02525,
-# constant 0.02653, copy 0.04405). A model that learnt only the training set's mean HOG sits at or above 0 %.
-MIN_BELOW_CONSTANT, MIN_BELOW_COPY = 0.03, 0.35
+def test_demo_and_digits_recipes_train_the_same():
+    """maskfeat_demo is maskfeat_digits (tools/digits_table.py's recipe), so the README's demo figures are the
+    table's: the two differ only in their name and how often they save checkpoints and pictures."""
+    demo, digits = (C.to_dict(C.load(name)) for name in ("maskfeat_demo", "maskfeat_digits"))
+    for cfg in (demo, digits):
+        del cfg["name"]
+        for key in ("ckpt_every_n_steps", "picture_every_n_steps"):
+            del cfg["trainer"][key]
+    assert demo == digits
+
+
+# The demo recipe (maskfeat_demo: 3040 steps, 21.1 % below the best constant and 50.7 % below the nearest copy
+# at its end, README "MaskFeat") takes 4-10 minutes on 2 cores, too long for CI: here its schedule is annealed
+# over STEPS steps instead (73 s on the 2-core machine, load 1.5). Measured at this length: held-out MSE 0.06612,
+# 7.4 % below the best constant (0.07139) and 42.2 % below the nearest copy (0.11440). A model that learnt only
+# the training set's mean HOG sits at or below 0 %; the 15 % bar needs the whole schedule (README).
+STEPS = 1000
+MIN_BELOW_CONSTANT, MIN_BELOW_COPY = 0.05, 0.40
 
 
 @pytest.mark.slow
-def test_demo_run_learns_hog_of_held_out_shapes(tmp_path, demo_root, capsys, monkeypatch):  # noqa: F811
-    """The demo recipe (ViT 128 x 4, 64 px, 16 px patches, HOG of 8 px cells) on the generated shapes, shortened
-    to STEPS steps of 64. On the held-out split (600 pictures from the training distribution; the demo's own
-    report, tools/masked_report.py, fixed masks) the masked-patch loss ends below the best constant prediction
-    (the mean HOG of those very patches: a model that learnt only the data set's mean HOG stops there) and far
-    below copying the nearest visible patch's HOG. The full demo's figures are in the README ("MaskFeat")."""
+def test_demo_run_learns_hog_of_held_out_digits(tmp_path, demo_root, capsys, monkeypatch):  # noqa: F811
+    """The demo recipe (ViT 128 x 4, 32 px digits, 8 px patches of 4 px HOG cells) shortened to STEPS steps of
+    64. The run ends with its own held-out report (tools/pretrain.py -> masked_report.json, fixed masks): on the
+    540 val digits the masked-patch loss is below the best constant prediction (the mean HOG of those very
+    patches) and far below copying the nearest visible patch's HOG; tools/masked_report.py agrees."""
     run = tmp_path / "learn"
-    args = ["--cfg", "maskfeat_demo", f"out_dir={tmp_path}", "name=learn", "data.num_workers=0",
-            f"trainer.max_steps={STEPS}", "optim.warmup_steps=20", "trainer.log_every_n_steps=1",
+    args = ["--cfg", "maskfeat_demo", f"out_dir={tmp_path}", "name=learn", f"trainer.max_steps={STEPS}",
             "trainer.progress_bar=false"]  # fmt: skip
-    # a hang guard: 406 s measured on the 2-core machine shared 4 ways
-    res = cli(args, demo_root, timeout=900)
+    res = cli(args, demo_root, timeout=900)  # a hang guard
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "held-out masked-patch MSE" in res.stdout, res.stdout[-2000:]
     assert (run / "pictures" / "final.png").stat().st_size > 5_000
 
     train = [float(r["train/loss"]) for r in metrics(run) if r.get("train/loss")]
-    assert len(train) == STEPS and sum(train[-10:]) / 10 < 0.3 * train[0], train
-    monkeypatch.setenv("MMSSL_DATA", demo_root)  # where the run's demo:shapes/val shards are
+    assert sum(train[-10:]) / 10 < 0.95 * train[0], train  # the training views: noisy, near their constant
+    report = json.loads((run / "masked_report.json").read_text())
+    assert report["patches"] > 3000, report  # 540 digits, 6 of 16 patches masked (blocks may stop one short)
+    assert report["below_constant"] > MIN_BELOW_CONSTANT, report
+    assert report["below_copy"] > MIN_BELOW_COPY, report
+
+    monkeypatch.setenv("MMSSL_DATA", demo_root)  # where the run's demo:digits/val shards are
     capsys.readouterr()
     assert masked_report.main([str(run / "checkpoints" / "last.ckpt")]) == 0
-    r = json.loads(capsys.readouterr().out)
-    assert r["patches"] > 3000, r  # 600 pictures, 6 of 16 patches masked (blocks may stop one patch short)
-    assert r["below_constant"] > MIN_BELOW_CONSTANT, r
-    assert r["below_copy"] > MIN_BELOW_COPY, r
+    tool = json.loads(capsys.readouterr().out)
+    assert tool["model"] == pytest.approx(report["model"], rel=1e-6), (tool, report)
