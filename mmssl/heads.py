@@ -9,6 +9,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from mmssl.attention import SelfAttention
 from mmssl.flops import blocks_flops, linear_flops
 from mmssl.ops import gather_tokens, sincos_2d
 
@@ -40,7 +41,12 @@ class MAEDecoder(nn.Module):
         self.pos_embed = nn.Parameter(pos, requires_grad=False)  # fixed (MAE §A.1), kept in the state dict
         norm = partial(nn.LayerNorm, eps=1e-6)  # as in the reference
         self.blocks = nn.Sequential(
-            *[Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth)]
+            *[
+                Block(
+                    embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm, attn_layer=SelfAttention
+                )
+                for _ in range(depth)
+            ]
         )
         self.norm = norm(embed_dim)
         self.pred = nn.Linear(embed_dim, out_dim)

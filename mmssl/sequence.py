@@ -9,9 +9,9 @@ Where it follows the reference, and where it does not:
 
 * Pre-norm blocks ``h + attn(norm(h))``, ``h + mlp(norm(h))``, a final norm, then logits (model.py
   ``block`` / ``ln_f``). The blocks are timm's ``Block`` (timm >= 1.0.26 for ``is_causal``) with timm's
-  ``Attention`` parameters; the attention product itself is ``attention`` below: torch's fused
+  ``Attention`` parameters, through ``mmssl.attention.SelfAttention``: torch's fused
   ``scaled_dot_product_attention`` (flash attention on GPU), except in bf16 on CPU, where explicit batched
-  matmuls and a softmax over chunks of the score matrix are 1.5-2.7x faster (measured; see ``attention``).
+  matmuls and a softmax over chunks of the score matrix are 1.5-2.7x faster (measured there).
 * The reference's "layer norm" (model.py ``norm``) divides by the root mean square without centring and has a
   gain but no bias: ``norm="rmsnorm"`` (default, eps 1e-5). ``"layernorm"`` gives the textbook GPT-2 one.
 * No biases anywhere (model.py's q/k/v/c_proj and ``conv1d`` have none); MLP width 4d with
@@ -35,83 +35,17 @@ import math
 from functools import partial
 
 import torch
-import torch.nn.functional as F
-from timm.layers import Attention, QuickGELU
+from timm.layers import QuickGELU
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from mmssl.attention import SelfAttention, attention
 from mmssl.flops import blocks_flops, linear_flops
 
 NORMS = {
     "rmsnorm": nn.RMSNorm,
     "layernorm": nn.LayerNorm,
 }  # torch's RMSNorm: a fused kernel (2.5x timm's in fp32)
-
-# Score elements (batch x heads x queries x keys) per chunk of ``explicit_attention``: 2**20 bf16 scores are
-# 2 MiB, the size of this CPU's L2 (2 x 1 MiB), so a chunk's scores stay in cache from the matmul through the
-# softmax to the product with the values. Measured (fwd + bwd, bf16, 1 thread, AMD EPYC with AVX-512 BF16,
-# 2026-12-02, ms; flash = torch's CPU flash kernel; chunk 2**18 / 2**20 / 2**22 / unchunked):
-#   B4  H8 L256  d16:  flash 12.4  explicit  8.6 /  7.9 /   9.4 /  9.9
-#   B16 H8 L256  d16:  flash 50.3  explicit 26.9 / 20.3 /  33.8 /  31.5
-#   B64 H8 L256  d16:  flash 197   explicit 89.3 / 72.2 / 108   / 196
-#   B16 H8 L256  d64:  flash 90.7  explicit 35.0 / 34.0 /  32.7 /  38.0
-#   B2  H8 L1024 d16:  flash 38.6  explicit 30.0 / 37.5 /  31.1 /  85.9   (one (batch, head) row per chunk)
-#   B4  H8 L1024 d64:  flash 185   explicit 101  / 97.6 / 126   / 211
-# In fp32 flash stays ahead (B4 H8 L256 d16: 7.6 vs 13.5; B2 H8 L1024 d16: 46.5 vs 68.2), so fp32 keeps it.
-# Splitting causal queries in two halves (chunk 2**20, same runs, one unsplit / split): B4 H8 L256 d16 8.9 / 6.2,
-# B16 H8 L256 d16 28.3 / 20.8, B2 H8 L1024 d16 47.6 / 33.6, B4 H8 L1024 d64 113 / 101.
-EXPLICIT_CHUNK = 2**20
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
-    """softmax(q k^T / sqrt(hd), causal mask) v for (B, H, Lq, hd) queries and (B, H, Lk, hd) keys and values,
-    what ``F.scaled_dot_product_attention(q, k, v, is_causal=causal)`` computes (a causal mask aligned at the
-    top left). bf16 on CPU takes ``explicit_attention`` (the measurement above ``EXPLICIT_CHUNK``: torch's CPU
-    flash kernel is slow there, its backward most of all, at iGPT's small head dims); everything else SDPA."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        return explicit_attention(q, k, v, causal)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-
-
-def explicit_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, chunk: int = EXPLICIT_CHUNK) -> Tensor:
-    """``attention`` as batched matmuls and a softmax, over groups of (batch, head) rows holding at most
-    ``chunk`` scores (at least one row). Scale and mask ride in the first product (``baddbmm``: alpha = the
-    scale, the mask an additive -inf bias), so no extra pass over the scores forward or backward. Causal: the
-    first half of the queries is multiplied with the first half of the keys only (the rest is masked anyway),
-    a quarter of the score work saved (1.1-1.45x on this attention, measured beside ``EXPLICIT_CHUNK``). The
-    scores are rounded to the inputs' dtype before the softmax, as an unfused bf16 attention (transformers'
-    eager ImageGPT under autocast) does; the softmax accumulates in fp32."""
-    B, H, Lq, hd = q.shape
-    Lk = k.shape[2]
-    q, k, v = q.reshape(B * H, Lq, hd), k.reshape(B * H, Lk, hd), v.reshape(B * H, Lk, hd)
-    # (first query, end query, keys seen): causal query i sees keys 0..i
-    blocks = [(0, Lq // 2, min(Lq // 2, Lk)), (Lq // 2, Lq, Lk)] if causal and Lq > 1 else [(0, Lq, Lk)]
-    biases = [q.new_zeros(b - a, n) for a, b, n in blocks]
-    if causal:
-        for (a, _, _), bias in zip(blocks, biases, strict=True):
-            bias.fill_(float("-inf")).triu_(a + 1)
-    rows = max(1, chunk // (Lq * Lk))
-    out = []
-    for qc, kc, vc in zip(q.split(rows), k.split(rows), v.split(rows), strict=True):
-        for (a, b, n), bias in zip(blocks, biases, strict=True):
-            p = torch.baddbmm(bias, qc[:, a:b], kc[:, :n].transpose(1, 2), alpha=hd**-0.5).softmax(-1)
-            out.append(torch.bmm(p, vc[:, :n]))  # (rows, b - a, hd)
-    blocked = [torch.cat(out[i : i + len(blocks)], 1) for i in range(0, len(out), len(blocks))]
-    return torch.cat(blocked).view(B, H, Lq, hd)
-
-
-class SelfAttention(Attention):
-    """timm's ``Attention`` (the same ``qkv`` / ``proj`` parameters and state-dict keys) whose product is
-    ``attention``. No attention mask and no attention dropout: this model uses neither."""
-
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        if attn_mask is not None or (self.training and self.attn_drop.p > 0):
-            raise ValueError("SelfAttention supports neither attn_mask nor attention dropout")
-        B, N, _ = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        x = attention(q, k, v, is_causal).transpose(1, 2).reshape(B, N, self.attn_dim)
-        return self.proj_drop(self.proj(self.norm(x)))
 
 
 class SequenceTransformer(nn.Module):

@@ -31,6 +31,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from mmssl.attention import use_self_attention
 from mmssl.backbones import Backbone, ViTBackbone
 from mmssl.checkpoints import CheckpointError
 from mmssl.data.shards import read_manifest
@@ -92,6 +93,7 @@ def classifier_from_encoder(
         classifier = timm.create_model(architecture(model), pretrained=False, **args)
     except TypeError as e:
         raise ValueError(f"{architecture(model)!r} cannot be rebuilt as a classifier by timm ({e})") from None
+    use_self_attention(classifier)  # as the backbone it came from (mmssl/attention.py)
 
     source, own = model.state_dict(), classifier.state_dict()
     head = classifier.get_classifier()
