@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from mmssl.attention import use_self_attention
 from mmssl.flops import blocks_flops, linear_flops
+from mmssl.linear import use_fast_linear
 from mmssl.ops import gather_tokens, sincos_2d
 
 
@@ -182,7 +183,8 @@ def create_backbone(name: str, img_size: int = 224, **timm_kwargs) -> Backbone:
 
 def as_backbone(model: nn.Module, img_size: int) -> Backbone:
     """A timm model (fresh or loaded) -> the backbone contract; ``img_size`` sizes a CNN's token grid. Its
-    timm attention layers take ``mmssl.attention``'s product (explicit in bf16 on CPU, SDPA elsewhere; the
-    same weights and keys)."""
+    timm attention layers take ``mmssl.attention``'s product (explicit in bf16 on CPU, SDPA elsewhere) and its
+    linear layers ``mmssl.linear``'s (oneDNN for fp32 on CPUs where it wins); the same weights and keys."""
     use_self_attention(model)
+    use_fast_linear(model)
     return ViTBackbone(model) if isinstance(model, VisionTransformer) else CNNBackbone(model, img_size)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LEVELS = {
-    "config": 0, "ops": 0, "dist": 0, "optim": 0, "flops": 0, "launch": 0,
+    "config": 0, "ops": 0, "linear": 0, "dist": 0, "optim": 0, "flops": 0, "launch": 0,
     "backbones": 1, "heads": 1, "losses": 1, "targets": 1, "sequence": 1, "attention": 1,
     "objectives": 2, "vlm": 2,
     "lit": 3, "callbacks": 3, "data": 3, "eval": 3, "checkpoints": 3, "export": 3, "interop": 3, "viz": 3,
@@ -22,6 +22,7 @@ NO_LIGHTNING = {
     "heads",
     "losses",
     "ops",
+    "linear",
     "flops",
     "config",
     "launch",

@@ -38,6 +38,7 @@ from mmssl.data.shards import read_manifest
 from mmssl.data.transforms import ImageView, View, eval_view
 from mmssl.export import timm_args
 from mmssl.flops import TRAIN_PER_FORWARD
+from mmssl.linear import use_fast_linear
 
 
 def architecture(model: nn.Module) -> str:
@@ -93,7 +94,8 @@ def classifier_from_encoder(
         classifier = timm.create_model(architecture(model), pretrained=False, **args)
     except TypeError as e:
         raise ValueError(f"{architecture(model)!r} cannot be rebuilt as a classifier by timm ({e})") from None
-    use_self_attention(classifier)  # as the backbone it came from (mmssl/attention.py)
+    use_self_attention(classifier)  # the kernels of the backbone it came from (mmssl/attention.py, linear.py)
+    use_fast_linear(classifier)
 
     source, own = model.state_dict(), classifier.state_dict()
     head = classifier.get_classifier()

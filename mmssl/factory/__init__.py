@@ -48,6 +48,7 @@ from mmssl.factory.loading import (
 from mmssl.factory.objectives import OBJECTIVES, build_tokenizer, build_views, spec_of
 from mmssl.factory.precision import resolve_precision
 from mmssl.factory.spec import ObjectiveSpec
+from mmssl.linear import use_fast_linear
 from mmssl.lit import PretrainModule
 from mmssl.loggers import make_loggers
 from mmssl.throughput import ThroughputLogger
@@ -73,6 +74,7 @@ def build_objective(cfg: DictConfig) -> nn.Module:
     # continued pretraining: the starting weights go in after the objective's own init (MAE re-inits everything)
     if cfg.backbone.weights:
         load_pretrained_backbone(objective, cfg)
+    use_fast_linear(objective)  # every plain nn.Linear (decoders, heads, towers): oneDNN fp32 where it wins
     return objective
 
 
