@@ -28,6 +28,7 @@ from common import Ratio, add_precision_arg, machine_line, precisions
 from transformers import ImageGPTForCausalImageModeling
 
 from mmssl.interop.hf_igpt import to_imagegpt
+from mmssl.linear import use_fast_linear
 from mmssl.objectives.igpt import ImageGPT
 from mmssl.sequence import SequenceTransformer
 from mmssl.targets.palette import Palette
@@ -75,6 +76,7 @@ def measure(argv: list[str] | None = None) -> list[Ratio]:
     ours = SequenceTransformer(a.colors, L, a.dim, a.depth, a.heads, causal=True)
     torch.nn.init.normal_(ours.head.weight, std=0.02)
     hf = hf_twin(ours, a.heads).to(dev)
+    use_fast_linear(ours)  # as factory.build_objective does for every objective
     ours = ours.to(dev)
     objective = ImageGPT(ours, Palette(torch.rand(a.colors, 3)), temperature=1.0).to(dev).eval()
     hf.eval()

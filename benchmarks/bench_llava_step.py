@@ -22,6 +22,7 @@ from common import Ratio, add_precision_arg, machine_line, precisions
 from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from mmssl.data import shapes
+from mmssl.linear import use_fast_linear
 from mmssl.vlm.decoders import tiny_llama, word_tokenizer
 from mmssl.vlm.llava import LLaVA
 from mmssl.vlm.projector import Projector
@@ -43,6 +44,7 @@ def build_pair(args):
     ours = LLaVA(
         vision, Projector("mlp2x_gelu", args.vit_dim, args.llm_dim), decoder, prompt, train_decoder=True
     )
+    use_fast_linear(ours)  # as factory.build_objective does for every objective
 
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(

@@ -3,15 +3,20 @@
     python benchmarks/bench_mae_step.py                      # ViT-B/16 + 8x512 decoder, 224 px, batch 8
     python benchmarks/bench_mae_step.py --size small --batch 32 --precision both
 
-A step is forward + backward + AdamW update. Both models use PyTorch's fused scaled-dot-product attention.
-Rounds alternate between the two implementations so machine drift hits both alike; the median round counts.
-fp32, and bf16 autocast where the CPU has native bf16 (``--precision``); besides the ratios to transformers
-it prints mmssl's own bf16 / fp32 speed-up.
+A step is forward + backward + AdamW update (torch's AdamW for both). Rounds alternate between the
+implementations so machine drift hits all alike; the median round counts. fp32, and bf16 autocast where the
+CPU has native bf16 (``--precision``).
+
+mmssl's fp32 linear layers run on oneDNN where it beats torch's BLAS (``mmssl/linear.py``; the machine line
+says which), so the fp32 pass also times mmssl with ``MMSSL_CPU_LINEAR=blas``: the same kernels as
+transformers, i.e. the model code alone. Besides the ratios to transformers it prints mmssl's own bf16 / fp32
+speed-up against both fp32 runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -20,6 +25,7 @@ import transformers
 from common import Ratio, add_precision_arg, machine_line, precisions
 
 from mmssl import config as C
+from mmssl import linear
 from mmssl.factory import build_objective
 
 SIZES = {  # name: (embed_dim, depth, heads, decoder_dim, decoder_depth, decoder_heads)
@@ -52,16 +58,17 @@ def hf_step_fn(size: str, img: int, patch: int):
     return model, lambda images: model(pixel_values=images).loss
 
 
-def time_steps(model, loss_fn, images, steps: int, bf16: bool) -> float:
+def time_steps(model, loss_fn, images, steps: int, bf16: bool, library: str | None = None) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    start = time.perf_counter()
-    for _ in range(steps):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_fn(images)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return images.shape[0] * steps / (time.perf_counter() - start)
+    with linear.library(library) if library else contextlib.nullcontext():
+        start = time.perf_counter()
+        for _ in range(steps):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_fn(images)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return images.shape[0] * steps / (time.perf_counter() - start)
 
 
 QUICK = [
@@ -98,25 +105,36 @@ def measure(argv: list[str] | None = None) -> list[Ratio]:
     print(f"MAE ViT-{args.size} {args.img}px patch {args.patch}, batch {args.batch}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
     results, own = [], {}
+    case = f"ViT-{args.size} {args.img}px, batch {args.batch}"
     for label in precisions(args.precision):
         bf16 = label == "bf16"
-        rates: dict[str, list[float]] = {name: [] for name in impls}
-        for model, fn in impls.values():
-            time_steps(model, fn, images, 1, bf16)  # warm-up
+        runs = {name: (model, fn, None) for name, (model, fn) in impls.items()}
+        if not bf16:  # the same mmssl model on torch's BLAS: what the model code alone does
+            runs["mmssl (BLAS)"] = (*impls["mmssl"], "blas")
+        rates: dict[str, list[float]] = {name: [] for name in runs}
+        for model, fn, library in runs.values():
+            time_steps(model, fn, images, 1, bf16, library)  # warm-up
         for _ in range(args.rounds):
-            for name, (model, fn) in impls.items():
-                rates[name].append(time_steps(model, fn, images, args.steps, bf16))
-        ours, peer = statistics.median(rates["mmssl"]), statistics.median(rates["transformers"])
+            for name, (model, fn, library) in runs.items():
+                rates[name].append(time_steps(model, fn, images, args.steps, bf16, library))
+        med = {name: statistics.median(r) for name, r in rates.items()}
+        ours, peer = med["mmssl"], med["transformers"]
         own[label] = ours
         print(f"{label}: mmssl {ours:7.2f} img/s | transformers {peer:7.2f} img/s | ratio {ours / peer:.2f}x")
-        case = f"ViT-{args.size} {args.img}px, batch {args.batch}"
         results.append(Ratio.of_rates("MAE step", case, label, ours, peer, "img/s", "transformers ViTMAE"))
-    if len(own) == 2:
-        print(f"mmssl bf16 / fp32: {own['bf16'] / own['fp32']:.2f}x")
-        case = f"ViT-{args.size} {args.img}px, bf16 vs own fp32"
-        results.append(
-            Ratio.of_rates("MAE step", case, "bf16", own["bf16"], own["fp32"], "img/s", "mmssl fp32")
-        )
+        if "mmssl (BLAS)" in med:
+            blas = own["fp32 BLAS"] = med["mmssl (BLAS)"]
+            print(f"{label}: mmssl on torch's BLAS {blas:7.2f} img/s | ratio {blas / peer:.2f}x")
+            results.append(Ratio.of_rates(
+                "MAE step", f"{case}, linear on torch's BLAS", label, blas, peer, "img/s", "transformers ViTMAE"
+            ))  # fmt: skip
+    if "bf16" in own and "fp32" in own:
+        for fp32, what in (("fp32", "mmssl fp32"), ("fp32 BLAS", "mmssl fp32, BLAS linear")):
+            print(f"mmssl bf16 / {fp32}: {own['bf16'] / own[fp32]:.2f}x")
+            results.append(Ratio.of_rates(
+                "MAE step", f"ViT-{args.size} {args.img}px, bf16 vs own {fp32}", "bf16", own["bf16"], own[fp32],
+                "img/s", what,
+            ))  # fmt: skip
     return results
 
 

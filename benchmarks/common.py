@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
+from mmssl import linear
 from mmssl.factory.precision import describe_cpu, native_bf16_flags
 
 
@@ -63,10 +64,11 @@ def other_cpu_load(seconds: float = 1.0) -> float | None:
 
 
 def machine_line() -> str:
-    """Threads, ISA, native bf16 and the 1-minute load average: printed at the top of every benchmark."""
+    """Threads, ISA, native bf16, mmssl's fp32 linear library and the 1-minute load average: printed at the
+    top of every benchmark."""
     load = load_average()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{describe_cpu()}; {cores} cores; load average {load[0] if load else 'n/a'}"
+    return f"{describe_cpu()}; {cores} cores; {linear.describe()}; load average {load[0] if load else 'n/a'}"
 
 
 def add_precision_arg(parser) -> None:

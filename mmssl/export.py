@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from mmssl import linear
 from mmssl.backbones import Backbone
 from mmssl.checkpoints import FORMAT, read_sidecar
 
@@ -142,7 +143,10 @@ def round_trip_diff(backbone: Backbone, out: str | Path, batch: int = 2) -> dict
     backbone.eval()
     device = next(backbone.parameters()).device
     x = images.to(device)
-    expected = (backbone.model(x) if num_classes else backbone.forward_pooled(x)).cpu()
+    with linear.library(
+        "blas"
+    ):  # plain timm's kernels (mmssl/linear.py), so an exact export is bit-identical
+        expected = (backbone.model(x) if num_classes else backbone.forward_pooled(x)).cpu()
     backbone.train(was_training)
     diffs = {}
     for name, model in loaded.items():

@@ -13,9 +13,11 @@ instead. GPUs, bf16 / fp16 and autocast keep ``F.linear`` (autocast already send
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +82,23 @@ def onednn_speedup() -> float:
         return best(lambda: F.linear(x, w)) / best(lambda: _onednn(x, w, None))
     except RuntimeError:  # a torch built without the op's kernel
         return 0.0
+
+
+@contextlib.contextmanager
+def library(name: str) -> Iterator[None]:
+    """``MMSSL_CPU_LINEAR=name`` inside the block (read at every forward), restored after: e.g. ``"blas"`` to
+    compute exactly what a plain timm / torch model computes on this machine."""
+    if name not in MODES:
+        raise ValueError(f"linear library {name!r}: must be one of {MODES}")
+    before = os.environ.get("MMSSL_CPU_LINEAR")
+    os.environ["MMSSL_CPU_LINEAR"] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MMSSL_CPU_LINEAR", None)
+        else:
+            os.environ["MMSSL_CPU_LINEAR"] = before
 
 
 def use_onednn() -> bool:

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mmssl import config as C
-from mmssl import factory
+from mmssl import factory, linear
 from mmssl.checkpoints import CheckpointError, load_exported, read_checkpoint
 from mmssl.lit import PretrainModule
 from mmssl.ops import sincos_2d
@@ -85,7 +85,7 @@ def test_export_then_timm_gives_identical_features(which, request, tmp_path, cap
     trained, _ = factory.load_encoder(ckpt)  # the encoder as the checkpoint holds it
     sidecar = json.loads(out.with_suffix(".json").read_text())
     images = torch.randn(5, 3, 32, 32)
-    with torch.no_grad():
+    with torch.no_grad(), linear.library("blas"):  # plain timm's kernels (mmssl/linear.py): bit for bit
         expected = trained.forward_pooled(images)
         plain = timm.create_model(
             sidecar["architecture"], pretrained=True, pretrained_cfg_overlay=dict(file=str(out) + ".safetensors"),

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from mmssl import config as C
-from mmssl import launch
+from mmssl import launch, linear
 from mmssl.callbacks import AtomicCheckpointIO, LastCheckpoint, RankReport, SaveParts
 from mmssl.data.module import ShardDataModule, resolve_shards
 from mmssl.data.shards import SampleDecoder, count_samples
@@ -46,7 +46,7 @@ from mmssl.factory.loading import (
     read_run,
 )
 from mmssl.factory.objectives import OBJECTIVES, build_tokenizer, build_views, spec_of
-from mmssl.factory.precision import resolve_precision
+from mmssl.factory.precision import device_of, resolve_precision
 from mmssl.factory.spec import ObjectiveSpec
 from mmssl.linear import use_fast_linear
 from mmssl.lit import PretrainModule
@@ -250,6 +250,8 @@ def trainer_args(cfg: DictConfig, p: Plan) -> dict:
     t = cfg.trainer
     precision, why = resolve_precision(t.precision, t.accelerator)
     rank_zero_only(print)(f"mmssl: precision {precision} ({why})")
+    if str(precision).startswith("32") and device_of(t.accelerator) == "cpu":
+        rank_zero_only(print)(f"mmssl: {linear.describe()}")  # the library fp32 linear layers run on
     return dict(
         accelerator=t.accelerator,
         precision=precision,

@@ -50,7 +50,7 @@ def describe_cpu() -> str:
     )
 
 
-def _device(accelerator: str) -> str:
+def device_of(accelerator: str) -> str:
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
         return "cuda"
     if accelerator == "auto":
@@ -60,7 +60,7 @@ def _device(accelerator: str) -> str:
 
 def resolve_precision(requested: str, accelerator: str) -> tuple[str, str]:
     """``trainer.precision`` and ``trainer.accelerator`` -> (the precision Lightning gets, why)."""
-    device = _device(accelerator)
+    device = device_of(accelerator)
     if requested != "auto":
         if requested.startswith("bf16") and device == "cpu" and not native_bf16_flags():
             warnings.warn(
