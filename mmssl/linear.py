@@ -8,13 +8,15 @@ every bf16 matmul), is 2.1-2.2x faster forward and 1.8-2.1x forward + backward o
 46.5 / 24.1, 8x50x3072 -> 768 27.3 / 13.0), with fp32 rounding (relative error 1e-6 against float64, as
 MKL's). Which one wins depends on the CPU, so ``auto`` measures both once, on a ViT-B MLP product, and takes
 oneDNN when it is at least ``MIN_SPEEDUP`` times faster; ``MMSSL_CPU_LINEAR=onednn`` or ``blas`` decides
-instead. GPUs, bf16 / fp16 and autocast keep ``F.linear`` (autocast already sends bf16 to oneDNN).
+instead. GPUs, bf16 / fp16, autocast and ``torch.compile`` keep ``F.linear`` (autocast already sends bf16 to
+oneDNN). torch's FLOP counter learns the op's formula here, so FLOP counts stay right.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -22,6 +24,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils import flop_counter
 
 MODES = ("auto", "onednn", "blas")
 MIN_SPEEDUP = 1.2  # oneDNN must win clearly: near parity the BLAS (torch's default) stays
@@ -52,6 +55,21 @@ class _OneDNNLinear(torch.autograd.Function):
         grad_w = _onednn(g.t(), x.reshape(-1, x.shape[-1]).t(), None) if need_w else None
         grad_b = g.sum(0) if ctx.has_bias and need_b else None
         return grad_x, grad_w, grad_b
+
+
+def _register_flops() -> None:
+    """FLOPs of the oneDNN product for ``torch.utils.flop_counter`` (2 M K N, as its ``mm``), once."""
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if op is None or op in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(op)
+    def linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        rows = math.prod(x_shape[:-1])
+        return 2 * rows * x_shape[-1] * w_shape[0]
+
+
+_register_flops()
 
 
 def mode() -> str:
@@ -126,6 +144,7 @@ class Linear(nn.Linear):
             and self.weight.dtype == torch.float32
             and x.dim() >= 2
             and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()  # inductor lowers F.linear itself (and wants packed weights)
             and use_onednn()
         ):
             return _OneDNNLinear.apply(x, self.weight, self.bias)
@@ -140,4 +159,6 @@ def use_fast_linear(module: nn.Module) -> int:
         if type(m) is nn.Linear:
             m.__class__ = Linear
             changed += 1
+    if changed and mode() == "auto":
+        onednn_speedup()  # measure now, not inside a caller's first forward (a FLOP counter would count it)
     return changed

@@ -113,3 +113,15 @@ def test_a_built_objective_trains_the_same_on_either_library(monkeypatch):
     assert grads_a.keys() == grads_b.keys()
     for name, grad in grads_a.items():
         torch.testing.assert_close(grads_b[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_flop_counter_counts_the_onednn_product_and_compile_keeps_f_linear(onednn):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    layer = Linear(64, 192)
+    x = torch.randn(8, 5, 64, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        layer(x).sum().backward()
+    assert counter.get_total_flops() == 3 * 2 * 40 * 64 * 192  # forward, input and weight gradients
+    compiled = torch.compile(layer, backend="eager")  # dynamo traces the F.linear branch
+    torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
