@@ -3,7 +3,9 @@
     python benchmarks/bench_mae_step.py                      # ViT-B/16 + 8x512 decoder, 224 px, batch 8
     python benchmarks/bench_mae_step.py --size small --batch 32 --precision both
 
-A step is forward + backward + AdamW update (torch's AdamW for both). Rounds alternate between the
+A step is forward + backward + AdamW update, each side with the AdamW it trains with: mmssl's
+``optim.create_optimizer`` (MAE's weight-decay groups, torch's fused kernel) and, for transformers, torch's
+fused AdamW, the Trainer's default (``optim="adamw_torch_fused"``). Rounds alternate between the
 implementations so machine drift hits all alike; the median round counts. fp32, and bf16 autocast where the
 CPU has native bf16 (``--precision``).
 
@@ -27,6 +29,7 @@ from common import Ratio, add_precision_arg, machine_line, precisions
 from mmssl import config as C
 from mmssl import linear
 from mmssl.factory import build_objective
+from mmssl.optim import create_optimizer
 
 SIZES = {  # name: (embed_dim, depth, heads, decoder_dim, decoder_depth, decoder_heads)
     "base": (768, 12, 12, 512, 8, 16),
@@ -58,8 +61,17 @@ def hf_step_fn(size: str, img: int, patch: int):
     return model, lambda images: model(pixel_values=images).loss
 
 
+def optimizer_for(model) -> torch.optim.Optimizer:
+    """The AdamW each library trains with (lr and weight decay as MAE's recipe; they do not change the cost)."""
+    if isinstance(model, transformers.PreTrainedModel):  # Trainer's default optim for torch >= 2.8
+        return torch.optim.AdamW(
+            model.parameters(), lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95), fused=True
+        )
+    return create_optimizer(model, "adamw", lr=1e-4, weight_decay=0.05)
+
+
 def time_steps(model, loss_fn, images, steps: int, bf16: bool, library: str | None = None) -> float:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = optimizer_for(model)
     with linear.library(library) if library else contextlib.nullcontext():
         start = time.perf_counter()
         for _ in range(steps):

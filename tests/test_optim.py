@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -10,7 +11,7 @@ from conftest import tiny_cfg
 
 from mmssl import config as C
 from mmssl.factory import build_objective
-from mmssl.optim import create_optimizer, warmup_cosine_schedule
+from mmssl.optim import create_optimizer, param_groups, warmup_cosine_schedule
 
 
 def decayed(objective, weight_decay: float = 0.05) -> set[str]:
@@ -111,3 +112,24 @@ def test_recipes_warm_up_from_their_references_start():
         assert C.load(recipe).optim.warmup_start_lr == 1e-6, recipe  # SOLVER.WARMUP_START_LR
     with pytest.raises(C.ConfigError, match="optim.warmup_start_lr"):
         C.load("mae_demo", ["optim.warmup_start_lr=-1"])
+
+
+def test_adamw_runs_torchs_fused_kernel_with_the_plain_kernels_updates():
+    """AdamW (and Adam) take torch's fused kernel on CPU; three updates match the plain for-loop AdamW on the
+    same groups to fp32 rounding. SGD and LARS are left as they were."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+    twin = copy.deepcopy(model)
+    opt = create_optimizer(model, "adamw", lr=1e-2, weight_decay=0.05)
+    assert opt.defaults["fused"] is True
+    ref = torch.optim.AdamW(param_groups(twin, "adamw", 0.05), lr=1e-2, betas=(0.9, 0.95), fused=False)
+    for _ in range(3):
+        x = torch.randn(5, 8)
+        for m, o in ((model, opt), (twin, ref)):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not create_optimizer(model, "sgd", lr=0.1, weight_decay=0.0).defaults.get("fused")
+    assert not create_optimizer(model, "lars", lr=0.1, weight_decay=1e-6).defaults.get("fused")
