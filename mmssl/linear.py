@@ -79,11 +79,15 @@ def mode() -> str:
     return value
 
 
+def available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 @functools.cache
 def onednn_speedup() -> float:
     """BLAS time / oneDNN time for one fp32 (256 x 768) @ (768 x 3072) product on this CPU with torch's
     threads, best of 5 after a warm-up (about 20 ms, once per process); 0 without oneDNN."""
-    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    if not available():
         return 0.0
     x, w = torch.randn(256, 768), torch.randn(3072, 768)
 
@@ -121,6 +125,8 @@ def library(name: str) -> Iterator[None]:
 
 def use_onednn() -> bool:
     chosen = mode()
+    if chosen == "onednn" and not available():
+        raise RuntimeError("MMSSL_CPU_LINEAR=onednn: this torch build has no oneDNN; use auto or blas")
     return chosen == "onednn" or (chosen == "auto" and onednn_speedup() >= MIN_SPEEDUP)
 
 
