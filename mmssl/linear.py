@@ -72,8 +72,11 @@ def _register_flops() -> None:
 _register_flops()
 
 
+_override: str | None = None  # set by ``library`` for a block of code; else the environment decides
+
+
 def mode() -> str:
-    value = os.environ.get("MMSSL_CPU_LINEAR", "auto")
+    value = _override or os.environ.get("MMSSL_CPU_LINEAR", "auto")
     if value not in MODES:
         raise ValueError(f"MMSSL_CPU_LINEAR={value!r}: must be one of {MODES}")
     return value
@@ -108,19 +111,16 @@ def onednn_speedup() -> float:
 
 @contextlib.contextmanager
 def library(name: str) -> Iterator[None]:
-    """``MMSSL_CPU_LINEAR=name`` inside the block (read at every forward), restored after: e.g. ``"blas"`` to
-    compute exactly what a plain timm / torch model computes on this machine."""
+    """Use ``name`` (as ``MMSSL_CPU_LINEAR`` would) inside the block, in this process only, then what was
+    before: e.g. ``"blas"`` to compute exactly what a plain timm / torch model computes on this machine."""
+    global _override
     if name not in MODES:
         raise ValueError(f"linear library {name!r}: must be one of {MODES}")
-    before = os.environ.get("MMSSL_CPU_LINEAR")
-    os.environ["MMSSL_CPU_LINEAR"] = name
+    before, _override = _override, name
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop("MMSSL_CPU_LINEAR", None)
-        else:
-            os.environ["MMSSL_CPU_LINEAR"] = before
+        _override = before
 
 
 def use_onednn() -> bool:
