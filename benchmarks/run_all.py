@@ -24,6 +24,7 @@ import importlib
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 import traceback
@@ -58,9 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="each benchmark's small QUICK arguments")
     p.add_argument("--only", nargs="+", choices=discover(), help="run only these (names without bench_)")
+    p.add_argument(
+        "--bench-args",
+        default="",
+        metavar="ARGS",
+        help="arguments for the benchmark named by --only, e.g. --only mae_step --bench-args '--batch 32'",
+    )
     p.add_argument("--json", type=Path, default=Path("runs/benchmarks.json"), help="where to write results")
     args = p.parse_args(argv)
     names = args.only or discover()
+    if args.bench_args and len(names) != 1:
+        p.error("--bench-args needs exactly one benchmark in --only")
     threads = torch.get_num_threads()
     rows: list[Ratio] = []
     loads: dict[str, list[float] | None] = {}
@@ -80,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)  # benchmarks may pin one thread; each starts from the default
         try:
             module = importlib.import_module(f"bench_{name}")
-            rows += module.measure(list(module.QUICK) if args.quick else [])
+            rows += module.measure([*(module.QUICK if args.quick else []), *shlex.split(args.bench_args)])
         except SystemExit as exn:  # a benchmark whose peer is missing says so and exits (bench_simclr_step)
             failed[name] = f"stopped: {exn}"
         except Exception as exn:  # one broken or unrunnable benchmark must not hide the others
