@@ -12,7 +12,11 @@ CPU has native bf16 (``--precision``).
 mmssl's fp32 linear layers run on oneDNN where it beats torch's BLAS (``mmssl/linear.py``; the machine line
 says which), so the fp32 pass also times mmssl with ``MMSSL_CPU_LINEAR=blas``: the same kernels as
 transformers, i.e. the model code alone. Besides the ratios to transformers it prints mmssl's own bf16 / fp32
-speed-up against both fp32 runs.
+speed-up against both fp32 runs, and transformers' own (its fp32 runs on torch's BLAS).
+
+bf16 / fp32 depends on the batch: ``--batch 32`` (``run_all.py --only mae_step --bench-args '--batch 32 --steps 1'``)
+spreads the per-step costs that do not shrink in bf16 (the AdamW update, the fp32 gradient casts, Python) over
+four times the images.
 """
 
 from __future__ import annotations

@@ -9,8 +9,11 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import run_all  # noqa: E402
 from common import other_cpu_load  # noqa: E402
 
 
@@ -40,3 +43,10 @@ def test_this_process_does_not_count():
     finally:
         worker.join()
     assert seen < quiet + 0.6, (seen, quiet)
+
+
+def test_bench_args_need_exactly_one_benchmark(capsys):
+    with pytest.raises(SystemExit) as exit_:  # arguments meant for one benchmark must not reach the others
+        run_all.main(["--only", "hog", "mae_step", "--bench-args", "--batch 32"])
+    assert exit_.value.code == 2
+    assert "--bench-args needs exactly one benchmark" in capsys.readouterr().err
