@@ -54,6 +54,36 @@ def test_explicit_attention_with_unequal_or_odd_lengths_equals_sdpa(causal, Lq, 
     )
 
 
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+@pytest.mark.parametrize("chunk", [1, 2**20])
+def test_explicit_attention_with_a_mask_and_scale_equals_sdpa(kind, chunk):
+    """A per-batch padding mask on top of a causal one (what transformers builds for SDPA, shape (B, 1, L, L)),
+    boolean or additive, and a scale of the caller's, values and gradients."""
+    q, k, v = qkv(3, 2, 10, 10, 8, seed=3)
+    keep = (
+        torch.ones(10, 10, dtype=torch.bool).tril()
+        & (torch.arange(10) < torch.tensor([[10], [7], [4]]))[:, None, None, :]
+    )  # (3, 1, 10, 10): sample 1 has 7 real tokens, sample 2 has 4
+    mask = keep if kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    ours = explicit_attention(q, k, v, False, chunk=chunk, mask=mask, scale=0.3)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    grad = torch.randn_like(ref)
+    for a, b in zip(
+        torch.autograd.grad(ours, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_query_that_may_attend_nowhere_averages_instead_of_nan():
+    q, k, v = qkv(1, 1, 4, 4, 8, seed=4)
+    keep = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    keep[..., 0, :] = False  # e.g. a left-padding position
+    out = explicit_attention(q, k, v, False, mask=keep)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[0, 0, 0], v[0, 0].mean(0))
+
+
 def test_bf16_on_cpu_takes_the_explicit_path_and_is_as_close_to_fp32_as_sdpa():
     q, k, v = qkv(4, 8, 64, 64, 16)
     exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
