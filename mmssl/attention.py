@@ -68,17 +68,17 @@ def explicit_attention(
     causal = causal and mask is None
     # (first query, end query, keys seen): causal query i sees keys 0..i
     blocks = [(0, Lq // 2, min(Lq // 2, Lk)), (Lq // 2, Lq, Lk)] if causal and Lq > 1 else [(0, Lq, Lk)]
-    biases = [q.new_zeros(b - a, n) for a, b, n in blocks]
-    if causal:
-        for (a, _, _), bias in zip(blocks, biases, strict=True):
-            bias.fill_(float("-inf")).triu_(a + 1)
     rows = max(1, chunk // (Lq * Lk))
     if mask is not None:  # one bias per (batch, head) row, split with the rows below
         if mask.dtype == torch.bool:
             mask = torch.zeros((), dtype=q.dtype).masked_fill(~mask, torch.finfo(q.dtype).min)
         full = mask.to(q.dtype).expand(B, H, Lq, Lk).reshape(B * H, Lq, Lk)
         per_chunk = [[c] for c in full.split(rows)]
-    else:
+    else:  # the same biases for every chunk
+        biases = [q.new_zeros(b - a, n) for a, b, n in blocks]
+        if causal:
+            for (a, _, _), bias in zip(blocks, biases, strict=True):
+                bias.fill_(float("-inf")).triu_(a + 1)
         per_chunk = [biases] * -(-B * H // rows)
     alpha = hd**-0.5 if scale is None else scale
     out = []

@@ -27,7 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from mmssl.attention import explicit_attention
@@ -59,14 +59,10 @@ def _attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
             **kwargs,
         )  # fmt: skip
-    groups = getattr(
-        module, "num_key_value_groups", 1
-    )  # grouped-query attention: each kv head serves `groups`
-    if groups > 1:
-        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-    causal = (is_causal if is_causal is not None else getattr(module, "is_causal", True)) and query.shape[
-        2
-    ] > 1
+    groups = getattr(module, "num_key_value_groups", 1)  # grouped-query attention: kv heads serve `groups`
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = causal and query.shape[2] > 1
     out = explicit_attention(query, key, value, causal, mask=attention_mask, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
